@@ -1,0 +1,21 @@
+# The two commands of the README. Each builds .venv from requirements.txt
+# on first use (or when the requirements change), then runs.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m experiments.cifar --dataset digits --compare $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest $(ARGS)

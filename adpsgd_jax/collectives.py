@@ -1,0 +1,135 @@
+"""Collectives over a named axis: tree means, replica variance, QSGD.
+
+All functions run inside ``jax.pmap`` or ``jax.shard_map`` over ``axis_name``.
+Only floating-point leaves are reduced; integer leaves (optimizer step
+counts, for example) are identical on every replica and pass through.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+MAX_QSGD_LEVELS = 32767  # Signed levels must fit in int16.
+
+
+def _is_float(x) -> bool:
+    return jnp.issubdtype(x.dtype, jnp.floating)
+
+
+def float_leaves(tree: Any) -> list:
+    """The floating-point leaves of ``tree`` (the ones that are communicated)."""
+    return [x for x in jax.tree.leaves(tree) if _is_float(x)]
+
+
+def tree_pmean(tree: Any, axis_name: str) -> Any:
+    """Mean over ``axis_name`` of every floating leaf: xbar = (1/N) sum_i x_i."""
+    return jax.tree.map(lambda x: lax.pmean(x, axis_name) if _is_float(x) else x, tree)
+
+
+def to_varying(tree: Any, axis_name: str) -> Any:
+    """Mark every leaf as varying over ``axis_name``.
+
+    Under ``shard_map`` the two branches of a ``lax.cond`` must agree on
+    which values vary across the axis; a ``pmean`` result is invariant while
+    the un-averaged parameters vary. Under ``pmap`` this is the identity.
+    """
+
+    def cast(x):
+        aval = jax.typeof(x)
+        manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.10; older releases call it vma.
+        varying = manual.varying if manual is not None else getattr(aval, "vma", frozenset())
+        return x if axis_name in varying else lax.pcast(x, axis_name, to="varying")
+
+    return jax.tree.map(cast, tree)
+
+
+def squared_distance(tree: Any, center: Any) -> jnp.ndarray:
+    """sum over leaves of ||x - c||^2, accumulated in float32. Returns float32[]."""
+    parts = [
+        jnp.sum(jnp.square(x.astype(jnp.float32) - c.astype(jnp.float32)))
+        for x, c in zip(float_leaves(tree), float_leaves(center))
+    ]
+    return sum(parts, jnp.zeros((), jnp.float32))
+
+
+def parameter_variance(params: Any, params_avg: Any, axis_name: str) -> jnp.ndarray:
+    """V = (1/N) sum_i ||x_i - xbar||^2 over every parameter leaf (ALGORITHM.md).
+
+    Computed from the distance to the already-known mean, never as
+    E[x^2] - E[x]^2 (which cancels in float32). One scalar all-reduce.
+    """
+    return lax.pmean(squared_distance(params, params_avg), axis_name)
+
+
+def _buckets(v: jnp.ndarray, bucket_size: Optional[int]) -> jnp.ndarray:
+    """Flatten ``v`` into [num_buckets, bucket] rows, zero-padding the last."""
+    flat = v.reshape(-1).astype(jnp.float32)
+    size = flat.shape[0]
+    width = size if bucket_size is None else min(bucket_size, size)
+    rows = -(-size // width)
+    return jnp.pad(flat, (0, rows * width - size)).reshape(rows, width)
+
+
+def qsgd_quantize(v: jnp.ndarray, key: jax.Array, levels: int, bucket_size: Optional[int] = None):
+    """Stochastic s-level quantisation of one gradient leaf (QSGD, ALGORITHM.md).
+
+    Per bucket of ``bucket_size`` coordinates (the whole leaf when None):
+    Q(v)_j = ||v||_2 * sign(v_j) * xi_j / s, with xi_j = floor(s |v_j| / ||v|| + u_j),
+    u_j ~ U[0, 1), so that E[Q(v)] = v and xi_j is in {0, ..., s}.
+
+    Args:
+      v: gradient leaf of any shape with n coordinates.
+      key: PRNG key.
+      levels: s >= 1.
+    Returns:
+      (signed_levels, norms): int8 (s <= 127) or int16 [rows, bucket] holding
+      sign(v_j) * xi_j, and float32 [rows] bucket norms.
+    """
+    rows = _buckets(v, bucket_size)
+    norms = jnp.sqrt(jnp.sum(jnp.square(rows), axis=1))
+    safe = jnp.where(norms > 0, norms, 1.0)[:, None]
+    scaled = levels * jnp.abs(rows) / safe
+    xi = jnp.floor(scaled + jax.random.uniform(key, rows.shape))
+    xi = jnp.minimum(xi, levels)  # u < 1 makes this a no-op; guard against rounding.
+    dtype = jnp.int8 if levels <= 127 else jnp.int16
+    return (jnp.sign(rows) * xi).astype(dtype), norms
+
+
+def qsgd_dequantize(signed_levels: jnp.ndarray, norms: jnp.ndarray, levels: int, shape) -> jnp.ndarray:
+    """Inverse of ``qsgd_quantize``: norms * signed_levels / s, reshaped to ``shape``.
+
+    Accepts leading batch axes: [..., rows, bucket] levels with [..., rows] norms.
+    """
+    values = signed_levels.astype(jnp.float32) * (norms[..., None] / levels)
+    size = 1
+    for d in shape:
+        size *= d
+    lead = values.shape[:-2]
+    return values.reshape(*lead, -1)[..., :size].reshape(*lead, *shape)
+
+
+def qsgd_mean(grads: Any, key: jax.Array, levels: int, axis_name: str, bucket_size: Optional[int] = None) -> Any:
+    """Mean over ``axis_name`` of every worker's quantised gradient.
+
+    Each worker quantises its floating leaves, the signed levels (int8/int16)
+    and norms are all-gathered, and every worker dequantises and averages the
+    N messages: (1/N) sum_i Q(g_i). Quantised values cannot be summed in a
+    ring, hence the all-gather (``comm.allgather_time`` models its cost).
+    """
+    leaves, treedef = jax.tree.flatten(grads)
+    keys = jax.random.split(key, len(leaves))
+    out = []
+    for leaf, k in zip(leaves, keys):
+        if not _is_float(leaf) or leaf.size == 0:
+            out.append(leaf)
+            continue
+        q, norms = qsgd_quantize(leaf, k, levels, bucket_size)
+        q_all = lax.all_gather(q, axis_name)  # [N, rows, bucket]
+        norms_all = lax.all_gather(norms, axis_name)  # [N, rows]
+        mean = jnp.mean(qsgd_dequantize(q_all, norms_all, levels, leaf.shape), axis=0)
+        out.append(mean.astype(leaf.dtype))
+    return jax.tree.unflatten(treedef, out)

@@ -1,0 +1,123 @@
+"""Placing workers on devices: meshes, replication, batch sharding, and the
+pmap / shard_map wrappers of a per-device step.
+
+One worker is one device along a named mesh axis. Per-worker values (the
+train state, the batch) carry a leading axis of size N = number of devices,
+sharded along that axis, exactly as ``jax.pmap`` returns them, so the first
+call and every later call see the same input sharding and nothing retraces.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+
+def worker_mesh(axis_name: str = "batch", devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+    """A 1-D mesh of ``devices`` (default: every device of every process)."""
+    devices = jax.devices() if devices is None else list(devices)
+    return Mesh(np.asarray(devices), (axis_name,))
+
+
+def worker_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding of a per-worker array: leading axis split over the mesh axis."""
+    return NamedSharding(mesh, P(mesh.axis_names[0]))
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Copy every leaf of ``tree`` onto each worker: [...] -> [N, ...].
+
+    Each process supplies the copies on its own devices, so this also builds
+    global arrays in a multi-process run.
+    """
+    sharding = worker_sharding(mesh)
+    local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    n = mesh.devices.size
+
+    def put(x):
+        x = np.asarray(x) if not isinstance(x, jax.Array) else x
+        shards = [jax.device_put(x[None], d) for d in local]
+        return jax.make_array_from_single_device_arrays((n,) + tuple(x.shape), sharding, shards)
+
+    return jax.tree.map(put, tree)
+
+
+def unreplicate(tree: Any) -> Any:
+    """Worker 0's copy of every leaf: [N, ...] -> [...] (a host NumPy array)."""
+    return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data)[0], tree)
+
+
+def check_leading_dim(tree: Any, num_workers: int, what: str = "batch") -> None:
+    """Raise ValueError unless every leaf of ``tree`` has leading dimension N."""
+    for path, x in jax.tree_util.tree_leaves_with_path(tree):
+        shape = getattr(x, "shape", ())
+        if len(shape) == 0 or shape[0] != num_workers:
+            name = jax.tree_util.keystr(path) or "<leaf>"
+            raise ValueError(
+                f"{what} leaf {name} has shape {tuple(shape)}: its leading dimension must equal the number of "
+                f"devices ({num_workers}); lay the global batch out as [{num_workers}, per_device_batch, ...] "
+                f"(adpsgd_jax.distributed.shard_batch)"
+            )
+
+
+def shard_batch(batch: Any, mesh: Mesh) -> Any:
+    """Put a host batch laid out [N, per_device, ...] onto the workers.
+
+    Raises ValueError naming the leaf when the leading dimension is not N.
+    In a multi-process run each process passes the full global batch and
+    only its own devices' rows are transferred.
+    """
+    n = mesh.devices.size
+    check_leading_dim(batch, n)
+    sharding = worker_sharding(mesh)
+
+    def put(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(put, batch)
+
+
+def _checked(compiled: Callable, num_workers: int) -> Callable:
+    def run(state, batch):
+        check_leading_dim(batch, num_workers)
+        check_leading_dim(state, num_workers, what="state")
+        return compiled(state, batch)
+
+    run.compiled = compiled
+    return run
+
+
+def pmap_step(step: Callable, mesh: Mesh, donate_state: bool = True) -> Callable:
+    """``jax.pmap`` a per-device ``step(state, batch)`` over the mesh's axis.
+
+    The returned function checks, before dispatching (and so before the
+    first compilation), that state and batch have leading dimension N.
+    ``.compiled`` is the raw pmapped function.
+    """
+    devices = list(mesh.devices.flat)
+    compiled = jax.pmap(step, axis_name=mesh.axis_names[0], devices=devices,
+                        donate_argnums=(0,) if donate_state else ())
+    return _checked(compiled, len(devices))
+
+
+def shard_map_step(step: Callable, mesh: Mesh, donate_state: bool = True) -> Callable:
+    """The same per-device ``step`` under ``jax.jit(jax.shard_map(...))``.
+
+    Each shard sees its block [1, ...]; the wrapper drops and restores that
+    unit axis so ``step`` sees exactly what it sees under ``pmap``. Inputs
+    and outputs are per-worker arrays [N, ...] sharded along the axis.
+    """
+    spec = P(mesh.axis_names[0])
+
+    def per_shard(state, batch):
+        squeeze = lambda t: jax.tree.map(lambda x: x[0], t)  # noqa: E731
+        out = step(squeeze(state), squeeze(batch))
+        return jax.tree.map(lambda x: x[None], out)
+
+    mapped = jax.shard_map(per_shard, mesh=mesh, in_specs=(spec, spec), out_specs=spec)
+    compiled = jax.jit(mapped, donate_argnums=(0,) if donate_state else ())
+    return _checked(compiled, mesh.devices.size)

@@ -1,0 +1,459 @@
+"""Averaging schedules: when the workers average their parameters.
+
+Every schedule follows optax's pattern: a NamedTuple of pure functions over a
+state that is a NamedTuple of jnp scalars, so the decision to synchronise is
+a traced boolean and the train step compiles once.
+
+    sched = constant(period=8)
+    state = sched.init()
+    flag = sched.should_sync(state, step)           # bool[], after local step `step`
+    state = sched.update(state, step, variance, loss)  # call only after a sync
+
+Conventions shared by every schedule:
+
+* ``step`` is the 0-based index of the local step just taken; a sync "at step
+  t" averages the parameters produced by t + 1 local updates.
+* ``update`` is called only on steps where ``should_sync`` was true, with the
+  pre-sync parameter variance V = (1/N) sum_i ||x_i - xbar||^2 and the
+  worker-mean training loss of that step (ALGORITHM.md, "Setting").
+* Every state has an int32 ``period`` field: the period in force, which the
+  train step reports as a metric.
+
+Budgeted schedules (``adpsgd``, ``lr_proportional``) take the run length and
+the learning-rate schedule at construction and validate all arguments there,
+before anything is compiled.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+Array = jnp.ndarray
+ScheduleFn = Callable[[Array], Array]
+
+
+class Schedule(NamedTuple):
+    """A parameter-averaging schedule: pure ``init``, ``should_sync``, ``update``.
+
+    Attributes:
+      init: ``() -> state``.
+      should_sync: ``(state, step: int32[]) -> bool[]``; true when the workers
+        average after local step ``step``.
+      update: ``(state, step: int32[], variance: float32[], loss: float32[])
+        -> state``; called after each sync.
+    """
+
+    init: Callable[[], NamedTuple]
+    should_sync: Callable[[NamedTuple, Array], Array]
+    update: Callable[[NamedTuple, Array, Array, Array], NamedTuple]
+
+
+def _i32(x) -> Array:
+    return jnp.asarray(x, jnp.int32)
+
+
+def _f32(x) -> Array:
+    return jnp.asarray(x, jnp.float32)
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or int(value) != value or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+# --------------------------------------------------------------------------
+# Open-loop schedules.
+
+
+class PeriodState(NamedTuple):
+    """State of schedules whose period depends only on the step."""
+
+    period: Array  # int32[]: the period in force.
+
+
+def full_sync() -> Schedule:
+    """Average after every local step (period 1)."""
+
+    def init():
+        return PeriodState(period=_i32(1))
+
+    def should_sync(state, step):
+        del state, step
+        return jnp.asarray(True)
+
+    def update(state, step, variance, loss):
+        del step, variance, loss
+        return state
+
+    return Schedule(init, should_sync, update)
+
+
+def constant(period: int) -> Schedule:
+    """CPSGD: average every ``period`` steps, i.e. after steps p-1, 2p-1, ...
+
+    In T steps this performs exactly floor(T / period) syncs.
+    """
+    period = _check_int("period", period, 1)
+
+    def init():
+        return PeriodState(period=_i32(period))
+
+    def should_sync(state, step):
+        del state
+        return (step + 1) % period == 0
+
+    def update(state, step, variance, loss):
+        del step, variance, loss
+        return state
+
+    return Schedule(init, should_sync, update)
+
+
+def post_local(warmup_steps: int, period: int) -> Schedule:
+    """Post-local SGD (Lin et al., 2020): full sync for ``warmup_steps`` steps,
+    then a constant ``period``.
+
+    Averaging parameters every step equals a gradient all-reduce for any
+    optimizer whose update is linear in the gradients (SGD with momentum,
+    Nesterov, weight decay); the per-worker momentum buffers are not averaged
+    unless the train step averages optimizer state.
+    """
+    warmup_steps = _check_int("warmup_steps", warmup_steps, 0)
+    period = _check_int("period", period, 1)
+
+    def init():
+        return PeriodState(period=_i32(1 if warmup_steps > 0 else period))
+
+    def should_sync(state, step):
+        del state
+        after = step + 1 - warmup_steps
+        return (step < warmup_steps) | ((after > 0) & (after % period == 0))
+
+    def update(state, step, variance, loss):
+        del variance, loss
+        return state._replace(period=jnp.where(step + 1 >= warmup_steps, period, 1).astype(jnp.int32))
+
+    return Schedule(init, should_sync, update)
+
+
+class NextSyncState(NamedTuple):
+    """State of schedules that decide the next sync step at each sync."""
+
+    period: Array  # int32[]: the period in force.
+    next_sync: Array  # int32[]: sync after the step whose index + 1 equals this.
+
+
+def stagewise(period: int, boundaries: Sequence[int], factor: float = 2.0) -> Schedule:
+    """Stagewise increasing period (STL-SGD; LUPA-SGD's adaptive variant).
+
+    The period in force at step t is ``round(period * factor**k)`` where k is
+    the number of ``boundaries`` (step indices, usually the learning-rate
+    decay steps) that are <= t. Each sync schedules the next one with the
+    period in force after it.
+    """
+    period = _check_int("period", period, 1)
+    bounds = sorted(_check_int("boundaries", b, 1) for b in boundaries)
+    if not factor > 0:
+        raise ValueError(f"factor must be > 0, got {factor!r}")
+    periods = [max(1, round(period * factor**k)) for k in range(len(bounds) + 1)]
+    bounds_arr = np.asarray(bounds, np.int32)
+    periods_arr = np.asarray(periods, np.int32)
+
+    def period_at(position):
+        stage = jnp.sum(position >= bounds_arr) if len(bounds) else 0
+        return jnp.asarray(periods_arr)[stage]
+
+    def init():
+        return NextSyncState(period=_i32(periods[0]), next_sync=_i32(periods[0]))
+
+    def should_sync(state, step):
+        return step + 1 == state.next_sync
+
+    def update(state, step, variance, loss):
+        del variance, loss
+        p = period_at(step + 1)
+        return NextSyncState(period=p, next_sync=(step + 1 + p).astype(jnp.int32))
+
+    return Schedule(init, should_sync, update)
+
+
+class AdaCommState(NamedTuple):
+    period: Array  # int32[]
+    next_sync: Array  # int32[]
+    loss0: Array  # float32[]: F_0, the loss at the first sync (NaN before it).
+    loss_sum: Array  # float32[]: sum of sync losses in the current interval.
+    loss_count: Array  # int32[]
+    next_adapt: Array  # int32[]: step position at which the period is next revised.
+
+
+def adacomm(period: int, interval: int, min_period: int = 1) -> Schedule:
+    """AdaComm (Wang & Joshi, 2019): start with a long period, shorten it as
+    the loss falls.
+
+    Every ``interval`` steps the period is revised to
+    ``tau_l = ceil(sqrt(F_l / F_0) * tau_0)``, clipped to [min_period, tau_0],
+    where tau_0 = ``period``, F_0 is the worker-mean loss at the first sync
+    and F_l the mean of the worker-mean losses at the syncs of the interval
+    just ended (a cheap estimate of the training loss at its end).
+    """
+    period = _check_int("period", period, 1)
+    interval = _check_int("interval", interval, 1)
+    min_period = _check_int("min_period", min_period, 1)
+    if min_period > period:
+        raise ValueError(f"min_period ({min_period}) must be <= period ({period})")
+
+    def init():
+        return AdaCommState(
+            period=_i32(period),
+            next_sync=_i32(period),
+            loss0=_f32(jnp.nan),
+            loss_sum=_f32(0.0),
+            loss_count=_i32(0),
+            next_adapt=_i32(interval),
+        )
+
+    def should_sync(state, step):
+        return step + 1 == state.next_sync
+
+    def update(state, step, variance, loss):
+        del variance
+        position = step + 1
+        loss = loss.astype(jnp.float32)
+        loss0 = jnp.where(jnp.isnan(state.loss0), loss, state.loss0)
+        loss_sum = state.loss_sum + loss
+        loss_count = state.loss_count + 1
+        revise = position >= state.next_adapt
+        ratio = (loss_sum / loss_count) / loss0
+        tau = jnp.ceil(jnp.sqrt(jnp.maximum(ratio, 0.0)) * period)
+        tau = jnp.clip(jnp.nan_to_num(tau, nan=period), min_period, period).astype(jnp.int32)
+        new_period = jnp.where(revise, tau, state.period)
+        return AdaCommState(
+            period=new_period,
+            next_sync=(position + new_period).astype(jnp.int32),
+            loss0=loss0,
+            loss_sum=jnp.where(revise, 0.0, loss_sum).astype(jnp.float32),
+            loss_count=jnp.where(revise, 0, loss_count).astype(jnp.int32),
+            next_adapt=jnp.where(revise, state.next_adapt + interval, state.next_adapt).astype(jnp.int32),
+        )
+
+    return Schedule(init, should_sync, update)
+
+
+# --------------------------------------------------------------------------
+# Budgeted schedules: ADPSGD and its open-loop plan.
+
+
+class PlannedState(NamedTuple):
+    """State of ``adpsgd`` and ``lr_proportional`` (ALGORITHM.md, "ADPSGD")."""
+
+    period: Array  # int32[]: current period p.
+    next_sync: Array  # int32[]: position (step + 1) of the next sync.
+    last_sync: Array  # int32[]: position of the last sync (0 at the start).
+    syncs: Array  # int32[]: syncs used.
+    since_plan: Array  # int32[]: syncs since the last plan.
+    a_hat: Array  # float32[]: growth estimate EMA(V / p^alpha); 0 = not measured.
+    q: Array  # float32[]: density scale Q.
+    plan_lr: Array  # float32[]: learning rate at the last plan.
+
+
+def resolve_budget(total_steps: int, avg_period: Optional[int] = None, num_syncs: Optional[int] = None) -> int:
+    """The sync budget C: ``num_syncs``, or floor(T / avg_period) (the count
+    CPSGD with period ``avg_period`` performs). Exactly one must be given."""
+    total_steps = _check_int("total_steps", total_steps, 1)
+    if (avg_period is None) == (num_syncs is None):
+        raise ValueError("give exactly one budget: avg_period (an average period) or num_syncs (a sync count)")
+    if avg_period is not None:
+        avg_period = _check_int("avg_period", avg_period, 1)
+        if avg_period > total_steps:
+            raise ValueError(f"avg_period must be in [1, total_steps={total_steps}], got {avg_period}")
+        return total_steps // avg_period
+    num_syncs = _check_int("num_syncs", num_syncs, 1)
+    if num_syncs > total_steps:
+        raise ValueError(f"num_syncs must be in [1, total_steps={total_steps}], got {num_syncs}")
+    return num_syncs
+
+
+def _lr_tables(total_steps: int, lr_schedule: Optional[ScheduleFn], kappa: float):
+    """Learning rates gamma(s) and W(u) = sum_{s >= u} (gamma(s)/gamma(u))^kappa.
+
+    Returns float32 arrays of length T + 1 indexed by position u (W[T] = 0),
+    computed once in float64 on the host so planning inside the step is O(1).
+    """
+    steps = np.arange(total_steps)
+    if lr_schedule is None:
+        lrs = np.ones(total_steps)
+    else:
+        lrs = np.asarray([float(lr_schedule(int(s))) for s in steps], np.float64)
+    if not np.all(np.isfinite(lrs)) or np.any(lrs < 0) or not np.any(lrs > 0):
+        raise ValueError("lr_schedule must give finite learning rates >= 0, not all zero, over [0, total_steps)")
+    tiny = lrs[lrs > 0].min() * 1e-6
+    lrs = np.maximum(lrs, tiny)
+    powered = lrs**kappa
+    suffix = np.concatenate([np.cumsum(powered[::-1])[::-1], [0.0]])
+    lr_at = np.concatenate([lrs, lrs[-1:]])
+    weights = suffix / lr_at**kappa
+    return jnp.asarray(lr_at, jnp.float32), jnp.asarray(weights, jnp.float32)
+
+
+def _planned(
+    total_steps: int,
+    avg_period: Optional[int],
+    num_syncs: Optional[int],
+    lr_schedule: Optional[ScheduleFn],
+    alpha: float,
+    ema: float,
+    replan_every: int,
+    replan_lr_factor: float,
+    min_period: int,
+    max_period: Optional[int],
+    warmup_steps: int,
+    feedback: bool,
+) -> Schedule:
+    T = _check_int("total_steps", total_steps, 1)
+    C = resolve_budget(T, avg_period, num_syncs)
+    if not 0.0 < alpha <= 4.0:
+        raise ValueError(f"alpha must be in (0, 4], got {alpha!r}")
+    if not 0.0 < ema <= 1.0:
+        raise ValueError(f"ema must be in (0, 1], got {ema!r}")
+    replan_every = _check_int("replan_every", replan_every, 1)
+    if not replan_lr_factor > 1.0:
+        raise ValueError(f"replan_lr_factor must be > 1, got {replan_lr_factor!r}")
+    p_min = _check_int("min_period", min_period, 1)
+    p_max = T if max_period is None else _check_int("max_period", max_period, p_min)
+    warmup = _check_int("warmup_steps", warmup_steps, 0)
+    if warmup >= C:
+        raise ValueError(f"warmup_steps ({warmup}) must be smaller than the sync budget ({C}): each warm-up step is a sync")
+    if C * p_min > T:
+        raise ValueError(f"min_period={p_min} leaves room for only {T // p_min} syncs, fewer than the budget {C}")
+
+    kappa = 2.0 / (alpha + 1.0)
+    root = 1.0 / (alpha + 1.0)
+    lr_at, weights = _lr_tables(T, lr_schedule, kappa)
+    log_factor = float(np.log(replan_lr_factor))
+
+    def choose_period(position, syncs_left, raw):
+        """Round and clip a planned period so the owed syncs still fit."""
+        room = T - position - (syncs_left - 1) * p_min
+        p = jnp.clip(jnp.round(raw), p_min, p_max)
+        p = jnp.clip(p, p_min, jnp.maximum(room, p_min))
+        return p.astype(jnp.int32)
+
+    def init():
+        # First period from the plan with no measurement: W(0) / C. During a
+        # warm-up the period is 1 and the plan is made when the warm-up ends.
+        period = choose_period(0, C, weights[0] / C) if warmup == 0 else _i32(1)
+        return PlannedState(
+            period=period,
+            next_sync=period,
+            last_sync=_i32(0),
+            syncs=_i32(0),
+            since_plan=_i32(0),
+            a_hat=_f32(0.0),
+            q=_f32(0.0),
+            plan_lr=lr_at[warmup],
+        )
+
+    def should_sync(state, step):
+        due = (step + 1 == state.next_sync) & (state.syncs < C)
+        return due | (step < warmup)
+
+    def update(state, step, variance, loss):
+        del loss
+        position = (step + 1).astype(jnp.int32)
+        taken = jnp.maximum(position - state.last_sync, 1).astype(jnp.float32)
+        growth = jnp.maximum(variance.astype(jnp.float32), 0.0) / taken**alpha
+        measured = state.a_hat > 0
+        a_hat = jnp.where(measured, (1.0 - ema) * state.a_hat + ema * growth, growth)
+        syncs = state.syncs + 1
+        left = C - syncs
+        lr_now = lr_at[jnp.minimum(position, T)]
+        lr_moved = jnp.abs(jnp.log(lr_now / state.plan_lr)) >= log_factor
+        plan = (~measured) | (state.since_plan + 1 >= replan_every) | lr_moved | (position == warmup)
+        if not feedback:
+            plan = jnp.asarray(True)
+        a_root = jnp.maximum(a_hat, 1e-30) ** root
+        w_over_r = weights[jnp.minimum(position, T)] / jnp.maximum(left, 1)
+        q = jnp.where(plan, a_root * w_over_r, state.q)
+        raw = w_over_r if not feedback else q / a_root
+        period = choose_period(position, left, raw)
+        in_warmup = position < warmup
+        next_sync = jnp.where(left > 0, position + period, T + 1)
+        next_sync = jnp.where(in_warmup, position + 1, next_sync)
+        return PlannedState(
+            period=jnp.where(in_warmup, 1, period).astype(jnp.int32),
+            next_sync=next_sync.astype(jnp.int32),
+            last_sync=position,
+            syncs=syncs.astype(jnp.int32),
+            since_plan=jnp.where(plan, 0, state.since_plan + 1).astype(jnp.int32),
+            a_hat=a_hat.astype(jnp.float32),
+            q=q.astype(jnp.float32),
+            plan_lr=jnp.where(plan, lr_now, state.plan_lr).astype(jnp.float32),
+        )
+
+    return Schedule(init, should_sync, update)
+
+
+def adpsgd(
+    total_steps: int,
+    avg_period: Optional[int] = None,
+    *,
+    num_syncs: Optional[int] = None,
+    lr_schedule: Optional[ScheduleFn] = None,
+    alpha: float = 1.0,
+    ema: float = 0.5,
+    replan_every: int = 8,
+    replan_lr_factor: float = 1.5,
+    min_period: int = 1,
+    max_period: Optional[int] = None,
+    warmup_steps: int = 0,
+) -> Schedule:
+    """ADPSGD: adaptive periodic averaging driven by the measured variance.
+
+    Implements ALGORITHM.md, "ADPSGD". With budget C syncs over T steps and
+    kappa = 2 / (alpha + 1):
+
+    * at each sync after p local steps: a_hat <- EMA(V / p^alpha);
+    * plan (first sync, every ``replan_every`` syncs, after a learning-rate
+      change by ``replan_lr_factor``, end of warm-up):
+      Q = a_hat^(1/(alpha+1)) * W(u) / R, where
+      W(u) = sum_{s >= u} (gamma(s)/gamma(u))^kappa and R the syncs left;
+    * next period p = clip(round(Q / a_hat^(1/(alpha+1))), min_period,
+      max_period), never so long that the owed syncs no longer fit.
+
+    The first period is W(0) / C. ``warmup_steps`` > 0 syncs every step for
+    that many steps first (those syncs count against the budget). Never more
+    than C syncs are made.
+
+    Args:
+      total_steps: T, the number of train steps of the run.
+      avg_period: budget as an average period p_bar (C = floor(T / p_bar)).
+      num_syncs: budget as a sync count C (give this or ``avg_period``).
+      lr_schedule: step -> learning rate (e.g. an optax schedule); None means
+        a constant learning rate.
+      alpha: variance growth exponent, V(p) ~ a p^alpha.
+      ema: weight of the newest measurement in a_hat.
+    """
+    return _planned(total_steps, avg_period, num_syncs, lr_schedule, alpha, ema, replan_every,
+                    replan_lr_factor, min_period, max_period, warmup_steps, feedback=True)
+
+
+def lr_proportional(
+    total_steps: int,
+    avg_period: Optional[int] = None,
+    *,
+    num_syncs: Optional[int] = None,
+    lr_schedule: Optional[ScheduleFn] = None,
+    alpha: float = 1.0,
+    min_period: int = 1,
+    max_period: Optional[int] = None,
+    warmup_steps: int = 0,
+) -> Schedule:
+    """ADPSGD's open-loop plan without variance feedback: after every sync the
+    next period is p = W(u) / R (ALGORITHM.md, step 3), i.e. sync density
+    proportional to gamma^kappa with the remaining budget spent exactly."""
+    return _planned(total_steps, avg_period, num_syncs, lr_schedule, alpha, 0.5, 1, 1.5,
+                    min_period, max_period, warmup_steps, feedback=False)
