@@ -379,7 +379,8 @@ def _planned(
         w_over_r = weights[jnp.minimum(position, T)] / jnp.maximum(left, 1)
         q = jnp.where(plan, a_root * w_over_r, state.q)
         raw = w_over_r if not feedback else q / a_root
-        period = choose_period(position, left, raw)
+        # Once the budget is spent no period is in force; keep reporting the last one.
+        period = jnp.where(left > 0, choose_period(position, left, raw), state.period)
         in_warmup = position < warmup
         next_sync = jnp.where(left > 0, position + period, T + 1)
         next_sync = jnp.where(in_warmup, position + 1, next_sync)
