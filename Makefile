@@ -15,7 +15,7 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m experiments.cifar --dataset digits --compare $(ARGS)
+	$(PY) -m experiments.cifar --dataset digits --compare --seeds 0,1,2 --out results/digits $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest $(ARGS)

@@ -1,0 +1,57 @@
+"""The command line: ``python -m experiments.cifar``.
+
+Parses flags into ``Config`` objects (one per method and seed), checks them
+all, then trains each run with ``train.train_and_evaluate`` on the same data
+order and seed, and ends with the comparison table and plots of
+``experiments/report.py``.
+
+Bad input ends the program with one line ``error: ...`` naming the flag and
+exit status 2, before any training. On a CPU-only machine ``--workers``
+sets the number of virtual devices, which must happen before jax starts, so
+jax is imported only after the flags are parsed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def _set_virtual_devices(workers: int) -> None:
+    if "jax" in sys.modules:
+        return  # jax already started (a test or a notebook): use its devices
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+    flags.append(f"--xla_force_host_platform_device_count={workers}")
+    os.environ["XLA_FLAGS"] = " ".join(flags)
+
+
+def main(argv=None) -> int:
+    from experiments import config as cfg
+
+    parser = cfg.parser()
+    args = parser.parse_args(argv)
+    try:
+        configs, out = cfg.from_args(args)
+    except cfg.ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    _set_virtual_devices(configs[0].workers)
+
+    from experiments import data, report, train
+
+    try:
+        dataset = data.load(configs[0].dataset, configs[0].data_dir, synthetic_size=configs[0].synthetic_size)
+        setups = [train.prepare(c, dataset) for c in configs]
+    except (cfg.ConfigError, data.DataUnavailableError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    os.makedirs(out, exist_ok=True)
+    for setup in setups:
+        train.train_and_evaluate(setup, out, progress=not args.quiet)
+    table = report.build(out, plots=not args.no_plots)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""Run configuration: one typed object, built from flags, validated before any
+jax work, written into every summary.
+
+Importing this module does not import jax: the CLI must set the number of
+virtual CPU devices (``--workers``) before jax initialises.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from typing import Optional
+
+DATASETS = ("cifar10", "cifar100", "digits", "synthetic")
+MODELS = ("resnet18", "vgg16", "cnn", "mlp")
+LR_SCHEDULES = ("step", "cosine", "constant")
+# A method is what one run trains with: a strategy, and for ``average`` a schedule.
+# The name -> (strategy, schedule) table lives here, at the CLI's edge.
+METHODS = {
+    "allreduce": ("allreduce", None),  # full-sync SGD (gradient all-reduce every step)
+    "qsgd": ("qsgd", None),
+    "cpsgd": ("average", "constant"),
+    "full_sync": ("average", "full_sync"),  # parameter averaging every step
+    "post_local": ("average", "post_local"),
+    "stagewise": ("average", "stagewise"),
+    "adacomm": ("average", "adacomm"),
+    "adpsgd": ("average", "adpsgd"),
+    "lr_proportional": ("average", "lr_proportional"),
+}
+SCHEDULES = tuple(sorted({s for _, s in METHODS.values() if s}))
+STRATEGIES = ("average", "allreduce", "qsgd")
+DEFAULT_COMPARE = ("allreduce", "cpsgd", "adpsgd", "qsgd")
+
+# Per-dataset defaults: the usual CIFAR ResNet recipe, and the digits setting
+# of ALGORITHM.md's prototype (MLP, plain SGD, batch 16 per worker, 30 epochs).
+DATASET_DEFAULTS = {
+    "cifar10": dict(model="resnet18", epochs=200, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4),
+    "cifar100": dict(model="resnet18", epochs=200, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4),
+    "digits": dict(model="mlp", epochs=30, batch_size=16, lr=0.1, momentum=0.0, weight_decay=0.0),
+    "synthetic": dict(model="resnet18", epochs=1, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4),
+}
+
+
+class ConfigError(ValueError):
+    """A bad flag value; the message names the flag and the accepted values."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything that determines a run's results (plus where it writes)."""
+
+    method: str = "adpsgd"
+    dataset: str = "cifar10"
+    data_dir: Optional[str] = None
+    model: str = "resnet18"
+    partition: str = "iid"
+    workers: int = 8
+    batch_size: int = 128  # per worker
+    epochs: int = 200
+    lr: float = 0.1
+    lr_schedule: str = "step"
+    lr_decay_epochs: tuple = ()  # step decay points; empty = 50% and 75% of the run
+    lr_decay_factor: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    avg_period: int = 8  # the communication budget: an average period p_bar
+    local_warmup_epochs: float = 0.0  # post-local SGD's full-sync phase; 0 = 10% of the run
+    qsgd_levels: int = 127
+    qsgd_bucket_size: int = 512
+    seed: int = 0
+    dtype: str = "float32"
+    synthetic_size: int = 10_000
+
+    def replace(self, **kw) -> "Config":
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _ints(text: str, flag: str) -> tuple:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"{flag} takes comma-separated integers, got {text!r}") from None
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.cifar",
+        description="Train with ADPSGD or a baseline on CIFAR-10/100 or digits; compare methods.",
+    )
+    p.add_argument("--dataset", choices=None, help=f"one of {', '.join(DATASETS)} (default cifar10)")
+    p.add_argument("--data-dir", help="tfds data directory holding a prepared cifar10 / cifar100")
+    p.add_argument("--model", help=f"one of {', '.join(MODELS)} (default: resnet18 for CIFAR, mlp for digits)")
+    p.add_argument("--strategy", help=f"one of {', '.join(STRATEGIES)} (default average)")
+    p.add_argument("--schedule", help=f"averaging schedule for --strategy average: one of {', '.join(SCHEDULES)} "
+                                      "(constant is CPSGD; default adpsgd)")
+    p.add_argument("--compare", nargs="?", const=",".join(DEFAULT_COMPARE),
+                   help=f"comma-separated methods to run on the same data order and seed, from "
+                        f"{', '.join(METHODS)} (default list: {','.join(DEFAULT_COMPARE)})")
+    p.add_argument("--seeds", help="comma-separated seeds: every method runs once per seed (default: --seed)")
+    p.add_argument("--partition", default="iid", help="iid or dirichlet:ALPHA (non-identical data per worker)")
+    p.add_argument("--workers", type=int, default=8, help="devices used; on CPU, that many virtual devices")
+    p.add_argument("--batch-size", type=int, help="per-worker batch size")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--lr-schedule", default="step", help=f"one of {', '.join(LR_SCHEDULES)}")
+    p.add_argument("--lr-decay-epochs", help="step decay epochs, e.g. 100,150 (default: 50%% and 75%% of the run)")
+    p.add_argument("--lr-decay-factor", type=float, default=0.1)
+    p.add_argument("--momentum", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--avg-period", type=int, default=8, help="communication budget as an average period")
+    p.add_argument("--local-warmup-epochs", type=float, default=0.0, help="post-local full-sync phase (0: 10%% of run)")
+    p.add_argument("--qsgd-levels", type=int, default=127)
+    p.add_argument("--qsgd-bucket-size", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", help="computation dtype: float32 or bfloat16")
+    p.add_argument("--synthetic-size", type=int, default=10_000, help="examples in the synthetic dataset")
+    p.add_argument("--out", default="results", help="output folder")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def _method(strategy: Optional[str], schedule: Optional[str]) -> str:
+    if strategy is not None and strategy not in STRATEGIES:
+        raise ConfigError(f"--strategy {strategy!r} is unknown; accepted values: {', '.join(STRATEGIES)}")
+    if schedule is not None and schedule not in SCHEDULES:
+        raise ConfigError(f"--schedule {schedule!r} is unknown; accepted values: {', '.join(SCHEDULES)}")
+    strategy = strategy or "average"
+    if strategy != "average":
+        if schedule is not None:
+            raise ConfigError(f"--schedule applies to --strategy average only, not {strategy}")
+        return strategy
+    return {"constant": "cpsgd"}.get(schedule or "adpsgd", schedule or "adpsgd")
+
+
+def from_args(args: argparse.Namespace) -> tuple[list[Config], str]:
+    """Turn parsed flags into the list of run configs (methods x seeds) and the
+    output folder. Raises ConfigError for any bad value, before jax starts."""
+    dataset = args.dataset or "cifar10"
+    if dataset not in DATASETS:
+        raise ConfigError(f"--dataset {dataset!r} is unknown; accepted values: {', '.join(DATASETS)}")
+    defaults = DATASET_DEFAULTS[dataset]
+    if args.compare is not None:
+        if args.strategy or args.schedule:
+            raise ConfigError("--compare takes the methods itself; drop --strategy / --schedule")
+        methods = [m.strip() for m in args.compare.split(",") if m.strip()]
+        for m in methods:
+            if m not in METHODS:
+                raise ConfigError(f"--compare: unknown method {m!r}; accepted values: {', '.join(METHODS)}")
+        if not methods or len(set(methods)) != len(methods):
+            raise ConfigError("--compare needs distinct method names")
+    else:
+        methods = [_method(args.strategy, args.schedule)]
+    seeds = _ints(args.seeds, "--seeds") if args.seeds else (args.seed,)
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError("--seeds needs distinct seeds")
+    base = Config(
+        dataset=dataset,
+        data_dir=args.data_dir,
+        model=args.model or defaults["model"],
+        partition=args.partition,
+        workers=args.workers,
+        batch_size=args.batch_size if args.batch_size is not None else defaults["batch_size"],
+        epochs=args.epochs if args.epochs is not None else defaults["epochs"],
+        lr=args.lr if args.lr is not None else defaults["lr"],
+        lr_schedule=args.lr_schedule,
+        lr_decay_epochs=_ints(args.lr_decay_epochs, "--lr-decay-epochs") if args.lr_decay_epochs else (),
+        lr_decay_factor=args.lr_decay_factor,
+        momentum=args.momentum if args.momentum is not None else defaults["momentum"],
+        weight_decay=args.weight_decay if args.weight_decay is not None else defaults["weight_decay"],
+        avg_period=args.avg_period,
+        local_warmup_epochs=args.local_warmup_epochs,
+        qsgd_levels=args.qsgd_levels,
+        qsgd_bucket_size=args.qsgd_bucket_size,
+        dtype=args.dtype,
+        synthetic_size=args.synthetic_size,
+    )
+    validate(base)
+    check_writable(args.out)
+    return [base.replace(method=m, seed=s) for s in seeds for m in methods], args.out
+
+
+def validate(c: Config) -> None:
+    """Checks that need no jax and no data. Device-count checks come later,
+    in ``train.check_devices``, still before any compilation."""
+    def need(ok: bool, message: str):
+        if not ok:
+            raise ConfigError(message)
+
+    need(c.method in METHODS, f"method {c.method!r} is unknown; accepted values: {', '.join(METHODS)}")
+    need(c.model in MODELS, f"--model {c.model!r} is unknown; accepted values: {', '.join(MODELS)}")
+    need(c.lr_schedule in LR_SCHEDULES, f"--lr-schedule {c.lr_schedule!r} is unknown; accepted values: {', '.join(LR_SCHEDULES)}")
+    need(c.dtype in ("float32", "bfloat16"), f"--dtype {c.dtype!r} is unknown; accepted values: float32, bfloat16")
+    need(c.workers >= 1, f"--workers must be >= 1, got {c.workers}")
+    need(c.batch_size >= 1, f"--batch-size must be >= 1, got {c.batch_size}")
+    need(c.epochs >= 1, f"--epochs must be >= 1, got {c.epochs}")
+    need(c.lr > 0, f"--lr must be > 0, got {c.lr}")
+    need(0 < c.lr_decay_factor <= 1, f"--lr-decay-factor must be in (0, 1], got {c.lr_decay_factor}")
+    need(all(0 < e < c.epochs for e in c.lr_decay_epochs) and list(c.lr_decay_epochs) == sorted(set(c.lr_decay_epochs)),
+         f"--lr-decay-epochs must be increasing epochs in (0, {c.epochs}), got {c.lr_decay_epochs}")
+    need(0 <= c.momentum < 1, f"--momentum must be in [0, 1), got {c.momentum}")
+    need(c.weight_decay >= 0, f"--weight-decay must be >= 0, got {c.weight_decay}")
+    need(c.avg_period >= 1, f"--avg-period must be >= 1, got {c.avg_period}")
+    need(0 <= c.local_warmup_epochs < c.epochs, f"--local-warmup-epochs must be in [0, {c.epochs}), got {c.local_warmup_epochs}")
+    need(1 <= c.qsgd_levels <= 32767, f"--qsgd-levels must be in [1, 32767], got {c.qsgd_levels}")
+    need(c.qsgd_bucket_size >= 1, f"--qsgd-bucket-size must be >= 1, got {c.qsgd_bucket_size}")
+    need(c.synthetic_size >= 1, f"--synthetic-size must be >= 1, got {c.synthetic_size}")
+
+
+def check_writable(out: str) -> None:
+    """Raise ConfigError unless ``out`` can be created or written. Creates nothing."""
+    path = os.path.abspath(out)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"--out {out!r} cannot be written: it is a file, not a folder")
+    probe = path
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ConfigError(f"--out {out!r} cannot be written: {probe!r} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out!r} cannot be written: no write permission in {probe!r}")

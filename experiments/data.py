@@ -1,0 +1,454 @@
+"""Data for data-parallel workers: datasets, worker shards and resumable loaders.
+
+* ``load`` returns a ``Dataset`` of uint8 images held in host memory
+  (CIFAR-10/100 through ``tfds.data_source``, which reads prepared
+  array_record files without TensorFlow; scikit-learn digits; synthetic).
+* ``partition`` splits the training examples among W workers (``iid`` or
+  label-skewed ``dirichlet:ALPHA``).
+* ``TrainLoader.batch(epoch, index)`` is a pure function of (seed, epoch,
+  index), so a run resumed at global step s continues with exactly the batch
+  it would have seen (``TrainLoader.iterate(start_step=s)``).
+* ``eval_batches`` pads and masks the last batch; ``normalize`` runs on the
+  device inside the jitted step; ``prefetch`` overlaps host-to-device copies
+  with compute.
+
+Batches are laid out [W, B, ...]: worker w gets row w.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import queue
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+
+DATASETS = ("cifar10", "cifar100", "digits", "synthetic")
+CIFAR_PAD = 4  # Zero padding (pixels per side) of the random-crop augmentation.
+_TFDS_NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
+_READ_CHUNK = 4096  # Examples per ``__getitems__`` call when reading tfds.
+_SYNTHETIC_SEED = 0
+_MAX_DIRICHLET_DRAWS = 100
+# Tags keeping the permutation and augmentation random streams apart.
+_PERM_STREAM, _AUG_STREAM = 0, 1
+
+
+class DataUnavailableError(RuntimeError):
+    """The requested dataset is not prepared locally and could not be obtained."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Dataset:
+    """An image-classification dataset held in host memory.
+
+    Images are uint8 [N, H, W, C]; labels int32 [N] in [0, num_classes).
+    ``mean`` / ``std`` are float32 [C] per-channel statistics of the train
+    images in 0..255 pixel units. ``augment`` says whether training batches
+    get random crops (``CIFAR_PAD`` zero padding) and horizontal flips.
+    """
+
+    name: str
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    num_classes: int
+    mean: np.ndarray
+    std: np.ndarray
+    augment: bool
+
+
+def load(name: str, data_dir: str | None = None, *, download: bool = False, synthetic_size: int = 50_000) -> Dataset:
+    """Load dataset ``name`` into host memory.
+
+    * ``cifar10`` / ``cifar100``: 32x32x3, 50000 train / 10000 test, augmented.
+      Read with ``tfds.data_source`` from ``data_dir`` (tfds' default when
+      None), which must hold the dataset prepared in array_record format.
+      With ``download=False`` (default) a missing dataset raises
+      ``DataUnavailableError`` at once; with ``download=True`` tfds first tries
+      to download and build it (needs internet and TensorFlow).
+    * ``digits``: scikit-learn's 8x8x1 digits, values 0..16 rescaled to uint8
+      0..255; a stratified 80/20 train/test split with
+      ``train_test_split(random_state=0)`` (1437 / 360 examples). Not augmented.
+    * ``synthetic``: uniform random uint8 32x32x3 images with random labels in
+      10 classes, ``synthetic_size`` train and ``max(1, synthetic_size // 5)``
+      test examples, always the same (fixed seed); for throughput runs.
+
+    Returns a ``Dataset`` (uint8 images, int32 labels, float32 [C] mean/std).
+    Raises ValueError for an unknown ``name`` and ``DataUnavailableError``
+    when CIFAR cannot be read.
+    """
+    if name in _TFDS_NUM_CLASSES:
+        (x_train, y_train), (x_test, y_test) = _load_tfds(name, data_dir, download)
+        num_classes, augment = _TFDS_NUM_CLASSES[name], True
+    elif name == "digits":
+        (x_train, y_train), (x_test, y_test) = _load_digits()
+        num_classes, augment = 10, False
+    elif name == "synthetic":
+        if synthetic_size < 1:
+            raise ValueError(f"synthetic_size must be >= 1, got {synthetic_size}")
+        rng = np.random.default_rng(_SYNTHETIC_SEED)
+        n_test = max(1, synthetic_size // 5)
+        x_train = rng.integers(0, 256, (synthetic_size, 32, 32, 3), dtype=np.uint8)
+        y_train = rng.integers(0, 10, synthetic_size).astype(np.int32)
+        x_test = rng.integers(0, 256, (n_test, 32, 32, 3), dtype=np.uint8)
+        y_test = rng.integers(0, 10, n_test).astype(np.int32)
+        num_classes, augment = 10, False
+    else:
+        raise ValueError(f"--dataset: unknown dataset {name!r}; accepted values: {', '.join(DATASETS)}")
+    mean, std = channel_stats(x_train)
+    return Dataset(name, x_train, y_train, x_test, y_test, num_classes, mean, std, augment)
+
+
+def _load_tfds(name: str, data_dir: str | None, download: bool):
+    """Read the train and test splits of a tfds image dataset into numpy."""
+    import tensorflow_datasets as tfds  # Imported lazily: only CIFAR needs it.
+
+    def unavailable(err: Exception) -> DataUnavailableError:
+        where = repr(data_dir) if data_dir else "the default tfds data_dir (~/tensorflow_datasets or $TFDS_DATA_DIR)"
+        failed = " and could not be downloaded and built" if download else ""
+        return DataUnavailableError(
+            f"Dataset {name!r} is not prepared in {where}{failed} (tfds: {type(err).__name__}: "
+            f"{(str(err).splitlines() or [''])[0]}). Building CIFAR needs internet access and TensorFlow: on such a "
+            f"machine run `tfds build {name} --file_format=array_record --data_dir DIR`, copy DIR here and pass "
+            f"`--data-dir DIR` (reading it needs tensorflow-datasets only, not TensorFlow). To run without CIFAR, "
+            f"use `--dataset digits` (or `--dataset synthetic` for throughput runs)."
+        )
+
+    kwargs = dict(split=["train", "test"], data_dir=data_dir, builder_kwargs={"file_format": "array_record"})
+    try:  # download=False never touches the network: missing files fail in milliseconds.
+        sources = tfds.data_source(name, download=False, **kwargs)
+    except Exception as err:
+        if not download:
+            raise unavailable(err) from err
+        try:
+            sources = tfds.data_source(name, download=True, **kwargs)
+        except Exception as err2:
+            raise unavailable(err2) from err2
+    return tuple(_read_source(source) for source in sources)
+
+
+def _read_source(source) -> tuple[np.ndarray, np.ndarray]:
+    """All examples of a tfds data source -> (uint8 [N, H, W, C], int32 [N])."""
+    n = len(source)
+    if n == 0:
+        raise DataUnavailableError(f"tfds data source {source!r} is empty")
+    images = labels = None
+    for start in range(0, n, _READ_CHUNK):
+        keys = list(range(start, min(n, start + _READ_CHUNK)))
+        examples = source.__getitems__(keys)
+        chunk = np.stack([np.asarray(ex["image"], dtype=np.uint8) for ex in examples])
+        if images is None:
+            images = np.empty((n, *chunk.shape[1:]), np.uint8)
+            labels = np.empty((n,), np.int32)
+        images[start : start + len(keys)] = chunk
+        labels[start : start + len(keys)] = [int(ex["label"]) for ex in examples]
+    return images, labels
+
+
+def _load_digits():
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    labels = digits.target.astype(np.int32)
+    train, test = map(np.sort, train_test_split(np.arange(len(labels)), test_size=0.2, stratify=labels, random_state=0))
+    return (images[train], labels[train]), (images[test], labels[test])
+
+
+def channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std of uint8 images [N, H, W, C] -> two float32 [C].
+
+    Accumulated in float64 over chunks of images (no full-size float copy).
+    """
+    channels = images.shape[-1]
+    total, total_sq, count = np.zeros(channels), np.zeros(channels), 0
+    for start in range(0, len(images), chunk):
+        x = images[start : start + chunk].reshape(-1, channels).astype(np.float64)
+        total, total_sq, count = total + x.sum(0), total_sq + np.square(x).sum(0), count + len(x)
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - np.square(mean), 0.0))
+    return mean.astype(np.float32), std.astype(np.float32)
+
+
+class PartitionScheme(NamedTuple):
+    """A parsed ``--partition`` value: kind "iid" or "dirichlet" (with alpha > 0)."""
+
+    kind: str
+    alpha: float | None = None
+
+
+def parse_partition(text: str) -> PartitionScheme:
+    """Parse ``iid`` or ``dirichlet:ALPHA`` (finite ALPHA > 0); ValueError otherwise."""
+    value = text.strip()
+    if value == "iid":
+        return PartitionScheme("iid")
+    if value.startswith("dirichlet:"):
+        try:
+            alpha = float(value[len("dirichlet:") :])
+        except ValueError:
+            alpha = math.nan
+        if math.isfinite(alpha) and alpha > 0:
+            return PartitionScheme("dirichlet", alpha)
+    raise ValueError(
+        f"--partition: invalid value {text!r}; accepted forms are 'iid' and 'dirichlet:ALPHA' "
+        "with a finite ALPHA > 0 (e.g. 'dirichlet:0.1'; smaller ALPHA = more label skew)"
+    )
+
+
+def partition(
+    labels: np.ndarray, num_workers: int, scheme: str | PartitionScheme, seed: int, *, min_size: int = 1
+) -> list[np.ndarray]:
+    """Split example indices 0..N-1 among ``num_workers`` workers.
+
+    ``labels``: int [N]. ``scheme``: ``"iid"`` gives disjoint equal shards of
+    N // W examples from a seeded permutation (the N % W left over are
+    unused); ``"dirichlet:ALPHA"`` splits each class's examples among the
+    workers with proportions drawn from Dirichlet(ALPHA), giving disjoint,
+    unequal, label-skewed shards covering all N examples (redrawn, up to 100
+    times, until every shard has at least ``min_size`` examples).
+
+    Returns W sorted int64 index arrays. Deterministic in ``seed``.
+    """
+    labels = np.asarray(labels)
+    spec = scheme if isinstance(scheme, PartitionScheme) else parse_partition(scheme)
+    if num_workers < 1:
+        raise ValueError(f"--workers: need at least one worker, got {num_workers}")
+    rng = np.random.default_rng(seed)
+    n = len(labels)
+    if spec.kind == "iid":
+        per = n // num_workers
+        if per < min_size:
+            raise ValueError(
+                f"--batch-size / --workers: {n} examples over {num_workers} workers give {per} per worker, fewer than "
+                f"the per-worker batch size {min_size}; use a smaller --batch-size or fewer --workers"
+            )
+        perm = rng.permutation(n)
+        return [np.sort(perm[w * per : (w + 1) * per]).astype(np.int64) for w in range(num_workers)]
+    by_class = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    for _ in range(_MAX_DIRICHLET_DRAWS):
+        pieces: list[list[np.ndarray]] = [[] for _ in range(num_workers)]
+        for idx in by_class:
+            proportions = rng.dirichlet(np.full(num_workers, spec.alpha))
+            cuts = np.rint(np.cumsum(proportions)[:-1] * len(idx)).astype(np.int64)
+            for w, piece in enumerate(np.split(idx, cuts)):
+                pieces[w].append(piece)
+        shards = [np.sort(np.concatenate(p)).astype(np.int64) for p in pieces]
+        if min(len(s) for s in shards) >= min_size:
+            return shards
+    raise ValueError(
+        f"--partition: dirichlet:{spec.alpha} left some of the {num_workers} workers with fewer than "
+        f"{min_size} of the {n} examples in {_MAX_DIRICHLET_DRAWS} draws; use a larger ALPHA or fewer workers"
+    )
+
+
+def crop_flip(images: np.ndarray, offsets: np.ndarray, flips: np.ndarray, pad: int = CIFAR_PAD) -> np.ndarray:
+    """Crop zero-padded images at given offsets, then optionally flip them.
+
+    ``images`` [N, H, W, C] is padded with ``pad`` zeros per side; image n is
+    cropped to rows ``offsets[n, 0] + 0..H-1`` and columns ``offsets[n, 1] +
+    0..W-1`` of the padded image (offsets int [N, 2] in 0..2*pad; pad, pad is
+    the identity) and mirrored left-right where ``flips`` (bool [N]).
+    Vectorised; returns the same shape and dtype as ``images``.
+    """
+    n, h, w = images.shape[:3]
+    offsets = np.asarray(offsets)
+    if offsets.shape != (n, 2) or offsets.min(initial=0) < 0 or offsets.max(initial=0) > 2 * pad:
+        raise ValueError(f"offsets must be int [{n}, 2] in 0..{2 * pad}")
+    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    rows = offsets[:, :1] + np.arange(h)[None, :]  # [N, H]
+    cols = offsets[:, 1:] + np.arange(w)[None, :]  # [N, W]
+    cols = np.where(np.asarray(flips, bool)[:, None], cols[:, ::-1], cols)
+    return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+def random_crop_flip(images: np.ndarray, rng: np.random.Generator, pad: int = CIFAR_PAD) -> np.ndarray:
+    """``crop_flip`` with offsets uniform in 0..2*pad and flips with probability 1/2 drawn from ``rng``.
+
+    images: [N, H, W, C] (uint8) -> same shape and dtype.
+    """
+    n = images.shape[0]
+    offsets = rng.integers(0, 2 * pad + 1, size=(n, 2))
+    flips = rng.random(n) < 0.5
+    return crop_flip(images, offsets, flips, pad)
+
+
+class TrainLoader:
+    """Training batches for W workers, a pure function of (seed, epoch, index).
+
+    Worker w reads shard ``shards[w]`` in the order of a permutation drawn
+    from (seed, epoch, w); when its shard runs out within an epoch (possible
+    with Dirichlet shards) it continues with a fresh permutation of the
+    shard. With IID shards an epoch never repeats an example across workers.
+    ``batch_size`` is per worker; ``steps_per_epoch = N // (W * batch_size)``
+    whatever the partition.
+    """
+
+    def __init__(self, dataset: Dataset, shards: Sequence[np.ndarray], batch_size: int, seed: int):
+        n = len(dataset.train_labels)
+        self.dataset, self.batch_size, self.seed = dataset, int(batch_size), int(seed)
+        self.shards = tuple(np.asarray(s, dtype=np.int64) for s in shards)
+        self.num_workers = len(self.shards)
+        if self.num_workers < 1 or self.seed < 0:
+            raise ValueError(f"need at least one shard and --seed >= 0, got {self.num_workers} shards, seed {seed}")
+        if self.batch_size < 1 or n < self.num_workers * self.batch_size:
+            raise ValueError(
+                f"--batch-size: {batch_size} per worker x {self.num_workers} workers must be between 1 and the "
+                f"{n} training examples; use a smaller --batch-size"
+            )
+        self.steps_per_epoch = n // (self.num_workers * self.batch_size)
+        for w, shard in enumerate(self.shards):
+            if len(shard) < self.batch_size:
+                raise ValueError(
+                    f"--batch-size: worker {w}'s shard has {len(shard)} examples, fewer than the per-worker "
+                    f"batch size {self.batch_size}; use a smaller --batch-size (or a larger dirichlet ALPHA)"
+                )
+            if shard.min() < 0 or shard.max() >= n:
+                raise ValueError(f"shard {w} has indices outside 0..{n - 1}")
+
+    def indices(self, epoch: int, index: int) -> np.ndarray:
+        """Example indices of batch (epoch, index): int64 [W, B]."""
+        if epoch < 0 or not 0 <= index < self.steps_per_epoch:
+            raise ValueError(f"need epoch >= 0 and 0 <= index < {self.steps_per_epoch}, got ({epoch}, {index})")
+        out = np.empty((self.num_workers, self.batch_size), np.int64)
+        for w, shard in enumerate(self.shards):
+            size, pos, filled = len(shard), index * self.batch_size, 0
+            while filled < self.batch_size:
+                cycle, offset = divmod(pos, size)
+                order = np.random.default_rng([self.seed, _PERM_STREAM, epoch, w, cycle]).permutation(size)
+                take = min(self.batch_size - filled, size - offset)
+                out[w, filled : filled + take] = shard[order[offset : offset + take]]
+                filled, pos = filled + take, pos + take
+        return out
+
+    def batch(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Batch ``index`` of ``epoch``: (images uint8 [W, B, H, W', C], labels int32 [W, B]).
+
+        Augmented (crop + flip) when ``dataset.augment``, seeded by (seed,
+        epoch, index); the same arguments always give the same arrays.
+        """
+        idx = self.indices(epoch, index)
+        images = self.dataset.train_images[idx]
+        labels = self.dataset.train_labels[idx]
+        if self.dataset.augment:
+            rng = np.random.default_rng([self.seed, _AUG_STREAM, epoch, index])
+            flat = images.reshape(-1, *images.shape[2:])
+            images = random_crop_flip(flat, rng).reshape(images.shape)
+        return images, labels
+
+    def iterate(self, start_step: int = 0) -> Iterator[tuple[int, int, tuple[np.ndarray, np.ndarray]]]:
+        """Yield (epoch, index, batch(epoch, index)) forever, from global step ``start_step``.
+
+        Global step s is batch (s // steps_per_epoch, s % steps_per_epoch), so
+        a run resumed at step s continues with exactly the batch it stopped at.
+        """
+        if start_step < 0:
+            raise ValueError(f"start_step must be >= 0, got {start_step}")
+        step = start_step
+        while True:
+            epoch, index = divmod(step, self.steps_per_epoch)
+            yield epoch, index, self.batch(epoch, index)
+            step += 1
+
+
+def eval_batches(images: np.ndarray, labels: np.ndarray, global_batch: int, num_workers: int) -> Iterator[dict]:
+    """Yield every example exactly once in [W, B] batches, B = global_batch // W.
+
+    Each item is ``{"image": [W, B, H, W', C] (images' dtype), "label": [W, B],
+    "mask": bool [W, B]}``; example j of a batch sits at (j // B, j % B). The
+    last batch is zero-padded and its padding has ``mask`` False.
+    """
+    if num_workers < 1 or global_batch < 1 or global_batch % num_workers:
+        raise ValueError(
+            f"eval_batches: global_batch {global_batch} must be a positive multiple of num_workers ({num_workers})"
+        )
+    per_worker, n = global_batch // num_workers, len(images)
+    for start in range(0, n, global_batch):
+        count = min(global_batch, n - start)
+        image = np.zeros((global_batch, *images.shape[1:]), images.dtype)
+        label = np.zeros((global_batch, *labels.shape[1:]), labels.dtype)
+        image[:count], label[:count] = images[start : start + count], labels[start : start + count]
+        mask = np.arange(global_batch) < count
+        yield {
+            "image": image.reshape(num_workers, per_worker, *images.shape[1:]),
+            "label": label.reshape(num_workers, per_worker, *labels.shape[1:]),
+            "mask": mask.reshape(num_workers, per_worker),
+        }
+
+
+def normalize(images: jnp.ndarray, mean: Any, std: Any) -> jnp.ndarray:
+    """(images - mean) / std as float32; images uint8 [..., C], mean/std [C] in pixel units."""
+    x = jnp.asarray(images).astype(jnp.float32)
+    shape = (1,) * (x.ndim - 1) + (-1,)
+    return (x - jnp.asarray(mean, jnp.float32).reshape(shape)) / jnp.asarray(std, jnp.float32).reshape(shape)
+
+
+_ITEM, _END, _ERROR = "item", "end", "error"
+
+
+def _offer(q: queue.Queue, stop: threading.Event, message: tuple) -> bool:
+    """Put ``message`` unless the consumer has stopped; True when it was put."""
+    while not stop.is_set():
+        try:
+            q.put(message, timeout=0.05)
+            return True
+        except queue.Full:
+            pass
+    return False
+
+
+def _produce(source: Iterator, q: queue.Queue, stop: threading.Event, put: Callable | None) -> None:
+    try:
+        for item in source:
+            if not _offer(q, stop, (_ITEM, item if put is None else put(item))):
+                return
+        _offer(q, stop, (_END, None))
+    except BaseException as exc:  # Forwarded to the consumer, which re-raises it.
+        _offer(q, stop, (_ERROR, exc))
+    finally:
+        close = getattr(source, "close", None)
+        if stop.is_set() and close is not None:
+            close()  # The consumer stopped early: let the source clean up.
+
+
+def _consume(q: queue.Queue, stop: threading.Event) -> Iterator:
+    try:
+        while True:
+            kind, payload = q.get()
+            if kind == _END:
+                return
+            if kind == _ERROR:
+                raise payload
+            yield payload
+    finally:
+        stop.set()
+        while not q.empty():  # Drop buffered items (e.g. device arrays) now; we are the only reader.
+            q.get_nowait()
+
+
+def prefetch(iterator: Iterable, size: int = 2, put: Callable[[Any], Any] | None = None) -> Iterator:
+    """Iterate ``iterator`` in a background thread, ``size`` items ahead.
+
+    ``put`` (e.g. ``lambda b: jax.device_put(b, sharding)``) is applied to
+    each item in that thread, so the next batch is transferred while the
+    current step runs. Items come out in order; an exception raised by the
+    source (or ``put``) is re-raised to the consumer. The thread is a daemon
+    blocked on a bounded queue; it exits (closing the source) once the
+    returned iterator is closed, exhausted or garbage collected, e.g. after a
+    ``break``.
+    """
+    if size < 1:
+        raise ValueError(f"prefetch size must be >= 1, got {size}")
+    q: queue.Queue = queue.Queue(maxsize=size)
+    stop = threading.Event()
+    out = _consume(q, stop)
+    weakref.finalize(out, stop.set)  # Also stops a producer whose consumer never started.
+    thread = threading.Thread(target=_produce, args=(iter(iterator), q, stop, put), name="adpsgd-prefetch", daemon=True)
+    thread.start()
+    return out
