@@ -42,6 +42,10 @@ DATASET_DEFAULTS = {
 }
 
 
+# Config fields that may differ on --resume without changing results.
+HARMLESS_ON_RESUME = ("data_dir",)
+
+
 class ConfigError(ValueError):
     """A bad flag value; the message names the flag and the accepted values."""
 
@@ -77,6 +81,38 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """How runs are executed and saved; none of it changes their results."""
+
+    out: str = "results"
+    checkpoint_every: Optional[int] = None  # steps; None = once per epoch; 0 = only at the end
+    keep_checkpoints: int = 3
+    resume: bool = False
+    progress: bool = True
+    plots: bool = True
+
+
+def config_differences(saved: dict, current: Config) -> list[str]:
+    """The result-changing fields where a saved run's config differs from ``current``."""
+    now = current.to_dict()
+    diffs = []
+    for key in sorted(set(saved) | set(now)):
+        if key in HARMLESS_ON_RESUME:
+            continue
+        old, new = saved.get(key), now.get(key)
+        if isinstance(old, list):
+            old = tuple(old)
+        if old != new:
+            diffs.append(f"{key}: {old!r} -> {new!r}")
+    return diffs
+
+
+def from_saved(saved: dict) -> Config:
+    """The Config a summary or config.json recorded."""
+    return Config(**{**saved, "lr_decay_epochs": tuple(saved.get("lr_decay_epochs", ()))})
 
 
 def _ints(text: str, flag: str) -> tuple:
@@ -119,6 +155,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", help="computation dtype: float32 or bfloat16")
     p.add_argument("--synthetic-size", type=int, default=10_000, help="examples in the synthetic dataset")
     p.add_argument("--out", default="results", help="output folder")
+    p.add_argument("--checkpoint-every", type=int,
+                   help="checkpoint interval in steps (default: once per epoch; 0: only at the end)")
+    p.add_argument("--keep-checkpoints", type=int, default=3, help="how many checkpoints to keep per run")
+    p.add_argument("--resume", action="store_true",
+                   help="continue every run in --out from its latest checkpoint (finished runs are kept)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -137,9 +178,9 @@ def _method(strategy: Optional[str], schedule: Optional[str]) -> str:
     return {"constant": "cpsgd"}.get(schedule or "adpsgd", schedule or "adpsgd")
 
 
-def from_args(args: argparse.Namespace) -> tuple[list[Config], str]:
+def from_args(args: argparse.Namespace) -> tuple[list[Config], RunOptions]:
     """Turn parsed flags into the list of run configs (methods x seeds) and the
-    output folder. Raises ConfigError for any bad value, before jax starts."""
+    run options. Raises ConfigError for any bad value, before jax starts."""
     dataset = args.dataset or "cifar10"
     if dataset not in DATASETS:
         raise ConfigError(f"--dataset {dataset!r} is unknown; accepted values: {', '.join(DATASETS)}")
@@ -181,7 +222,15 @@ def from_args(args: argparse.Namespace) -> tuple[list[Config], str]:
     )
     validate(base)
     check_writable(args.out)
-    return [base.replace(method=m, seed=s) for s in seeds for m in methods], args.out
+    if args.checkpoint_every is not None and args.checkpoint_every < 0:
+        raise ConfigError(f"--checkpoint-every must be >= 0 steps, got {args.checkpoint_every}")
+    if args.keep_checkpoints < 1:
+        raise ConfigError(f"--keep-checkpoints must be >= 1, got {args.keep_checkpoints}")
+    if args.resume and not os.path.isdir(args.out):
+        raise ConfigError(f"--resume: the output folder {args.out!r} does not exist")
+    options = RunOptions(out=args.out, checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
+                         resume=args.resume, progress=not args.quiet, plots=not args.no_plots)
+    return [base.replace(method=m, seed=s) for s in seeds for m in methods], options
 
 
 def validate(c: Config) -> None:

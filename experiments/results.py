@@ -7,8 +7,13 @@ A results folder holds one sub-folder per run, named ``<method>-seed<k>``:
   (pre-sync V, null where no sync), period, syncs and bytes (cumulative).
 * ``eval.jsonl``: one object per evaluation of the averaged model: epoch,
   step, test_loss, test_accuracy.
+* ``config.json``: the run's config, written when it starts (``--resume``
+  compares it with the flags).
 * ``summary.json``: written last and atomically; a folder without it holds
   an unfinished run.
+
+A resumed run cuts both logs back to the rows of its checkpoint's step and
+appends from there, so the files end as those of an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -17,9 +22,10 @@ import json
 import math
 import os
 import shutil
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 SUMMARY = "summary.json"
+CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 EVAL = "eval.jsonl"
 
@@ -37,31 +43,73 @@ def _clean(value: Any) -> Any:
     return value
 
 
-class RunWriter:
-    """Writes one run's files; starting a run clears that run's old files."""
+def write_json_atomic(path: str, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path`` through a temporary file and a rename."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
 
-    def __init__(self, out_dir: str, name: str):
+
+def read_json(path: str) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _truncate_jsonl(path: str, last_step: int) -> None:
+    """Keep the rows of ``path`` with step <= last_step (drops a torn last line)."""
+    kept = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    break
+                if row["step"] > last_step:
+                    break
+                kept.append(line if line.endswith("\n") else line + "\n")
+    with open(path + ".tmp", "w") as f:
+        f.write("".join(kept))
+    os.replace(path + ".tmp", path)
+
+
+class RunWriter:
+    """Writes one run's files.
+
+    A fresh run clears the run's folder and writes config.json; a resumed
+    run (``resume_step``) keeps the logs up to that step and appends.
+    """
+
+    def __init__(self, out_dir: str, name: str, config: dict, resume_step: Optional[int] = None):
         self.dir = os.path.join(out_dir, name)
-        if os.path.isdir(self.dir):
-            shutil.rmtree(self.dir)
-        os.makedirs(self.dir)
-        self._metrics = open(os.path.join(self.dir, METRICS), "w")
-        self._eval = open(os.path.join(self.dir, EVAL), "w")
+        if resume_step is None:
+            if os.path.isdir(self.dir):
+                shutil.rmtree(self.dir)
+            os.makedirs(self.dir)
+            write_json_atomic(os.path.join(self.dir, CONFIG), config)
+        else:
+            for log in (METRICS, EVAL):
+                _truncate_jsonl(os.path.join(self.dir, log), resume_step)
+        self._metrics = open(os.path.join(self.dir, METRICS), "a")
+        self._eval = open(os.path.join(self.dir, EVAL), "a")
+
+    def flush(self) -> None:
+        """Hand both logs to the OS (before a checkpoint, so they cover its step)."""
+        self._metrics.flush()
+        self._eval.flush()
 
     def metrics(self, row: dict) -> None:
         self._metrics.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
 
     def evaluation(self, row: dict) -> None:
         self._eval.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
-        self._eval.flush()
 
     def summary(self, summary: dict) -> None:
         """Close the logs, then write summary.json atomically (tmp + rename)."""
         self.close()
-        tmp = os.path.join(self.dir, SUMMARY + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump({k: _clean(v) if not isinstance(v, dict) else v for k, v in summary.items()}, f, indent=2)
-        os.replace(tmp, os.path.join(self.dir, SUMMARY))
+        clean = {k: _clean(v) if not isinstance(v, dict) else v for k, v in summary.items()}
+        write_json_atomic(os.path.join(self.dir, SUMMARY), clean)
 
     def close(self) -> None:
         for f in (self._metrics, self._eval):
@@ -79,8 +127,7 @@ class Run:
 
     def __init__(self, path: str):
         self.path = path
-        with open(os.path.join(path, SUMMARY)) as f:
-            self.summary = json.load(f)
+        self.summary = read_json(os.path.join(path, SUMMARY))
         self.metrics = read_jsonl(os.path.join(path, METRICS))
         self.evals = read_jsonl(os.path.join(path, EVAL))
 

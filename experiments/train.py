@@ -8,8 +8,12 @@ check of the config against this machine and the data happens in
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import platform
+import signal
+import threading
 import time
 from typing import Any, Optional
 
@@ -20,8 +24,8 @@ import optax
 
 import adpsgd_jax as A
 from adpsgd_jax import comm, distributed, schedules
-from experiments import data, models, results
-from experiments.config import METHODS, Config, ConfigError
+from experiments import checkpoint, data, models, results
+from experiments.config import METHODS, Config, ConfigError, RunOptions, config_differences
 
 
 @dataclasses.dataclass
@@ -36,6 +40,9 @@ class Setup:
     lr_fn: Any
     schedule: Optional[schedules.Schedule]
     strategy: str
+    run_dir: str
+    resume_from: Optional[int] = None  # checkpoint step to continue from
+    finished: bool = False  # --resume found this run complete: nothing to do
 
 
 def lr_schedule(config: Config, steps_per_epoch: int, total_steps: int):
@@ -97,8 +104,31 @@ def make_schedule(config: Config, total_steps: int, steps_per_epoch: int, lr_fn)
     raise AssertionError(name)
 
 
-def prepare(config: Config, dataset: Optional[data.Dataset] = None) -> Setup:
-    """Check the config against the devices and the data; build loader, mesh and schedule.
+def _resume_point(config: Config, run_dir: str) -> tuple[Optional[int], bool]:
+    """(checkpoint step, finished) of a run to resume; ConfigError if it cannot be."""
+    if not os.path.isdir(run_dir):
+        return None, False  # never started: it starts now
+    name = os.path.basename(run_dir)
+    try:
+        saved = results.read_json(os.path.join(run_dir, results.CONFIG))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"--resume: {run_dir} has no readable {results.CONFIG} ({err}); "
+                          "drop --resume to start the run over") from None
+    diffs = config_differences(saved, config)
+    if diffs:
+        raise ConfigError(f"--resume refused for {name}: the configuration differs from the checkpointed run in "
+                          f"{'; '.join(diffs)}. Use the same flags, or another --out")
+    if os.path.isfile(os.path.join(run_dir, results.SUMMARY)):
+        return None, True
+    try:
+        return checkpoint.check_resumable(run_dir), False
+    except checkpoint.CheckpointError as err:
+        raise ConfigError(f"--resume: {name}: {err}; drop --resume to start the run over") from None
+
+
+def prepare(config: Config, dataset: Optional[data.Dataset] = None, options: RunOptions = RunOptions()) -> Setup:
+    """Check the config against the devices, the data and (with ``--resume``)
+    the saved run; build loader, mesh and schedule.
 
     Raises ConfigError (flag named) or data.DataUnavailableError; compiles nothing.
     """
@@ -129,7 +159,10 @@ def prepare(config: Config, dataset: Optional[data.Dataset] = None) -> Setup:
     except ValueError as err:
         raise ConfigError(f"{config.method}: {err}") from None
     mesh = distributed.worker_mesh("batch", devices[: config.workers])
-    return Setup(config, dataset, loader, mesh, total, lr_fn, schedule, METHODS[config.method][0])
+    run_dir = os.path.join(options.out, results.run_name(config.method, config.seed))
+    resume_from, finished = _resume_point(config, run_dir) if options.resume else (None, False)
+    return Setup(config, dataset, loader, mesh, total, lr_fn, schedule, METHODS[config.method][0], run_dir,
+                 resume_from, finished)
 
 
 def _model_fns(config: Config, dataset: data.Dataset):
@@ -171,9 +204,58 @@ def versions() -> dict:
             "optax": optax.__version__, "numpy": np.__version__, "adpsgd_jax": A.__version__}
 
 
-def train_and_evaluate(setup: Setup, out_dir: str, progress: bool = True) -> dict:
-    """Train ``setup.config`` and write metrics.jsonl, eval.jsonl and summary.json
-    under ``out_dir/<method>-seed<k>``. Returns the summary."""
+class NonFiniteError(RuntimeError):
+    """A non-finite loss, variance or parameter: the run stops at that step."""
+
+    def __init__(self, step: int, metric: str, value: float, last_checkpoint: Optional[int], folder: str):
+        self.step, self.metric = step, metric
+        where = f"step {last_checkpoint} in {folder}" if last_checkpoint is not None else "none yet"
+        super().__init__(f"non-finite {metric} ({value}) at step {step}; the last good checkpoint is {where}")
+
+
+class Interrupted(RuntimeError):
+    """SIGTERM or SIGINT arrived; a checkpoint of the current step was written."""
+
+    def __init__(self, signum: int, step: int, folder: str):
+        self.signum, self.step = signum, step
+        name = signal.Signals(signum).name
+        super().__init__(f"{name} at step {step}: checkpoint written in {folder}; continue with --resume")
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    """Record SIGTERM / SIGINT instead of dying; yields a dict whose 'signum' is set."""
+    caught = {"signum": None}
+    if threading.current_thread() is not threading.main_thread():
+        yield caught  # signal handlers can only be installed from the main thread
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    for sig in previous:
+        signal.signal(sig, lambda signum, frame: caught.update(signum=signum))
+    try:
+        yield caught
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+                              if jnp.issubdtype(x.dtype, jnp.floating)]))
+
+
+def train_and_evaluate(setup: Setup, options: RunOptions = RunOptions()) -> dict:
+    """Train ``setup.config`` (or continue it from its checkpoint) and write
+    metrics.jsonl, eval.jsonl, checkpoints and summary.json under
+    ``options.out/<method>-seed<k>``. Returns the summary.
+
+    Raises NonFiniteError when the loss, a sync's variance or the parameters
+    stop being finite, and Interrupted after writing a checkpoint when
+    SIGTERM / SIGINT arrives.
+    """
+    if setup.finished:
+        return results.read_json(os.path.join(setup.run_dir, results.SUMMARY))
     config, loader, mesh, T = setup.config, setup.loader, setup.mesh, setup.total_steps
     started = time.perf_counter()
     model, loss_fn, eval_fn = _model_fns(config, setup.dataset)
@@ -189,54 +271,89 @@ def train_and_evaluate(setup: Setup, out_dir: str, progress: bool = True) -> dic
     state = distributed.replicate(
         A.TrainState.create(params, model_state, optimizer, setup.schedule, jax.random.PRNGKey(config.seed)), mesh
     )
-    ds = setup.dataset
+    name = results.run_name(config.method, config.seed)
+    start, timed_s, timed_steps, last = 0, 0.0, 0, {}
+    if setup.resume_from is None:  # a fresh run clears its folder first
+        writer = results.RunWriter(options.out, name, config.to_dict())
+        checkpoints = checkpoint.RunCheckpoints(setup.run_dir, options.keep_checkpoints)
+    else:  # restore before touching the logs, so a bad checkpoint changes nothing
+        checkpoints = checkpoint.RunCheckpoints(setup.run_dir, options.keep_checkpoints)
+        state, meta = checkpoints.restore(state, setup.resume_from)
+        start, timed_s, timed_steps, last = meta["step"], meta["timed_s"], meta["timed_steps"], meta["last"]
+        writer = results.RunWriter(options.out, name, config.to_dict(), resume_step=start)
+    ds, spe = setup.dataset, loader.steps_per_epoch
     eval_batch = max(1, min(256, len(ds.test_labels) // mesh.devices.size))
     test_set = _eval_set(ds.test_images, ds.test_labels, mesh, eval_batch)
     train_set = _eval_set(ds.train_images, ds.train_labels, mesh, eval_batch)
-    writer = results.RunWriter(out_dir, results.run_name(config.method, config.seed))
+    every = spe if options.checkpoint_every is None else options.checkpoint_every
+    saved = [setup.resume_from]
 
     def evaluate(split):
         sums = jax.tree.map(lambda x: float(np.asarray(x)[0]), p_eval_step(state, split))
         return sums["loss"] / sums["count"], sums["correct"] / sums["count"]
 
-    spe = loader.steps_per_epoch
-    batches = data.prefetch(
-        ({"image": b[0], "label": b[1]} for _, _, b in loader.iterate(0)),
-        size=2, put=lambda b: distributed.shard_batch(b, mesh),
-    )
-    bar = _progress_bar(T, config, progress)
-    compute_s, segment_start, pending, last = 0.0, None, None, {}
-
     def log(t, metrics):
         row = {k: (np.asarray(v).mean() if k in ("loss", "accuracy") else np.asarray(v)[0])
                for k, v in metrics.items() if k != "comm"}
+        if not np.isfinite(row["loss"]):
+            raise NonFiniteError(t + 1, "loss", row["loss"], saved[0], checkpoints.dir)
+        if row["synced"] and not np.isfinite(row["variance"]):
+            raise NonFiniteError(t + 1, "variance", row["variance"], saved[0], checkpoints.dir)
         counter = metrics["comm"]
-        last.update(row, syncs=int(np.asarray(counter.syncs)[0]), bytes=comm.total_bytes(counter))
+        last.update({k: v.item() for k, v in row.items()}, syncs=int(np.asarray(counter.syncs)[0]),
+                    bytes=comm.total_bytes(counter))
         writer.metrics({"step": t + 1, "epoch": (t + 1) / spe, "lr": float(setup.lr_fn(t)), **last})
         bar.update(1)
         bar.set_postfix(epoch=f"{(t + 1) / spe:.1f}", loss=f"{last['loss']:.3f}",
                         acc=f"{last.get('accuracy', float('nan')):.3f}", syncs=last["syncs"], refresh=False)
 
-    for t in range(T):
-        state, metrics = p_train_step(state, next(batches))
-        if t == 0:
-            jax.block_until_ready(metrics)  # the first step compiles: not compute time
-            segment_start = time.perf_counter()
-        if pending is not None:
-            log(*pending)  # pull the previous step's metrics after dispatching this one
-        pending = (t, metrics)
-        if (t + 1) % spe == 0 or t + 1 == T:
-            log(*pending)
-            pending = None
-            compute_s += time.perf_counter() - segment_start
-            test_loss, test_acc = evaluate(test_set)
-            writer.evaluation({"epoch": (t + 1) / spe, "step": t + 1, "test_loss": test_loss, "test_accuracy": test_acc})
-            segment_start = time.perf_counter()
-    bar.close()
+    def save(step):
+        if not bool(_all_finite(state.params)):
+            raise NonFiniteError(step, "parameters", float("nan"), saved[0], checkpoints.dir)
+        writer.flush()
+        meta = {"step": step, "timed_s": timed_s, "timed_steps": timed_steps, "last": last}
+        checkpoints.save(step, state, meta)
+        saved[0] = step
+
+    batches = data.prefetch(
+        ({"image": b[0], "label": b[1]} for _, _, b in loader.iterate(start)),
+        size=2, put=lambda b: distributed.shard_batch(b, mesh),
+    )
+    bar = _progress_bar(T, start, config, options.progress)
+    pending, segment_start = None, None
+    try:
+        with _stop_on_signals() as caught:
+            for t in range(start, T):
+                state, metrics = p_train_step(state, next(batches))
+                if segment_start is None:
+                    jax.block_until_ready(metrics)  # this step compiled: not compute time
+                    segment_start, first = time.perf_counter(), t
+                if pending is not None:
+                    log(*pending)  # pull the previous step's metrics after dispatching this one
+                pending = (t, metrics)
+                epoch_end = (t + 1) % spe == 0 or t + 1 == T
+                due = (every and (t + 1) % every == 0) or t + 1 == T
+                if not (epoch_end or due or caught["signum"]):
+                    continue
+                log(*pending)
+                pending = None
+                timed_s += time.perf_counter() - segment_start
+                timed_steps += t - first
+                if epoch_end:
+                    test_loss, test_acc = evaluate(test_set)
+                    writer.evaluation({"epoch": (t + 1) / spe, "step": t + 1, "test_loss": test_loss,
+                                       "test_accuracy": test_acc})
+                if due or caught["signum"]:
+                    save(t + 1)
+                if caught["signum"]:
+                    raise Interrupted(caught["signum"], t + 1, checkpoints.dir)
+                segment_start, first = time.perf_counter(), t
+    finally:
+        bar.close()
+        writer.close()
+        checkpoints.close()
     train_loss, train_acc = evaluate(train_set)
     test_loss, test_acc = evaluate(test_set)
-    compute_s *= T / max(T - 1, 1)  # the first (compiling) step is timed as an average step
-    param_bytes = comm.tree_bytes(params)
     summary = {
         "final_train_loss": train_loss,
         "final_train_accuracy": train_acc,
@@ -248,9 +365,10 @@ def train_and_evaluate(setup: Setup, out_dir: str, progress: bool = True) -> dic
         "steps": T,
         "steps_per_epoch": spe,
         "num_params": int(sum(x.size for x in jax.tree.leaves(params))),
-        "param_bytes": param_bytes,
+        "param_bytes": comm.tree_bytes(params),
         "wall_clock_s": time.perf_counter() - started,
-        "compute_s": compute_s,
+        # Steps that compiled are left out of the timing; the rest stand for all T.
+        "compute_s": timed_s / max(timed_steps, 1) * T,
         "config": config.to_dict(),
         "versions": versions(),
         "device_kind": mesh.devices.flat[0].device_kind,
@@ -260,8 +378,8 @@ def train_and_evaluate(setup: Setup, out_dir: str, progress: bool = True) -> dic
     return summary
 
 
-def _progress_bar(total: int, config: Config, enabled: bool):
+def _progress_bar(total: int, done: int, config: Config, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=f"{config.method} seed {config.seed}", disable=not enabled,
+    return tqdm(total=total, initial=done, desc=f"{config.method} seed {config.seed}", disable=not enabled,
                 leave=True, dynamic_ncols=True)

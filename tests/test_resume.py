@@ -1,0 +1,220 @@
+"""Checkpoints, exact resume and failure handling (real processes, real signals)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from experiments import checkpoint, cifar, results
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMING = {"wall_clock_s", "compute_s"}
+# 30 epochs x 11 steps, a checkpoint every 3 steps.
+EVERY = 3
+ARGS = ["--dataset", "digits", "--epochs", "30", "--checkpoint-every", str(EVERY), "--quiet", "--no-plots"]
+
+
+class Run:
+    """The CLI in a subprocess; its output goes to files (a full pipe would block it)."""
+
+    def __init__(self, out, *extra):
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+        env.pop("XLA_FLAGS", None)  # the CLI sets the virtual devices itself
+        self.log = open(os.path.join(str(out), f".log-{time.monotonic_ns()}"), "w+")
+        self.proc = subprocess.Popen([sys.executable, "-m", "experiments.cifar", *ARGS, "--out", str(out), *extra],
+                                     cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=self.log, text=True)
+
+    def send_signal(self, signum):
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout=300):
+        return self.proc.wait(timeout=timeout)
+
+    def stderr(self):
+        self.log.seek(0)
+        return self.log.read()
+
+
+cli = Run
+
+
+def wait_for(predicate, timeout=120.0, poll=0.002):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(poll)
+    return False
+
+
+def final_state(run_dir):
+    steps = sorted(int(d) for d in os.listdir(os.path.join(run_dir, checkpoint.FOLDER)) if d.isdigit())
+    tree = ocp.PyTreeCheckpointer().restore(os.path.join(run_dir, checkpoint.FOLDER, str(steps[-1]), "state"))
+    return steps[-1], jax.tree.map(np.asarray, tree)
+
+
+def assert_same_run(a, b):
+    step_a, state_a = final_state(a)
+    step_b, state_b = final_state(b)
+    assert step_a == step_b
+    jax.tree.map(np.testing.assert_array_equal, state_a, state_b)  # bit-identical, every replica
+    for name in (results.METRICS, results.EVAL):
+        with open(os.path.join(a, name)) as fa, open(os.path.join(b, name)) as fb:
+            assert fa.read() == fb.read(), name
+    sa = results.read_json(os.path.join(a, results.SUMMARY))
+    sb = results.read_json(os.path.join(b, results.SUMMARY))
+    assert {k: v for k, v in sa.items() if k not in TIMING} == {k: v for k, v in sb.items() if k not in TIMING}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference")
+    proc = cli(out, "--compare", "adpsgd,cpsgd")
+    assert proc.wait(timeout=300) == 0, proc.stderr()
+    return out
+
+
+def checkpoint_steps(run_dir):
+    folder = os.path.join(run_dir, checkpoint.FOLDER)
+    return sorted(int(d) for d in os.listdir(folder) if d.isdigit()) if os.path.isdir(folder) else []
+
+
+def mid_period_target(reference_run, rng):
+    """A checkpoint step inside a period, whose next 3 checkpoints are inside periods too
+    (so the process is killed, and resumed, where the replicas differ)."""
+    synced = {row["step"]: row["synced"] for row in results.read_jsonl(os.path.join(reference_run, results.METRICS))}
+    candidates = [s for s in range(4 * EVERY, 300, EVERY) if not any(synced[s + k * EVERY] for k in range(4))]
+    assert candidates
+    return int(rng.choice(candidates)), synced
+
+
+@pytest.mark.parametrize("method,seed", [("adpsgd", 11), ("cpsgd", 12)])
+def test_kill_9_then_resume_equals_uninterrupted(reference, tmp_path, method, seed):
+    reference_run = reference / results.run_name(method, 0)
+    target, synced = mid_period_target(reference_run, np.random.default_rng(seed))
+    run_dir = tmp_path / results.run_name(method, 0)
+    proc = cli(tmp_path, "--compare", method)
+    assert wait_for(lambda: max(checkpoint_steps(run_dir), default=0) >= target, poll=0.0005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / results.SUMMARY).exists(), "the run finished before the kill; nothing was tested"
+    resumed_from = checkpoint_steps(run_dir)[-1]
+    assert synced[resumed_from] == 0, resumed_from  # the kill and the resume point are mid-period
+    _, state = final_state(run_dir)
+    kernel = state["params"]["fc1"]["kernel"]
+    assert not np.array_equal(kernel[0], kernel[1])  # the replicas saved there differ
+    again = cli(tmp_path, "--compare", method, "--resume")
+    assert again.wait(timeout=300) == 0, again.stderr()
+    assert_same_run(reference_run, run_dir)
+
+
+def test_sigterm_writes_checkpoint_and_exits_cleanly(reference, tmp_path):
+    run_dir = tmp_path / results.run_name("adpsgd", 0)
+    proc = cli(tmp_path, "--compare", "adpsgd", "--checkpoint-every", "1000")
+    assert wait_for(lambda: (run_dir / results.METRICS).exists() and (run_dir / results.METRICS).stat().st_size > 0)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    err = proc.stderr()
+    assert "SIGTERM at step" in err and "--resume" in err and "Traceback" not in err
+    stopped = int(err.split("SIGTERM at step ")[1].split(":")[0])
+    assert checkpoint_steps(run_dir) == [stopped] and stopped < 330
+    again = cli(tmp_path, "--compare", "adpsgd", "--resume")
+    assert again.wait(timeout=300) == 0, again.stderr()
+    assert_same_run(reference / results.run_name("adpsgd", 0), run_dir)
+
+
+CRASHING_SAVE = textwrap.dedent("""
+    import os, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    import jax.numpy as jnp
+    sys.path.insert(0, {root!r})
+    from experiments import checkpoint
+    saver = checkpoint.RunCheckpoints(sys.argv[1])
+    saver.save(1, {{"x": jnp.arange(4.0)}}, {{"step": 1}})
+    saver.save(2, {{"x": jnp.ones((100_000_000,))}}, {{"step": 2}})  # killed while this is written
+""")
+
+
+def test_crash_during_save_leaves_previous_checkpoint_loadable(tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen([sys.executable, "-c", CRASHING_SAVE.format(root=ROOT), str(tmp_path)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    folder = tmp_path / checkpoint.FOLDER
+    in_progress = lambda: folder.exists() and any(p.name.startswith("2.") for p in folder.iterdir())  # noqa: E731
+    assert wait_for(in_progress, poll=0.0005), "the save of step 2 was never seen in progress"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (folder / "2").exists()
+    saver = checkpoint.RunCheckpoints(str(tmp_path))
+    assert saver.latest_step() == 1
+    state, meta = saver.restore({"x": jax.numpy.zeros(4)})
+    np.testing.assert_array_equal(state["x"], np.arange(4.0))
+    assert meta == {"step": 1}
+
+
+def short_run(out, *extra):
+    return cifar.main(["--dataset", "digits", "--epochs", "2", "--checkpoint-every", "4", "--quiet", "--no-plots",
+                       "--compare", "cpsgd", "--out", str(out), *extra])
+
+
+def test_resume_with_changed_budget_is_refused(tmp_path, capsys):
+    assert short_run(tmp_path) == 0
+    capsys.readouterr()
+    assert short_run(tmp_path, "--resume", "--avg-period", "4", "--lr", "0.05") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --resume refused for cpsgd-seed0") and "avg_period: 8 -> 4" in err
+    assert "lr: 0.1 -> 0.05" in err and "\n" not in err
+    # Harmless differences (verbosity, plots) are allowed: the finished run is kept as it is.
+    before = (tmp_path / "cpsgd-seed0" / results.SUMMARY).read_text()
+    assert cifar.main(["--dataset", "digits", "--epochs", "2", "--compare", "cpsgd", "--out", str(tmp_path),
+                       "--resume"]) == 0
+    assert (tmp_path / "cpsgd-seed0" / results.SUMMARY).read_text() == before
+
+
+def test_resume_with_missing_or_corrupt_checkpoints(tmp_path, capsys):
+    assert short_run(tmp_path) == 0
+    run_dir = tmp_path / "cpsgd-seed0"
+    (run_dir / results.SUMMARY).unlink()  # pretend the run was cut off
+    latest = checkpoint_steps(run_dir)[-1]
+    for path in (run_dir / checkpoint.FOLDER / str(latest) / "state").rglob("*"):
+        if path.is_file() and path.stat().st_size > 0 and "metadata" not in path.name:
+            path.write_bytes(b"garbage" * 10)
+    metrics_before = (run_dir / results.METRICS).read_text()
+    capsys.readouterr()
+    assert short_run(tmp_path, "--resume") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --resume: checkpoint {latest}") and "cannot be read" in err
+    assert (run_dir / results.METRICS).read_text() == metrics_before  # nothing rewritten
+    import shutil
+
+    shutil.rmtree(run_dir / checkpoint.FOLDER)
+    assert short_run(tmp_path, "--resume") == 2
+    assert "no checkpoint folder" in capsys.readouterr().err
+    assert cifar.main(["--dataset", "digits", "--out", str(tmp_path / "absent"), "--resume"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_nan_stops_with_step_and_metric_and_keeps_last_good_checkpoint(tmp_path, capsys):
+    code = cifar.main(["--dataset", "digits", "--epochs", "3", "--checkpoint-every", "2", "--quiet", "--no-plots",
+                       "--compare", "adpsgd", "--lr", "1e6", "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 3
+    assert err.startswith("error: non-finite ") and " at step " in err and "last good checkpoint" in err
+    run_dir = tmp_path / "adpsgd-seed0"
+    assert not (run_dir / results.SUMMARY).exists()
+    bad_step = int(err.split(" at step ")[1].split(";")[0])
+    good = checkpoint_steps(run_dir)
+    assert all(s < bad_step for s in good)
+    if good:  # every kept checkpoint holds finite parameters
+        _, state = final_state(run_dir)
+        assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state["params"]))
+    rows = [json.loads(line) for line in (run_dir / results.METRICS).read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) for r in rows) and rows[-1]["step"] < bad_step
