@@ -106,9 +106,11 @@ class CommCounter(NamedTuple):
 
 def total_bytes(counter: CommCounter) -> int:
     """Host-side exact byte count of a (possibly replicated) ``CommCounter``."""
-    gib = int(np.asarray(counter.gib).reshape(-1)[0])
-    low = int(np.asarray(counter.low).reshape(-1)[0])
-    return (gib << _LOW_BITS) + low
+    def first(x):  # works on per-worker arrays of a multi-process run too
+        x = x.addressable_shards[0].data if hasattr(x, "addressable_shards") else x
+        return int(np.asarray(x).reshape(-1)[0])
+
+    return (first(counter.gib) << _LOW_BITS) + first(counter.low)
 
 
 def simulated_wall_clock(

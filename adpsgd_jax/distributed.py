@@ -1,10 +1,13 @@
-"""Placing workers on devices: meshes, replication, batch sharding, and the
-pmap / shard_map wrappers of a per-device step.
+"""Placing workers on devices: jax.distributed start-up, meshes,
+replication, batch sharding, and the pmap / shard_map wrappers of a
+per-device step.
 
-One worker is one device along a named mesh axis. Per-worker values (the
-train state, the batch) carry a leading axis of size N = number of devices,
-sharded along that axis, exactly as ``jax.pmap`` returns them, so the first
-call and every later call see the same input sharding and nothing retraces.
+One worker is one device along a named mesh axis, across every process of a
+multi-host run. Per-worker values (the train state, the batch) carry a
+leading axis of size N = number of workers, sharded along that axis, exactly
+as ``jax.pmap`` returns them, so the first call and every later call see the
+same input sharding and nothing retraces. In a multi-process run these are
+global arrays: each process holds the rows of its own devices.
 """
 
 from __future__ import annotations
@@ -14,6 +17,49 @@ from typing import Any, Callable, Optional, Sequence
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+
+def initialize(
+    coordinator_address: Optional[str] = None,
+    num_processes: Optional[int] = None,
+    process_id: Optional[int] = None,
+    *,
+    initialization_timeout: int = 60,
+    heartbeat_timeout: int = 20,
+    cpu_collectives: str = "gloo",
+) -> None:
+    """Start ``jax.distributed`` before any other jax call.
+
+    With explicit arguments, process ``process_id`` of ``num_processes``
+    joins the coordinator at ``coordinator_address`` ("host:port"; process 0
+    runs it). With no arguments, jax's own cluster detection (SLURM, Open
+    MPI, TPU pods, ...) supplies them. CPU collectives between processes go
+    through ``cpu_collectives`` (gloo). A coordinator that cannot be reached
+    fails after ``initialization_timeout`` seconds; a process whose peer
+    stops sending heartbeats for ``heartbeat_timeout`` seconds is stopped by
+    the distributed runtime instead of hanging.
+    """
+    explicit = (coordinator_address, num_processes, process_id)
+    if any(v is not None for v in explicit) and any(v is None for v in explicit):
+        raise ValueError("give coordinator_address, num_processes and process_id together, or none of them")
+    if num_processes is not None and not 0 <= process_id < num_processes:
+        raise ValueError(f"process_id must be in [0, num_processes={num_processes}), got {process_id}")
+    jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+    jax.distributed.initialize(
+        coordinator_address, num_processes, process_id,
+        initialization_timeout=initialization_timeout, heartbeat_timeout_seconds=heartbeat_timeout,
+    )
+
+
+def local_workers(mesh: Mesh) -> list[int]:
+    """Indices (positions along the mesh axis) of this process's workers."""
+    return [i for i, d in enumerate(mesh.devices.flat) if d.process_index == jax.process_index()]
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+    """This process's rows of a per-worker array [N, ...], in worker order."""
+    shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+    return np.concatenate([np.asarray(s.data) for s in shards])
 
 
 def worker_mesh(axis_name: str = "batch", devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
@@ -45,6 +91,21 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     return jax.tree.map(put, tree)
 
 
+def shard_local_batch(batch: Any, mesh: Mesh) -> Any:
+    """Put this process's rows [L, per_device, ...] (L = its workers, in
+    ``local_workers`` order) onto its devices as global arrays [N, ...]."""
+    devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    check_leading_dim(batch, len(devices), what="local batch")
+    sharding, n = worker_sharding(mesh), mesh.devices.size
+
+    def put(x):
+        x = np.asarray(x)
+        rows = [jax.device_put(x[j : j + 1], d) for j, d in enumerate(devices)]
+        return jax.make_array_from_single_device_arrays((n,) + x.shape[1:], sharding, rows)
+
+    return jax.tree.map(put, batch)
+
+
 def unreplicate(tree: Any) -> Any:
     """Worker 0's copy of every leaf: [N, ...] -> [...] (a host NumPy array)."""
     return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data)[0], tree)
@@ -58,7 +119,7 @@ def check_leading_dim(tree: Any, num_workers: int, what: str = "batch") -> None:
             name = jax.tree_util.keystr(path) or "<leaf>"
             raise ValueError(
                 f"{what} leaf {name} has shape {tuple(shape)}: its leading dimension must equal the number of "
-                f"devices ({num_workers}); lay the global batch out as [{num_workers}, per_device_batch, ...] "
+                f"devices ({num_workers}); lay the batch out as [{num_workers}, per_device_batch, ...] "
                 f"(adpsgd_jax.distributed.shard_batch)"
             )
 

@@ -212,7 +212,7 @@ def make_eval_step(eval_fn: Callable[[Any, Any, Any], dict], axis_name: str = "b
             return jax.tree.map(jnp.add, totals, chunk_sums(chunk)), None
 
         shapes = jax.eval_shape(chunk_sums, jax.tree.map(lambda x: x[0], batch))
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        zeros = collectives.to_varying(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), axis_name)
         totals, _ = lax.scan(body, zeros, batch)
         return lax.psum(totals, axis_name)
 

@@ -16,7 +16,49 @@ jax is imported only after the flags are parsed.
 from __future__ import annotations
 
 import os
+import socket
 import sys
+import time
+from typing import Optional
+
+
+def _reachable(address: str, timeout: float) -> bool:
+    """Whether a TCP connection to HOST:PORT opens within ``timeout`` seconds (retrying)."""
+    host, _, port = address.rpartition(":")
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=max(0.1, min(2.0, end - time.monotonic()))):
+                return True
+        except OSError:
+            if time.monotonic() >= end:
+                return False
+            time.sleep(0.2)
+
+
+def _start_distributed(options) -> Optional[str]:
+    """Join the multi-process run; an error message if that fails."""
+    from adpsgd_jax import distributed
+
+    explicit = options.coordinator != "auto"
+    # jax aborts the whole process (no Python exception) when it cannot register
+    # with the coordinator, so processes other than 0 first check that it answers.
+    if explicit and options.process_id != 0 and not _reachable(options.coordinator, options.distributed_timeout):
+        return (f"--coordinator: nothing answers at {options.coordinator} after {options.distributed_timeout} s; "
+                "start process 0 there first, or check the address and port")
+    try:
+        distributed.initialize(
+            options.coordinator if explicit else None,
+            options.num_processes if explicit else None,
+            options.process_id if explicit else None,
+            initialization_timeout=options.distributed_timeout,
+            heartbeat_timeout=max(5, options.distributed_timeout // 3),
+        )
+    except Exception as err:  # jax raises RuntimeError / XlaRuntimeError with a long status text
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return (f"--coordinator: could not join the run at {options.coordinator} within "
+                f"{options.distributed_timeout} s ({first[:300]})")
+    return None
 
 
 def _set_virtual_devices(workers: int) -> None:
@@ -37,7 +79,15 @@ def main(argv=None) -> int:
     except cfg.ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    _set_virtual_devices(configs[0].workers)
+    per_process = configs[0].workers // (options.num_processes or 1)
+    _set_virtual_devices(per_process)
+    if options.distributed:
+        failure = _start_distributed(options)
+        if failure:
+            print(f"error: {failure}", file=sys.stderr)
+            return 2
+
+    import jax
 
     from experiments import checkpoint, data, report, train
 
@@ -54,13 +104,21 @@ def main(argv=None) -> int:
         except train.NonFiniteError as err:
             print(f"error: {err}", file=sys.stderr)
             return 3
+        except train.PeerFailure as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.stderr.flush()
+            sys.stdout.flush()
+            # jax.distributed's exit-time shutdown barrier cannot succeed without the
+            # peer and would abort with a fatal log: leave at once instead.
+            os._exit(4)
         except train.Interrupted as err:
             print(f"stopped: {err}", file=sys.stderr)
             return 128 + err.signum
         except checkpoint.CheckpointError as err:
             print(f"error: --resume: {err}", file=sys.stderr)
             return 2
-    print(report.build(options.out, plots=options.plots))
+    if jax.process_index() == 0:
+        print(report.build(options.out, plots=options.plots))
     return 0
 
 

@@ -93,6 +93,15 @@ class RunOptions:
     resume: bool = False
     progress: bool = True
     plots: bool = True
+    # Multi-process runs (jax.distributed); "auto" = jax's cluster detection (SLURM, ...).
+    coordinator: Optional[str] = None
+    num_processes: Optional[int] = None
+    process_id: Optional[int] = None
+    distributed_timeout: int = 60  # seconds to reach the coordinator; also bounds a dead peer's detection
+
+    @property
+    def distributed(self) -> bool:
+        return self.coordinator is not None
 
 
 def config_differences(saved: dict, current: Config) -> list[str]:
@@ -158,6 +167,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int,
                    help="checkpoint interval in steps (default: once per epoch; 0: only at the end)")
     p.add_argument("--keep-checkpoints", type=int, default=3, help="how many checkpoints to keep per run")
+    p.add_argument("--coordinator", help="multi-process run: HOST:PORT of process 0's coordinator, or 'auto' for "
+                                         "jax's cluster detection (SLURM, Open MPI)")
+    p.add_argument("--num-processes", type=int, help="multi-process run: number of processes")
+    p.add_argument("--process-id", type=int, help="multi-process run: this process's index in [0, --num-processes)")
+    p.add_argument("--distributed-timeout", type=int, default=60,
+                   help="seconds to wait for the coordinator; a dead peer is detected within about this time too")
     p.add_argument("--resume", action="store_true",
                    help="continue every run in --out from its latest checkpoint (finished runs are kept)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -228,9 +243,39 @@ def from_args(args: argparse.Namespace) -> tuple[list[Config], RunOptions]:
         raise ConfigError(f"--keep-checkpoints must be >= 1, got {args.keep_checkpoints}")
     if args.resume and not os.path.isdir(args.out):
         raise ConfigError(f"--resume: the output folder {args.out!r} does not exist")
+    _check_distributed(args, base.workers)
     options = RunOptions(out=args.out, checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
-                         resume=args.resume, progress=not args.quiet, plots=not args.no_plots)
+                         resume=args.resume, progress=not args.quiet, plots=not args.no_plots,
+                         coordinator=args.coordinator, num_processes=args.num_processes, process_id=args.process_id,
+                         distributed_timeout=args.distributed_timeout)
     return [base.replace(method=m, seed=s) for s in seeds for m in methods], options
+
+
+def _check_distributed(args: argparse.Namespace, workers: int) -> None:
+    """Refuse incomplete or inconsistent multi-process flags before start-up."""
+    coordinator, count, pid = args.coordinator, args.num_processes, args.process_id
+    if args.distributed_timeout < 1:
+        raise ConfigError(f"--distributed-timeout must be >= 1 second, got {args.distributed_timeout}")
+    if coordinator is None:
+        if count is not None or pid is not None:
+            raise ConfigError("--num-processes / --process-id need --coordinator HOST:PORT (or --coordinator auto)")
+        return
+    if coordinator == "auto":
+        if count is not None or pid is not None:
+            raise ConfigError("--coordinator auto takes the process count and id from the cluster; drop "
+                              "--num-processes / --process-id")
+        return
+    host, _, port = coordinator.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--coordinator must be HOST:PORT (or auto), got {coordinator!r}")
+    if count is None or pid is None:
+        raise ConfigError("--coordinator HOST:PORT needs both --num-processes and --process-id")
+    if count < 1:
+        raise ConfigError(f"--num-processes must be >= 1, got {count}")
+    if not 0 <= pid < count:
+        raise ConfigError(f"--process-id must be in [0, --num-processes={count}), got {pid}")
+    if workers % count:
+        raise ConfigError(f"--workers {workers} must be a multiple of --num-processes {count} (devices per process)")
 
 
 def validate(c: Config) -> None:

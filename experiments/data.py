@@ -273,10 +273,14 @@ def random_crop_flip(images: np.ndarray, rng: np.random.Generator, pad: int = CI
 
     images: [N, H, W, C] (uint8) -> same shape and dtype.
     """
-    n = images.shape[0]
-    offsets = rng.integers(0, 2 * pad + 1, size=(n, 2))
-    flips = rng.random(n) < 0.5
+    offsets, flips = draw_crop_flip(rng, images.shape[0], pad)
     return crop_flip(images, offsets, flips, pad)
+
+
+def draw_crop_flip(rng: np.random.Generator, n: int, pad: int = CIFAR_PAD) -> tuple[np.ndarray, np.ndarray]:
+    """The random part of ``random_crop_flip``: offsets int [n, 2] in 0..2*pad, flips bool [n]."""
+    offsets = rng.integers(0, 2 * pad + 1, size=(n, 2))
+    return offsets, rng.random(n) < 0.5
 
 
 class TrainLoader:
@@ -290,11 +294,16 @@ class TrainLoader:
     whatever the partition.
     """
 
-    def __init__(self, dataset: Dataset, shards: Sequence[np.ndarray], batch_size: int, seed: int):
+    def __init__(self, dataset: Dataset, shards: Sequence[np.ndarray], batch_size: int, seed: int,
+                 workers: Sequence[int] | None = None):
         n = len(dataset.train_labels)
         self.dataset, self.batch_size, self.seed = dataset, int(batch_size), int(seed)
         self.shards = tuple(np.asarray(s, dtype=np.int64) for s in shards)
         self.num_workers = len(self.shards)
+        # The workers whose rows this process builds (all of them in a one-process run).
+        self.workers = tuple(range(self.num_workers)) if workers is None else tuple(int(w) for w in workers)
+        if not self.workers or min(self.workers) < 0 or max(self.workers) >= self.num_workers:
+            raise ValueError(f"workers must be indices in 0..{self.num_workers - 1}, got {workers}")
         if self.num_workers < 1 or self.seed < 0:
             raise ValueError(f"need at least one shard and --seed >= 0, got {self.num_workers} shards, seed {seed}")
         if self.batch_size < 1 or n < self.num_workers * self.batch_size:
@@ -313,33 +322,38 @@ class TrainLoader:
                 raise ValueError(f"shard {w} has indices outside 0..{n - 1}")
 
     def indices(self, epoch: int, index: int) -> np.ndarray:
-        """Example indices of batch (epoch, index): int64 [W, B]."""
+        """Example indices of batch (epoch, index) for ``self.workers``: int64 [len(workers), B]."""
         if epoch < 0 or not 0 <= index < self.steps_per_epoch:
             raise ValueError(f"need epoch >= 0 and 0 <= index < {self.steps_per_epoch}, got ({epoch}, {index})")
-        out = np.empty((self.num_workers, self.batch_size), np.int64)
-        for w, shard in enumerate(self.shards):
+        out = np.empty((len(self.workers), self.batch_size), np.int64)
+        for row, w in enumerate(self.workers):
+            shard = self.shards[w]
             size, pos, filled = len(shard), index * self.batch_size, 0
             while filled < self.batch_size:
                 cycle, offset = divmod(pos, size)
                 order = np.random.default_rng([self.seed, _PERM_STREAM, epoch, w, cycle]).permutation(size)
                 take = min(self.batch_size - filled, size - offset)
-                out[w, filled : filled + take] = shard[order[offset : offset + take]]
+                out[row, filled : filled + take] = shard[order[offset : offset + take]]
                 filled, pos = filled + take, pos + take
         return out
 
     def batch(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """Batch ``index`` of ``epoch``: (images uint8 [W, B, H, W', C], labels int32 [W, B]).
+        """Batch ``index`` of ``epoch``: (images uint8 [W, B, H, W', C], labels int32 [W, B]),
+        W = len(self.workers).
 
         Augmented (crop + flip) when ``dataset.augment``, seeded by (seed,
-        epoch, index); the same arguments always give the same arrays.
+        epoch, index); the same arguments always give the same arrays, and a
+        subset of workers gets exactly its rows of the full batch.
         """
         idx = self.indices(epoch, index)
         images = self.dataset.train_images[idx]
         labels = self.dataset.train_labels[idx]
         if self.dataset.augment:
             rng = np.random.default_rng([self.seed, _AUG_STREAM, epoch, index])
+            offsets, flips = draw_crop_flip(rng, self.num_workers * self.batch_size)  # drawn for every worker
+            rows = (np.asarray(self.workers)[:, None] * self.batch_size + np.arange(self.batch_size)).ravel()
             flat = images.reshape(-1, *images.shape[2:])
-            images = random_crop_flip(flat, rng).reshape(images.shape)
+            images = crop_flip(flat, offsets[rows], flips[rows]).reshape(images.shape)
         return images, labels
 
     def iterate(self, start_step: int = 0) -> Iterator[tuple[int, int, tuple[np.ndarray, np.ndarray]]]:

@@ -81,8 +81,12 @@ class RunWriter:
     run (``resume_step``) keeps the logs up to that step and appends.
     """
 
-    def __init__(self, out_dir: str, name: str, config: dict, resume_step: Optional[int] = None):
+    def __init__(self, out_dir: str, name: str, config: dict, resume_step: Optional[int] = None,
+                 enabled: bool = True):
         self.dir = os.path.join(out_dir, name)
+        self.enabled = enabled  # False on the processes other than 0 of a multi-process run
+        if not enabled:
+            return
         if resume_step is None:
             if os.path.isdir(self.dir):
                 shutil.rmtree(self.dir)
@@ -96,22 +100,32 @@ class RunWriter:
 
     def flush(self) -> None:
         """Hand both logs to the OS (before a checkpoint, so they cover its step)."""
+        if not self.enabled:
+            return
         self._metrics.flush()
         self._eval.flush()
 
     def metrics(self, row: dict) -> None:
+        if not self.enabled:
+            return
         self._metrics.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
 
     def evaluation(self, row: dict) -> None:
+        if not self.enabled:
+            return
         self._eval.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
 
     def summary(self, summary: dict) -> None:
         """Close the logs, then write summary.json atomically (tmp + rename)."""
+        if not self.enabled:
+            return
         self.close()
         clean = {k: _clean(v) if not isinstance(v, dict) else v for k, v in summary.items()}
         write_json_atomic(os.path.join(self.dir, SUMMARY), clean)
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         for f in (self._metrics, self._eval):
             if not f.closed:
                 f.close()

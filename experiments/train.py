@@ -132,7 +132,7 @@ def prepare(config: Config, dataset: Optional[data.Dataset] = None, options: Run
 
     Raises ConfigError (flag named) or data.DataUnavailableError; compiles nothing.
     """
-    devices = jax.devices()
+    devices = jax.devices()  # every process's devices in a multi-process run
     if config.workers > len(devices):
         raise ConfigError(
             f"--workers {config.workers} needs {config.workers} devices; {len(devices)} "
@@ -147,7 +147,9 @@ def prepare(config: Config, dataset: Optional[data.Dataset] = None, options: Run
         dataset = data.load(config.dataset, config.data_dir, synthetic_size=config.synthetic_size)
     try:
         shards = data.partition(dataset.train_labels, config.workers, scheme, config.seed, min_size=config.batch_size)
-        loader = data.TrainLoader(dataset, shards, config.batch_size, config.seed)
+        mesh = distributed.worker_mesh("batch", devices[: config.workers])
+        loader = data.TrainLoader(dataset, shards, config.batch_size, config.seed,
+                                  workers=distributed.local_workers(mesh))
     except ValueError as err:
         raise ConfigError(str(err)) from None
     total = config.epochs * loader.steps_per_epoch
@@ -158,7 +160,6 @@ def prepare(config: Config, dataset: Optional[data.Dataset] = None, options: Run
         schedule = make_schedule(config, total, loader.steps_per_epoch, lr_fn)
     except ValueError as err:
         raise ConfigError(f"{config.method}: {err}") from None
-    mesh = distributed.worker_mesh("batch", devices[: config.workers])
     run_dir = os.path.join(options.out, results.run_name(config.method, config.seed))
     resume_from, finished = _resume_point(config, run_dir) if options.resume else (None, False)
     return Setup(config, dataset, loader, mesh, total, lr_fn, schedule, METHODS[config.method][0], run_dir,
@@ -222,6 +223,14 @@ class Interrupted(RuntimeError):
         super().__init__(f"{name} at step {step}: checkpoint written in {folder}; continue with --resume")
 
 
+class PeerFailure(RuntimeError):
+    """A collective failed in a multi-process run: a peer process died or hung up."""
+
+    def __init__(self, step: int, err: Exception):
+        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        super().__init__(f"a collective failed at step {step} (another process stopped?): {first}")
+
+
 @contextlib.contextmanager
 def _stop_on_signals():
     """Record SIGTERM / SIGINT instead of dying; yields a dict whose 'signum' is set."""
@@ -266,21 +275,24 @@ def train_and_evaluate(setup: Setup, options: RunOptions = RunOptions()) -> dict
     )
     step_fn = A.make_train_step(loss_fn, optimizer, setup.schedule, axis_name="batch", strategy=setup.strategy,
                                 qsgd_levels=config.qsgd_levels, qsgd_bucket_size=config.qsgd_bucket_size)
-    p_train_step = distributed.pmap_step(step_fn, mesh)
-    p_eval_step = jax.pmap(A.make_eval_step(eval_fn, "batch"), axis_name="batch", devices=list(mesh.devices.flat))
+    # shard_map over the worker mesh: one code path for one process or many.
+    p_train_step = distributed.shard_map_step(step_fn, mesh)
+    p_eval_step = distributed.shard_map_step(A.make_eval_step(eval_fn, "batch"), mesh, donate_state=False)
+    primary = jax.process_index() == 0  # writes the shared files; every process writes its checkpoint shards
     state = distributed.replicate(
         A.TrainState.create(params, model_state, optimizer, setup.schedule, jax.random.PRNGKey(config.seed)), mesh
     )
     name = results.run_name(config.method, config.seed)
     start, timed_s, timed_steps, last = 0, 0.0, 0, {}
     if setup.resume_from is None:  # a fresh run clears its folder first
-        writer = results.RunWriter(options.out, name, config.to_dict())
+        writer = results.RunWriter(options.out, name, config.to_dict(), enabled=primary)
+        _barrier("run folder ready")
         checkpoints = checkpoint.RunCheckpoints(setup.run_dir, options.keep_checkpoints)
     else:  # restore before touching the logs, so a bad checkpoint changes nothing
         checkpoints = checkpoint.RunCheckpoints(setup.run_dir, options.keep_checkpoints)
         state, meta = checkpoints.restore(state, setup.resume_from)
         start, timed_s, timed_steps, last = meta["step"], meta["timed_s"], meta["timed_steps"], meta["last"]
-        writer = results.RunWriter(options.out, name, config.to_dict(), resume_step=start)
+        writer = results.RunWriter(options.out, name, config.to_dict(), resume_step=start, enabled=primary)
     ds, spe = setup.dataset, loader.steps_per_epoch
     eval_batch = max(1, min(256, len(ds.test_labels) // mesh.devices.size))
     test_set = _eval_set(ds.test_images, ds.test_labels, mesh, eval_batch)
@@ -289,18 +301,20 @@ def train_and_evaluate(setup: Setup, options: RunOptions = RunOptions()) -> dict
     saved = [setup.resume_from]
 
     def evaluate(split):
-        sums = jax.tree.map(lambda x: float(np.asarray(x)[0]), p_eval_step(state, split))
+        sums = jax.tree.map(lambda x: float(distributed.local_rows(x)[0]), p_eval_step(state, split))
         return sums["loss"] / sums["count"], sums["correct"] / sums["count"]
 
     def log(t, metrics):
-        row = {k: (np.asarray(v).mean() if k in ("loss", "accuracy") else np.asarray(v)[0])
+        # Loss and accuracy average this process's workers (all of them in a
+        # one-process run): logging adds no communication between syncs.
+        row = {k: (distributed.local_rows(v).mean() if k in ("loss", "accuracy") else distributed.local_rows(v)[0])
                for k, v in metrics.items() if k != "comm"}
         if not np.isfinite(row["loss"]):
             raise NonFiniteError(t + 1, "loss", row["loss"], saved[0], checkpoints.dir)
         if row["synced"] and not np.isfinite(row["variance"]):
             raise NonFiniteError(t + 1, "variance", row["variance"], saved[0], checkpoints.dir)
         counter = metrics["comm"]
-        last.update({k: v.item() for k, v in row.items()}, syncs=int(np.asarray(counter.syncs)[0]),
+        last.update({k: v.item() for k, v in row.items()}, syncs=int(distributed.local_rows(counter.syncs)[0]),
                     bytes=comm.total_bytes(counter))
         writer.metrics({"step": t + 1, "epoch": (t + 1) / spe, "lr": float(setup.lr_fn(t)), **last})
         bar.update(1)
@@ -315,12 +329,12 @@ def train_and_evaluate(setup: Setup, options: RunOptions = RunOptions()) -> dict
         checkpoints.save(step, state, meta)
         saved[0] = step
 
-    batches = data.prefetch(
+    batches = data.prefetch(  # each process builds and sends only its own workers' rows
         ({"image": b[0], "label": b[1]} for _, _, b in loader.iterate(start)),
-        size=2, put=lambda b: distributed.shard_batch(b, mesh),
+        size=2, put=lambda b: distributed.shard_local_batch(b, mesh),
     )
-    bar = _progress_bar(T, start, config, options.progress)
-    pending, segment_start = None, None
+    bar = _progress_bar(T, start, config, options.progress and primary)
+    pending, segment_start, t = None, None, start
     try:
         with _stop_on_signals() as caught:
             for t in range(start, T):
@@ -348,6 +362,10 @@ def train_and_evaluate(setup: Setup, options: RunOptions = RunOptions()) -> dict
                 if caught["signum"]:
                     raise Interrupted(caught["signum"], t + 1, checkpoints.dir)
                 segment_start, first = time.perf_counter(), t
+    except jax.errors.JaxRuntimeError as err:
+        if jax.process_count() == 1:
+            raise
+        raise PeerFailure(t + 1, err) from err
     finally:
         bar.close()
         writer.close()
@@ -376,6 +394,13 @@ def train_and_evaluate(setup: Setup, options: RunOptions = RunOptions()) -> dict
     }
     writer.summary(summary)
     return summary
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def _progress_bar(total: int, done: int, config: Config, enabled: bool):

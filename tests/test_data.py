@@ -451,3 +451,22 @@ def test_prefetch_stops_when_consumer_breaks_early():
     data.prefetch(endless(), size=1)
     assert closed.wait(5)
     assert wait_for_prefetch_threads() == []
+
+
+def test_loader_worker_subset_gets_exactly_its_rows_of_the_augmented_batch():
+    # A process of a multi-host run builds only its workers' rows; they must
+    # equal those rows of the full batch, augmentation included.
+    import dataclasses
+
+    ds = dataclasses.replace(data.load("synthetic", synthetic_size=512), augment=True)
+    shards = data.partition(ds.train_labels, 4, "iid", seed=3)
+    full = data.TrainLoader(ds, shards, 8, seed=3)
+    part = data.TrainLoader(ds, shards, 8, seed=3, workers=[1, 3])
+    for epoch, index in [(0, 0), (2, 5)]:
+        images, labels = full.batch(epoch, index)
+        sub_images, sub_labels = part.batch(epoch, index)
+        np.testing.assert_array_equal(sub_images, images[[1, 3]])
+        np.testing.assert_array_equal(sub_labels, labels[[1, 3]])
+    assert not np.array_equal(images[1], ds.train_images[full.indices(2, 5)[1]])  # augmented for real
+    with pytest.raises(ValueError, match="workers"):
+        data.TrainLoader(ds, shards, 8, seed=3, workers=[4])

@@ -248,7 +248,8 @@ def test_shard_map_equals_pmap(mesh):
     assert int(a.comm.syncs[0]) == int(b.comm.syncs[0])
 
 
-def test_eval_step_evaluates_the_averaged_model_with_masking(mesh):
+@pytest.mark.parametrize("wrap", ["pmap", "shard_map"])
+def test_eval_step_evaluates_the_averaged_model_with_masking(mesh, wrap):
     opt = optax.sgd(0.05)
     state, _ = run(mesh, opt, S.constant(100), 3)  # replicas differ
     params = jax.tree.map(lambda x: np.asarray(x).mean(axis=0), state.params)
@@ -260,8 +261,11 @@ def test_eval_step_evaluates_the_averaged_model_with_masking(mesh):
     x = rng.normal(size=(N, 2, 3, DIM)).astype(np.float32)  # [devices, chunks, B, ...]
     y = rng.normal(size=(N, 2, 3)).astype(np.float32)
     mask = rng.random(size=(N, 2, 3)) > 0.3
-    eval_step = jax.pmap(A.make_eval_step(eval_fn), axis_name="batch")
-    out = eval_step(state, {"x": x, "y": y, "mask": mask})
+    if wrap == "pmap":
+        eval_step = jax.pmap(A.make_eval_step(eval_fn), axis_name="batch")
+    else:
+        eval_step = D.shard_map_step(A.make_eval_step(eval_fn), mesh, donate_state=False)
+    out = eval_step(state, D.shard_batch({"x": x, "y": y, "mask": mask}, mesh))
     err = (x @ params["w"] + params["b"] - y) ** 2
     assert out["count"][0] == mask.sum()
     np.testing.assert_allclose(out["sq_err"], (err * mask).sum(), rtol=1e-5)

@@ -1,0 +1,140 @@
+"""Multi-host training through jax.distributed: real processes on 127.0.0.1,
+CPU collectives through gloo."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from jax.sharding import SingleDeviceSharding
+
+from experiments import checkpoint, cifar, results
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# 4 workers x batch 16 on digits: 22 steps per epoch; 3 epochs = 66 steps.
+RUN = ["--dataset", "digits", "--workers", "4", "--epochs", "3", "--quiet", "--no-plots"]
+
+
+def env():
+    e = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    e.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    return e
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_state(run_dir):
+    """The latest checkpoint's state as host arrays, whatever device count saved it."""
+    folder = os.path.join(run_dir, checkpoint.FOLDER)
+    step = max(int(d) for d in os.listdir(folder) if d.isdigit())
+    path = os.path.join(folder, str(step), "state")
+    reader = ocp.PyTreeCheckpointer()
+    tree = reader.metadata(path).item_metadata.tree
+    one = SingleDeviceSharding(jax.devices()[0])
+    args = jax.tree.map(lambda m: ocp.ArrayRestoreArgs(sharding=one), tree, is_leaf=lambda m: hasattr(m, "shape"))
+    return step, jax.tree.map(np.asarray, reader.restore(path, args=ocp.args.PyTreeRestore(restore_args=args)))
+
+
+def test_two_processes_of_two_devices_equal_one_process_of_four(tmp_path):
+    methods = ["--compare", "adpsgd,cpsgd"]
+    single = subprocess.run([sys.executable, "-m", "experiments.cifar", *RUN, *methods, "--out", str(tmp_path / "one")],
+                            cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    launched = subprocess.run([sys.executable, "-m", "experiments.launch", "--num-processes", "2", "--", *RUN, *methods,
+                               "--out", str(tmp_path / "two")],
+                              cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert "| adpsgd |" in launched.stdout  # process 0 printed the table
+    for method in ("adpsgd", "cpsgd"):
+        name = results.run_name(method, 0)
+        step_a, a = read_state(tmp_path / "one" / name)
+        step_b, b = read_state(tmp_path / "two" / name)
+        assert step_a == step_b == 66
+        assert a["params"]["fc1"]["kernel"].shape[0] == 4  # every worker's replica was saved
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a["params"], b["params"])
+        sa = results.read_json(tmp_path / "one" / name / results.SUMMARY)
+        sb = results.read_json(tmp_path / "two" / name / results.SUMMARY)
+        assert sa["syncs"] == sb["syncs"] > 0 and sa["bytes"] == sb["bytes"]
+        assert sb["num_devices"] == 4
+        np.testing.assert_allclose(sa["final_train_loss"], sb["final_train_loss"], rtol=1e-4)
+    # Only process 0 wrote the shared files.
+    assert sorted(os.listdir(tmp_path / "two")) == ["adpsgd-seed0", "cpsgd-seed0", "report.md"]
+
+
+def start(out, pid, port, *extra):
+    log = open(os.path.join(str(out), f"process{pid}.log"), "w+")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "experiments.cifar", *RUN, "--epochs", "300", "--compare", "adpsgd", "--out", str(out),
+         "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(pid),
+         "--distributed-timeout", "30", *extra],
+        cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=log)
+    return proc, log
+
+
+@pytest.mark.parametrize("victim", [1, 0])
+def test_killing_one_process_stops_the_other_within_60s(tmp_path, victim):
+    port = free_port()
+    procs = [start(tmp_path, pid, port) for pid in (0, 1)]
+    metrics = tmp_path / results.run_name("adpsgd", 0) / results.METRICS
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and metrics.stat().st_size > 0):  # training is under way
+        assert time.monotonic() < deadline and all(p.poll() is None for p, _ in procs)
+        time.sleep(0.1)
+    procs[victim][0].send_signal(signal.SIGKILL)
+    survivor, log = procs[1 - victim]
+    killed_at = time.monotonic()
+    code = survivor.wait(timeout=90)
+    assert time.monotonic() - killed_at < 60
+    assert code != 0
+    log.seek(0)
+    text = log.read()
+    # Process 0 sees the broken collective itself; process 1 is stopped by the
+    # distributed runtime when its coordinator (in process 0) disappears.
+    expected = "a collective failed at step" if victim == 1 else "another task died"
+    assert expected in text, text[-2000:]
+
+
+def test_unreachable_coordinator_fails_within_the_timeout(tmp_path):
+    port = free_port()  # nothing listens there
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.cifar", *RUN, "--out", str(tmp_path / "o"), "--coordinator",
+         f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", "1", "--distributed-timeout", "4"],
+        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 2 and elapsed < 4 + 20
+    assert f"error: --coordinator: nothing answers at 127.0.0.1:{port} after 4 s" in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "flags,match",
+    [
+        (["--process-id", "0"], "need --coordinator"),
+        (["--num-processes", "2"], "need --coordinator"),
+        (["--coordinator", "127.0.0.1:9999", "--num-processes", "2", "--process-id", "2"], r"--process-id must be in \[0"),
+        (["--coordinator", "127.0.0.1:9999", "--num-processes", "2", "--process-id", "-1"], r"--process-id must be in \[0"),
+        (["--coordinator", "127.0.0.1:9999", "--num-processes", "2"], "needs both --num-processes and --process-id"),
+        (["--coordinator", "127.0.0.1", "--num-processes", "2", "--process-id", "0"], "HOST:PORT"),
+        (["--coordinator", "auto", "--process-id", "0"], "drop --num-processes / --process-id"),
+        (["--coordinator", "127.0.0.1:9999", "--num-processes", "3", "--process-id", "0"], "multiple of --num-processes"),
+        (["--coordinator", "127.0.0.1:9999", "--num-processes", "0", "--process-id", "0"], "--num-processes must be"),
+    ],
+)
+def test_inconsistent_distributed_flags_are_refused_before_start_up(tmp_path, capsys, flags, match):
+    import re
+
+    assert cifar.main([*RUN, "--out", str(tmp_path / "o"), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and re.search(match, err) and "\n" not in err
+    assert not (tmp_path / "o").exists()
