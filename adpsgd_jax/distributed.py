@@ -158,6 +158,10 @@ def pmap_step(step: Callable, mesh: Mesh, donate_state: bool = True) -> Callable
     The returned function checks, before dispatching (and so before the
     first compilation), that state and batch have leading dimension N.
     ``.compiled`` is the raw pmapped function.
+
+    Read a step's outputs (e.g. its metrics) within a few steps of
+    dispatching it: on many virtual CPU devices, hundreds of steps in flight
+    can stall XLA's CPU all-reduce ("Expected N threads ... arrived").
     """
     devices = list(mesh.devices.flat)
     compiled = jax.pmap(step, axis_name=mesh.axis_names[0], devices=devices,

@@ -255,7 +255,7 @@ class PlannedState(NamedTuple):
     last_sync: Array  # int32[]: position of the last sync (0 at the start).
     syncs: Array  # int32[]: syncs used.
     since_plan: Array  # int32[]: syncs since the last plan.
-    a_hat: Array  # float32[]: growth estimate EMA(V / p^alpha); 0 = not measured.
+    a_hat: Array  # float32[]: growth per unit gamma^2, EMA(V / (p^alpha mean gamma^2)); 0 = not measured.
     q: Array  # float32[]: density scale Q.
     plan_lr: Array  # float32[]: learning rate at the last plan.
 
@@ -365,7 +365,12 @@ def _planned(
         del loss
         position = (step + 1).astype(jnp.int32)
         taken = jnp.maximum(position - state.last_sync, 1).astype(jnp.float32)
-        growth = jnp.maximum(variance.astype(jnp.float32), 0.0) / taken**alpha
+        # Growth per unit squared learning rate: V / p^alpha over the period's
+        # mean gamma^2 (trapezoid of its first and last step), so that
+        # a(t) = a_hat * gamma(t)^2 is ALGORITHM.md's forecast and a learning-rate
+        # decay does not leave a stale estimate behind.
+        lr_sq = 0.5 * (lr_at[state.last_sync] ** 2 + lr_at[position - 1] ** 2)
+        growth = jnp.maximum(variance.astype(jnp.float32), 0.0) / taken**alpha / lr_sq
         measured = state.a_hat > 0
         a_hat = jnp.where(measured, (1.0 - ema) * state.a_hat + ema * growth, growth)
         syncs = state.syncs + 1
@@ -375,7 +380,7 @@ def _planned(
         plan = (~measured) | (state.since_plan + 1 >= replan_every) | lr_moved | (position == warmup)
         if not feedback:
             plan = jnp.asarray(True)
-        a_root = jnp.maximum(a_hat, 1e-30) ** root
+        a_root = jnp.maximum(a_hat * lr_now**2, 1e-30) ** root  # a(t)^(1/(alpha+1))
         w_over_r = weights[jnp.minimum(position, T)] / jnp.maximum(left, 1)
         q = jnp.where(plan, a_root * w_over_r, state.q)
         raw = w_over_r if not feedback else q / a_root
@@ -417,12 +422,16 @@ def adpsgd(
     Implements ALGORITHM.md, "ADPSGD". With budget C syncs over T steps and
     kappa = 2 / (alpha + 1):
 
-    * at each sync after p local steps: a_hat <- EMA(V / p^alpha);
+    * at each sync after p local steps: a_hat <- EMA(V / (p^alpha g2)),
+      g2 the period's mean squared learning rate, and the growth rate now is
+      a(u) = a_hat * gamma(u)^2 (ALGORITHM.md's forecast a ~ gamma^2; keeping
+      a_hat per unit gamma^2 means a learning-rate decay changes a(u) at
+      once instead of through the EMA's lag);
     * plan (first sync, every ``replan_every`` syncs, after a learning-rate
       change by ``replan_lr_factor``, end of warm-up):
-      Q = a_hat^(1/(alpha+1)) * W(u) / R, where
+      Q = a(u)^(1/(alpha+1)) * W(u) / R, where
       W(u) = sum_{s >= u} (gamma(s)/gamma(u))^kappa and R the syncs left;
-    * next period p = clip(round(Q / a_hat^(1/(alpha+1))), min_period,
+    * next period p = clip(round(Q / a(u)^(1/(alpha+1))), min_period,
       max_period), never so long that the owed syncs no longer fit.
 
     The first period is W(0) / C. ``warmup_steps`` > 0 syncs every step for

@@ -52,7 +52,7 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Everything that determines a run's results (plus where it writes)."""
+    """Everything that determines a run's results; compared field by field on --resume."""
 
     method: str = "adpsgd"
     dataset: str = "cifar10"
@@ -88,7 +88,7 @@ class RunOptions:
     """How runs are executed and saved; none of it changes their results."""
 
     out: str = "results"
-    checkpoint_every: Optional[int] = None  # steps; None = once per epoch; 0 = only at the end
+    checkpoint_every: Optional[int] = None  # steps; None = whole epochs of >= 200 steps; 0 = only at the end
     keep_checkpoints: int = 3
     resume: bool = False
     progress: bool = True
@@ -165,7 +165,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--synthetic-size", type=int, default=10_000, help="examples in the synthetic dataset")
     p.add_argument("--out", default="results", help="output folder")
     p.add_argument("--checkpoint-every", type=int,
-                   help="checkpoint interval in steps (default: once per epoch; 0: only at the end)")
+                   help="checkpoint interval in steps (default: whole epochs covering >= 200 steps; 0: only at the end)")
     p.add_argument("--keep-checkpoints", type=int, default=3, help="how many checkpoints to keep per run")
     p.add_argument("--coordinator", help="multi-process run: HOST:PORT of process 0's coordinator, or 'auto' for "
                                          "jax's cluster detection (SLURM, Open MPI)")

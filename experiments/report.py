@@ -47,7 +47,7 @@ def _round_time(run: results.Run, workers: int, gbps: float, latency: float) -> 
     return model(per_round, workers, gbps * GBPS, latency)
 
 
-def simulated_time(run: results.Run, workers: int, gbps: float, latency: float, upto_step: Optional[int] = None,
+def simulated_time(run: results.Run, workers: int, gbps: float, latency: float = 10e-6, upto_step: Optional[int] = None,
                    overlap: bool = False) -> float:
     """Simulated seconds of ``run`` up to ``upto_step`` (default: the whole run)."""
     s = run.summary
@@ -135,17 +135,17 @@ def _smooth(y, width):
 
 def write_plots(runs: list[results.Run], out_dir: str) -> list[str]:
     """Write the five PNG plots; return their paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend (e.g. a notebook's) alone
 
     groups: dict[str, list[results.Run]] = defaultdict(list)
     for run in runs:
         groups[run.method].append(run)
     spe = runs[0].summary["steps_per_epoch"]
     width = max(1, spe)
-    figures = {name: plt.subplots(figsize=(6.4, 4.2)) for name in PLOTS}
+    figures = {}
+    for name in PLOTS:
+        fig = Figure(figsize=(6.4, 4.2))
+        figures[name] = (fig, fig.add_subplot())
     for index, (method, rs) in enumerate(sorted(groups.items())):
         color = f"C{index % 10}"  # one colour per method across all plots
         step, loss = _mean_curve(rs, "loss")
@@ -182,7 +182,6 @@ def write_plots(runs: list[results.Run], out_dir: str) -> list[str]:
         fig.tight_layout()
         path = os.path.join(out_dir, name)
         fig.savefig(path, dpi=110)
-        plt.close(fig)
         paths.append(path)
     return paths
 

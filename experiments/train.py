@@ -297,7 +297,7 @@ def train_and_evaluate(setup: Setup, options: RunOptions = RunOptions()) -> dict
     eval_batch = max(1, min(256, len(ds.test_labels) // mesh.devices.size))
     test_set = _eval_set(ds.test_images, ds.test_labels, mesh, eval_batch)
     train_set = _eval_set(ds.train_images, ds.train_labels, mesh, eval_batch)
-    every = spe if options.checkpoint_every is None else options.checkpoint_every
+    every = default_checkpoint_every(spe) if options.checkpoint_every is None else options.checkpoint_every
     saved = [setup.resume_from]
 
     def evaluate(split):
@@ -396,6 +396,11 @@ def train_and_evaluate(setup: Setup, options: RunOptions = RunOptions()) -> dict
     return summary
 
 
+def default_checkpoint_every(steps_per_epoch: int, min_steps: int = 200) -> int:
+    """Whole epochs covering at least ``min_steps`` steps (saves cost ~0.1 s each)."""
+    return steps_per_epoch * -(-min_steps // steps_per_epoch)
+
+
 def _barrier(name: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
@@ -404,7 +409,10 @@ def _barrier(name: str) -> None:
 
 
 def _progress_bar(total: int, done: int, config: Config, enabled: bool):
-    from tqdm.auto import tqdm
+    if enabled:
+        from tqdm.auto import tqdm
+    else:
+        from tqdm import tqdm  # tqdm.auto warns in notebooks without ipywidgets, even when disabled
 
     return tqdm(total=total, initial=done, desc=f"{config.method} seed {config.seed}", disable=not enabled,
                 leave=True, dynamic_ncols=True)

@@ -164,6 +164,22 @@ def test_adpsgd_feedback_shortens_periods_after_variance_rises():
     assert 0.9 * 100 <= s_fb.sum() <= 100
 
 
+def test_adpsgd_follows_the_plan_after_a_learning_rate_decay():
+    # Variance growth exactly proportional to lr^2 (the model the plan
+    # assumes): after the decay the measured growth per unit lr^2 does not
+    # change, so the periods stay at the plan instead of drifting longer
+    # between plans and squeezing the owed syncs into the last steps.
+    lr = optax.piecewise_constant_schedule(0.1, {T // 2: 0.1})
+    synced, periods = simulate(S.adpsgd(T, 8, lr_schedule=lr), T, lr=lr)
+    _, planned = simulate(S.lr_proportional(T, 8, lr_schedule=lr), T, lr=lr)
+    steps = np.nonzero(synced)[0]
+    late = periods[steps[(steps > T // 2 + 10) & (steps < T - 40)]]
+    late_plan = planned[T // 2 + 10 : T - 40]
+    assert late.max() <= 1.25 * late_plan.max() and late.min() >= 0.75 * late_plan.min(), (late, set(late_plan))
+    assert periods[steps[-1] - 1] > 1  # no squeeze at the end
+    assert 90 <= synced.sum() <= 100
+
+
 SCHEDULES = {
     "full_sync": lambda: S.full_sync(),
     "constant": lambda: S.constant(4),
