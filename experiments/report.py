@@ -38,26 +38,16 @@ BANDWIDTHS = (10, 100)
 PLOTS = ("loss_vs_steps.png", "loss_vs_bytes.png", "test_accuracy.png", "period.png", "variance.png")
 
 
-def _round_time(run: results.Run, workers: int, gbps: float, latency: float) -> float:
-    s = run.summary
-    if not s["syncs"]:
-        return 0.0
-    per_round = s["bytes"] / s["syncs"]
-    model = comm.allgather_time if run.method == "qsgd" else comm.allreduce_time
-    return model(per_round, workers, gbps * GBPS, latency)
-
-
 def simulated_time(run: results.Run, workers: int, gbps: float, latency: float = 10e-6, upto_step: Optional[int] = None,
                    overlap: bool = False) -> float:
-    """Simulated seconds of ``run`` up to ``upto_step`` (default: the whole run)."""
+    """Simulated seconds of ``run`` up to ``upto_step`` (default: the whole run),
+    by ``comm.simulated_wall_clock`` with the run's own compute time per step."""
     s = run.summary
     steps = s["steps"] if upto_step is None else upto_step
     rounds = s["syncs"] if upto_step is None else run.metrics[upto_step - 1]["syncs"]
-    per_step = s["compute_s"] / s["steps"]
-    t_round = _round_time(run, workers, gbps, latency)
-    if overlap:
-        return steps * max(per_step, t_round)
-    return steps * per_step + rounds * t_round
+    per_round = s["bytes"] / s["syncs"] if s["syncs"] else 0.0
+    return comm.simulated_wall_clock(s["compute_s"] / s["steps"] * steps, rounds, per_round, workers, gbps * GBPS,
+                                     latency, steps=steps, overlap=overlap, gather=run.method == "qsgd")
 
 
 def first_step_reaching(run: results.Run, accuracy: float) -> Optional[int]:
