@@ -98,10 +98,14 @@ def test_killing_one_process_stops_the_other_within_60s(tmp_path, victim):
     assert code != 0
     log.seek(0)
     text = log.read()
-    # Process 0 sees the broken collective itself; process 1 is stopped by the
-    # distributed runtime when its coordinator (in process 0) disappears.
-    expected = "a collective failed at step" if victim == 1 else "another task died"
-    assert expected in text, text[-2000:]
+    # Whichever comes first: the survivor's next collective fails (our one-line
+    # error, exit 4), or the distributed runtime's heartbeat check stops it
+    # (jax's fatal message). Process 1 always gets the latter when process 0,
+    # which hosts the coordinator, dies.
+    ours, runtime = "a collective failed at step", "another task died"
+    assert (ours in text and code == 4) or runtime in text, text[-2000:]
+    if victim == 0:
+        assert runtime in text
 
 
 def test_unreachable_coordinator_fails_within_the_timeout(tmp_path):
