@@ -56,6 +56,11 @@ def local_workers(mesh: Mesh) -> list[int]:
     return [i for i, d in enumerate(mesh.devices.flat) if d.process_index == jax.process_index()]
 
 
+def _local_devices(mesh: Mesh) -> list:
+    """This process's devices of the mesh, in worker order."""
+    return [mesh.devices.flat[i] for i in local_workers(mesh)]
+
+
 def local_rows(x: jax.Array) -> np.ndarray:
     """This process's rows of a per-worker array [N, ...], in worker order."""
     shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
@@ -80,7 +85,7 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     global arrays in a multi-process run.
     """
     sharding = worker_sharding(mesh)
-    local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    local = _local_devices(mesh)
     n = mesh.devices.size
 
     def put(x):
@@ -94,7 +99,7 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
 def shard_local_batch(batch: Any, mesh: Mesh) -> Any:
     """Put this process's rows [L, per_device, ...] (L = its workers, in
     ``local_workers`` order) onto its devices as global arrays [N, ...]."""
-    devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    devices = _local_devices(mesh)
     check_leading_dim(batch, len(devices), what="local batch")
     sharding, n = worker_sharding(mesh), mesh.devices.size
 

@@ -39,10 +39,13 @@ class Setup:
     total_steps: int
     lr_fn: Any
     schedule: Optional[schedules.Schedule]
-    strategy: str
     run_dir: str
     resume_from: Optional[int] = None  # checkpoint step to continue from
     finished: bool = False  # --resume found this run complete: nothing to do
+
+    @property
+    def strategy(self) -> str:
+        return METHODS[self.config.method][0]
 
 
 def lr_schedule(config: Config, steps_per_epoch: int, total_steps: int):
@@ -51,12 +54,12 @@ def lr_schedule(config: Config, steps_per_epoch: int, total_steps: int):
         return optax.cosine_decay_schedule(config.lr, total_steps)
     if config.lr_schedule == "constant":
         return optax.constant_schedule(config.lr)
-    epochs = config.lr_decay_epochs or (config.epochs // 2, (3 * config.epochs) // 4)
-    boundaries = {int(e * steps_per_epoch): config.lr_decay_factor for e in epochs if 0 < e < config.epochs}
+    boundaries = {step: config.lr_decay_factor for step in decay_steps(config, steps_per_epoch)}
     return optax.piecewise_constant_schedule(config.lr, boundaries)
 
 
 def decay_steps(config: Config, steps_per_epoch: int) -> list[int]:
+    """Steps of the step-decay boundaries (default epochs: 50% and 75% of the run)."""
     if config.lr_schedule != "step":
         return []
     epochs = config.lr_decay_epochs or (config.epochs // 2, (3 * config.epochs) // 4)
@@ -162,8 +165,7 @@ def prepare(config: Config, dataset: Optional[data.Dataset] = None, options: Run
         raise ConfigError(f"{config.method}: {err}") from None
     run_dir = os.path.join(options.out, results.run_name(config.method, config.seed))
     resume_from, finished = _resume_point(config, run_dir) if options.resume else (None, False)
-    return Setup(config, dataset, loader, mesh, total, lr_fn, schedule, METHODS[config.method][0], run_dir,
-                 resume_from, finished)
+    return Setup(config, dataset, loader, mesh, total, lr_fn, schedule, run_dir, resume_from, finished)
 
 
 def _model_fns(config: Config, dataset: data.Dataset):
@@ -334,7 +336,7 @@ def train_and_evaluate(setup: Setup, options: RunOptions = RunOptions()) -> dict
         size=2, put=lambda b: distributed.shard_local_batch(b, mesh),
     )
     bar = _progress_bar(T, start, config, options.progress and primary)
-    pending, segment_start, t = None, None, start
+    pending, segment_start, t, final_test = None, None, start, None
     try:
         with _stop_on_signals() as caught:
             for t in range(start, T):
@@ -354,7 +356,7 @@ def train_and_evaluate(setup: Setup, options: RunOptions = RunOptions()) -> dict
                 timed_s += time.perf_counter() - segment_start
                 timed_steps += t - first
                 if epoch_end:
-                    test_loss, test_acc = evaluate(test_set)
+                    final_test = test_loss, test_acc = evaluate(test_set)
                     writer.evaluation({"epoch": (t + 1) / spe, "step": t + 1, "test_loss": test_loss,
                                        "test_accuracy": test_acc})
                 if due or caught["signum"]:
@@ -371,7 +373,9 @@ def train_and_evaluate(setup: Setup, options: RunOptions = RunOptions()) -> dict
         writer.close()
         checkpoints.close()
     train_loss, train_acc = evaluate(train_set)
-    test_loss, test_acc = evaluate(test_set)
+    # Step T is an epoch end, so the loop evaluated the final state already
+    # (unless a resume started at T, when the loop did not run).
+    test_loss, test_acc = final_test if final_test is not None else evaluate(test_set)
     summary = {
         "final_train_loss": train_loss,
         "final_train_accuracy": train_acc,

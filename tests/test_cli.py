@@ -29,7 +29,7 @@ def compare_dir(tmp_path_factory):
 
 def replay(run: results.Run) -> list:
     """The sync flags the run's schedule gives when fed the logged variances and losses."""
-    c = cfg.Config(**{**run.summary["config"], "lr_decay_epochs": tuple(run.summary["config"]["lr_decay_epochs"])})
+    c = cfg.from_saved(run.summary["config"])
     T, spe = run.summary["steps"], run.summary["steps_per_epoch"]
     schedule = train.make_schedule(c, T, spe, train.lr_schedule(c, spe, T))
     if schedule is None:
@@ -137,5 +137,5 @@ def test_cifar_without_data_stops_at_once_with_advice(tmp_path):
 def test_summary_is_valid_json_with_config_roundtrip(compare_dir):
     path = compare_dir / results.run_name("adpsgd", 0) / results.SUMMARY
     summary = json.loads(path.read_text())
-    c = cfg.Config(**{**summary["config"], "lr_decay_epochs": tuple(summary["config"]["lr_decay_epochs"])})
+    c = cfg.from_saved(summary["config"])
     assert c.method == "adpsgd" and c.dataset == "digits" and c.avg_period == 4
