@@ -188,6 +188,8 @@ def shard_map_step(step: Callable, mesh: Mesh, donate_state: bool = True) -> Cal
         out = step(squeeze(state), squeeze(batch))
         return jax.tree.map(lambda x: x[None], out)
 
+    per_shard.__name__ = getattr(step, "__name__", "step")  # jax's compile logs and events name the step
+
     mapped = jax.shard_map(per_shard, mesh=mesh, in_specs=(spec, spec), out_specs=spec)
     compiled = jax.jit(mapped, donate_argnums=(0,) if donate_state else ())
     return _checked(compiled, mesh.devices.size)

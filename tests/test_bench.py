@@ -1,0 +1,42 @@
+"""Smoke test of ``python -m experiments.bench --quick``: it runs, writes its
+JSON and its table. No timing is asserted (timings are the benchmark's
+output, not a test's); compilation counts are, being exact."""
+
+import json
+import os
+
+import pytest
+
+from experiments import bench, config as cfg
+
+
+def test_quick_benchmark_writes_json_and_table(tmp_path):
+    out = tmp_path / "bench.json"
+    assert bench.main(["--quick", "--out", str(out), "--repeats", "2"]) == 0
+    res = json.loads(out.read_text())
+    for key in ("gate_overhead_ratio", "sync_over_allreduce_ratio", "throughput_ratio_vs_plain", "compilations",
+                "device", "platform", "accuracy", "projection", "qsgd"):
+        assert key in res, key
+    for key in ("gate_overhead_ratio", "sync_over_allreduce_ratio", "throughput_ratio_vs_plain"):
+        assert res[key] > 0
+    # One compilation of the train step per whole run, for every method.
+    assert res["compilations"] == {m: 1 for m in cfg.METHODS}
+    assert set(res["accuracy"]["to_target"]) == {"allreduce", "cpsgd", "adpsgd", "qsgd_8bit", "qsgd_4bit"}
+    assert res["accuracy"]["to_target"]["allreduce"]["speedup_10gbps"] == pytest.approx(1.0)
+    table = (tmp_path / "bench.md").read_text()
+    assert "| item | measured | target | verdict |" in table
+    assert "gate overhead" in table and "Claim C2" in table
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "resnet50"], "--model 'resnet50' is unknown; accepted values: resnet18, vgg16, cnn, mlp"),
+    (["--repeats", "0"], "--repeats must be >= 1"),
+    (["--dataset", "mnist"], "--dataset 'mnist' is unknown; accepted values: digits, cifar10, cifar100"),
+    (["--seeds", "1,1"], "--seeds takes distinct comma-separated integers"),
+])
+def test_bad_flags_are_refused_before_anything_runs(tmp_path, capsys, argv, message):
+    out = tmp_path / "sub" / "bench.json"
+    assert bench.main(argv + ["--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+    assert not os.path.exists(tmp_path / "sub")
