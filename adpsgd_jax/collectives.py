@@ -25,24 +25,27 @@ def float_leaves(tree: Any) -> list:
     return [x for x in jax.tree.leaves(tree) if _is_float(x)]
 
 
-def tree_pmean(tree: Any, axis_name: str) -> Any:
-    """Mean over ``axis_name`` of every floating leaf: xbar = (1/N) sum_i x_i."""
+def tree_pmean(tree: Any, axis_name) -> Any:
+    """Mean over ``axis_name`` (a name or a tuple of names) of every floating
+    leaf: xbar = (1/N) sum_i x_i."""
     return jax.tree.map(lambda x: lax.pmean(x, axis_name) if _is_float(x) else x, tree)
 
 
-def to_varying(tree: Any, axis_name: str) -> Any:
-    """Mark every leaf as varying over ``axis_name``.
+def to_varying(tree: Any, axis_name) -> Any:
+    """Mark every leaf as varying over ``axis_name`` (a name or a tuple of names).
 
     Under ``shard_map`` the two branches of a ``lax.cond`` must agree on
-    which values vary across the axis; a ``pmean`` result is invariant while
+    which values vary across each axis; a ``pmean`` result is invariant while
     the un-averaged parameters vary. Under ``pmap`` this is the identity.
     """
+    names = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
 
     def cast(x):
         aval = jax.typeof(x)
         manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.10; older releases call it vma.
         varying = manual.varying if manual is not None else getattr(aval, "vma", frozenset())
-        return x if axis_name in varying else lax.pcast(x, axis_name, to="varying")
+        missing = tuple(a for a in names if a not in varying)
+        return lax.pcast(x, missing, to="varying") if missing else x
 
     return jax.tree.map(cast, tree)
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
-from typing import Optional
+from typing import Optional, Union
 
 DATASETS = ("cifar10", "cifar100", "digits", "synthetic")
 MODELS = ("resnet18", "vgg16", "cnn", "mlp")
@@ -31,6 +32,10 @@ METHODS = {
 SCHEDULES = tuple(sorted({s for _, s in METHODS.values() if s}))
 STRATEGIES = ("average", "allreduce", "qsgd")
 DEFAULT_COMPARE = ("allreduce", "cpsgd", "adpsgd", "qsgd")
+# Outer optimizers applied to the averaged change at each sync, and their
+# default (learning rate, momentum): nesterov is DiLoCo's outer step.
+OUTER_OPTIMIZERS = ("none", "sgd", "nesterov")
+OUTER_DEFAULTS = {"sgd": (1.0, 0.0), "nesterov": (0.7, 0.9)}
 
 # Per-dataset defaults: the usual CIFAR ResNet recipe, and the digits setting
 # of ALGORITHM.md's prototype (MLP, plain SGD, batch 16 per worker, 30 epochs).
@@ -72,6 +77,10 @@ class Config:
     local_warmup_epochs: float = 0.0  # post-local SGD's full-sync phase; 0 = 10% of the run
     qsgd_levels: int = 127
     qsgd_bucket_size: int = 512
+    group_size: Union[int, str] = 1  # workers per group (two-level averaging); "host" = devices per process
+    outer_optimizer: str = "none"  # none | sgd | nesterov, applied to the averaged change at each sync
+    outer_lr: Optional[float] = None  # None when outer_optimizer is none
+    outer_momentum: Optional[float] = None
     seed: int = 0
     dtype: str = "float32"
     synthetic_size: int = 10_000
@@ -81,6 +90,19 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @property
+    def averaging(self) -> bool:
+        """Whether the method averages parameters (the only methods with groups and outer optimizers)."""
+        return METHODS[self.method][0] == "average"
+
+    @property
+    def label(self) -> str:
+        """The method with its options, e.g. ``adpsgd+nesterov-group2``: names the run's folder and table row."""
+        name = self.method if self.outer_optimizer == "none" else f"{self.method}+{self.outer_optimizer}"
+        if self.group_size == "host":
+            return f"{name}-hostgroups"
+        return name if self.group_size == 1 else f"{name}-group{self.group_size}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,6 +182,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--local-warmup-epochs", type=float, default=0.0, help="post-local full-sync phase (0: 10%% of run)")
     p.add_argument("--qsgd-levels", type=int, default=127)
     p.add_argument("--qsgd-bucket-size", type=int, default=512)
+    p.add_argument("--group-size", default="1",
+                   help="two-level averaging: workers per group, whose gradients are averaged every step while the "
+                        "schedule averages parameters across groups; an integer dividing --workers, or 'host' (the "
+                        "devices of one process). Default 1: flat averaging. Averaging methods only")
+    p.add_argument("--outer-optimizer", default="none",
+                   help=f"one of {', '.join(OUTER_OPTIMIZERS)}: at each sync, treat the averaged change since the "
+                        "last sync as a gradient of this optimizer (nesterov: DiLoCo). Averaging methods only")
+    p.add_argument("--outer-lr", type=float,
+                   help="outer learning rate (default 0.7 for nesterov, 1.0 for sgd; sgd at 1.0 = plain averaging)")
+    p.add_argument("--outer-momentum", type=float, help="outer momentum (default 0.9 for nesterov, 0 for sgd)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", help="computation dtype: float32 or bfloat16")
     p.add_argument("--synthetic-size", type=int, default=10_000, help="examples in the synthetic dataset")
@@ -212,6 +244,8 @@ def from_args(args: argparse.Namespace) -> tuple[list[Config], RunOptions]:
     else:
         methods = [_method(args.strategy, args.schedule)]
     seeds = _ints(args.seeds, "--seeds") if args.seeds else (args.seed,)
+    group_size = _group_size(args.group_size)
+    outer = _outer(args.outer_optimizer, args.outer_lr, args.outer_momentum)
     if len(set(seeds)) != len(seeds):
         raise ConfigError("--seeds needs distinct seeds")
     base = Config(
@@ -232,6 +266,8 @@ def from_args(args: argparse.Namespace) -> tuple[list[Config], RunOptions]:
         local_warmup_epochs=args.local_warmup_epochs,
         qsgd_levels=args.qsgd_levels,
         qsgd_bucket_size=args.qsgd_bucket_size,
+        group_size=group_size,
+        **outer,
         dtype=args.dtype,
         synthetic_size=args.synthetic_size,
     )
@@ -248,7 +284,32 @@ def from_args(args: argparse.Namespace) -> tuple[list[Config], RunOptions]:
                          resume=args.resume, progress=not args.quiet, plots=not args.no_plots,
                          coordinator=args.coordinator, num_processes=args.num_processes, process_id=args.process_id,
                          distributed_timeout=args.distributed_timeout)
-    return [base.replace(method=m, seed=s) for s in seeds for m in methods], options
+    flat = dict(group_size=1, outer_optimizer="none", outer_lr=None, outer_momentum=None)
+    # Groups and outer optimizers belong to parameter averaging; allreduce and qsgd run without them.
+    runs = [base.replace(method=m, seed=s) for s in seeds for m in methods]
+    return [c if c.averaging else c.replace(**flat) for c in runs], options
+
+
+def _group_size(text: str) -> Union[int, str]:
+    if text == "host":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"--group-size takes an integer dividing --workers, or host; got {text!r}") from None
+
+
+def _outer(name: str, lr: Optional[float], momentum: Optional[float]) -> dict:
+    """The outer optimizer's Config fields, with DiLoCo's defaults for nesterov."""
+    if name not in OUTER_OPTIMIZERS:
+        raise ConfigError(f"--outer-optimizer {name!r} is unknown; accepted values: {', '.join(OUTER_OPTIMIZERS)}")
+    if name == "none":
+        if lr is not None or momentum is not None:
+            raise ConfigError("--outer-lr / --outer-momentum need --outer-optimizer sgd or nesterov")
+        return dict(outer_optimizer=name, outer_lr=None, outer_momentum=None)
+    default_lr, default_momentum = OUTER_DEFAULTS[name]
+    return dict(outer_optimizer=name, outer_lr=default_lr if lr is None else lr,
+                outer_momentum=default_momentum if momentum is None else momentum)
 
 
 def _check_distributed(args: argparse.Namespace, workers: int) -> None:
@@ -303,6 +364,18 @@ def validate(c: Config) -> None:
     need(1 <= c.qsgd_levels <= 32767, f"--qsgd-levels must be in [1, 32767], got {c.qsgd_levels}")
     need(c.qsgd_bucket_size >= 1, f"--qsgd-bucket-size must be >= 1, got {c.qsgd_bucket_size}")
     need(c.synthetic_size >= 1, f"--synthetic-size must be >= 1, got {c.synthetic_size}")
+    need(c.group_size == "host" or (type(c.group_size) is int and c.group_size >= 1 and c.workers % c.group_size == 0),
+         f"--group-size must divide --workers {c.workers} (accepted: "
+         f"{', '.join(str(d) for d in range(1, c.workers + 1) if c.workers % d == 0)} or host), got {c.group_size!r}")
+    need(c.outer_optimizer in OUTER_OPTIMIZERS,
+         f"--outer-optimizer {c.outer_optimizer!r} is unknown; accepted values: {', '.join(OUTER_OPTIMIZERS)}")
+    if c.outer_optimizer != "none":
+        need(c.outer_lr is not None and math.isfinite(c.outer_lr) and c.outer_lr > 0,
+             f"--outer-lr must be > 0, got {c.outer_lr}")
+        need(c.outer_momentum is not None and 0 <= c.outer_momentum < 1,
+             f"--outer-momentum must be in [0, 1), got {c.outer_momentum}")
+        need(c.outer_optimizer != "nesterov" or c.outer_momentum > 0,
+             "--outer-optimizer nesterov needs --outer-momentum > 0 (use sgd for none)")
 
 
 def check_writable(out: str) -> None:

@@ -1,10 +1,14 @@
 """Result files of a run and how to read them back.
 
-A results folder holds one sub-folder per run, named ``<method>-seed<k>``:
+A results folder holds one sub-folder per run, named ``<label>-seed<k>``
+(the label is the method, plus ``+<outer optimizer>`` and ``-group<L>`` when
+those options are on):
 
 * ``metrics.jsonl``: one JSON object per train step: step, epoch, lr, loss,
   accuracy (worker means of the minibatch values), synced (0/1), variance
-  (pre-sync V, null where no sync), period, syncs and bytes (cumulative).
+  (pre-sync V, null where no sync), period, syncs and bytes (cumulative;
+  across groups in a two-level run, which adds group_syncs and group_bytes,
+  the every-step mean inside the groups).
 * ``eval.jsonl``: one object per evaluation of the averaged model: epoch,
   step, test_loss, test_accuracy.
 * ``config.json``: the run's config, written when it starts (``--resume``
@@ -24,14 +28,17 @@ import os
 import shutil
 from typing import Any, Iterator, Optional
 
+from experiments.config import from_saved
+
 SUMMARY = "summary.json"
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 EVAL = "eval.jsonl"
 
 
-def run_name(method: str, seed: int) -> str:
-    return f"{method}-seed{seed}"
+def run_name(label: str, seed: int) -> str:
+    """Folder of a run: its ``Config.label`` (the method, plus any outer optimizer and group size) and seed."""
+    return f"{label}-seed{seed}"
 
 
 def _clean(value: Any) -> Any:
@@ -148,6 +155,16 @@ class Run:
     @property
     def method(self) -> str:
         return self.summary["config"]["method"]
+
+    @property
+    def label(self) -> str:
+        """The method with its options (outer optimizer, group size): one table row per label."""
+        return from_saved(self.summary["config"]).label
+
+    @property
+    def group_size(self) -> int:
+        """Workers per group of a two-level run (1 for a flat one)."""
+        return self.summary.get("group_size", 1)
 
     @property
     def seed(self) -> int:

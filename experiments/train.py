@@ -47,6 +47,11 @@ class Setup:
     def strategy(self) -> str:
         return METHODS[self.config.method][0]
 
+    @property
+    def two_level(self) -> bool:
+        """Groups of several workers: the 2-D mesh ("group", "local")."""
+        return len(self.mesh.axis_names) == 2
+
 
 def lr_schedule(config: Config, steps_per_epoch: int, total_steps: int):
     """Learning rate per step: step decay at epochs (default 50% and 75%), cosine, or constant."""
@@ -107,6 +112,30 @@ def make_schedule(config: Config, total_steps: int, steps_per_epoch: int, lr_fn)
     raise AssertionError(name)
 
 
+def make_outer_optimizer(config: Config) -> Optional[optax.GradientTransformation]:
+    """The outer optimizer of ``config`` (None for plain averaging)."""
+    if config.outer_optimizer == "none":
+        return None
+    nesterov = config.outer_optimizer == "nesterov"
+    return optax.sgd(config.outer_lr, momentum=config.outer_momentum or None, nesterov=nesterov)
+
+
+def group_size(config: Config) -> int:
+    """Workers per group: ``host`` is the devices of one process among the run's workers."""
+    return config.workers // jax.process_count() if config.group_size == "host" else config.group_size
+
+
+def _worker_mesh(config: Config, devices: list):
+    """The 1-D worker mesh, or for groups of L > 1 workers the 2-D mesh ("group", "local")."""
+    size = group_size(config)
+    if size == 1:
+        return distributed.worker_mesh("batch", devices)
+    mesh = distributed.group_mesh(size, devices)
+    if config.group_size == "host" and any(len({d.process_index for d in row}) > 1 for row in mesh.devices):
+        raise ConfigError("--group-size host: the devices are not ordered process by process; give a number instead")
+    return mesh
+
+
 def _resume_point(config: Config, run_dir: str) -> tuple[Optional[int], bool]:
     """(checkpoint step, finished) of a run to resume; ConfigError if it cannot be."""
     if not os.path.isdir(run_dir):
@@ -150,7 +179,7 @@ def prepare(config: Config, dataset: Optional[data.Dataset] = None, options: Run
         dataset = data.load(config.dataset, config.data_dir, synthetic_size=config.synthetic_size)
     try:
         shards = data.partition(dataset.train_labels, config.workers, scheme, config.seed, min_size=config.batch_size)
-        mesh = distributed.worker_mesh("batch", devices[: config.workers])
+        mesh = _worker_mesh(config, devices[: config.workers])
         loader = data.TrainLoader(dataset, shards, config.batch_size, config.seed,
                                   workers=distributed.local_workers(mesh))
     except ValueError as err:
@@ -163,7 +192,7 @@ def prepare(config: Config, dataset: Optional[data.Dataset] = None, options: Run
         schedule = make_schedule(config, total, loader.steps_per_epoch, lr_fn)
     except ValueError as err:
         raise ConfigError(f"{config.method}: {err}") from None
-    run_dir = os.path.join(options.out, results.run_name(config.method, config.seed))
+    run_dir = os.path.join(options.out, results.run_name(config.label, config.seed))
     resume_from, finished = _resume_point(config, run_dir) if options.resume else (None, False)
     return Setup(config, dataset, loader, mesh, total, lr_fn, schedule, run_dir, resume_from, finished)
 
@@ -275,16 +304,22 @@ def train_and_evaluate(setup: Setup, options: RunOptions = RunOptions()) -> dict
         optax.add_decayed_weights(config.weight_decay),
         optax.sgd(setup.lr_fn, momentum=config.momentum or None),
     )
-    step_fn = A.make_train_step(loss_fn, optimizer, setup.schedule, axis_name="batch", strategy=setup.strategy,
-                                qsgd_levels=config.qsgd_levels, qsgd_bucket_size=config.qsgd_bucket_size)
+    outer = make_outer_optimizer(config)
+    # Two-level: the schedule averages across groups ("group"); gradients are averaged inside them ("local").
+    step_fn = A.make_train_step(loss_fn, optimizer, setup.schedule, axis_name=mesh.axis_names[0],
+                                strategy=setup.strategy, qsgd_levels=config.qsgd_levels,
+                                qsgd_bucket_size=config.qsgd_bucket_size,
+                                group_axis_name=mesh.axis_names[1] if setup.two_level else None, outer_optimizer=outer)
     # shard_map over the worker mesh: one code path for one process or many.
     p_train_step = distributed.shard_map_step(step_fn, mesh)
-    p_eval_step = distributed.shard_map_step(A.make_eval_step(eval_fn, "batch"), mesh, donate_state=False)
+    p_eval_step = distributed.shard_map_step(A.make_eval_step(eval_fn, tuple(mesh.axis_names)), mesh,
+                                             donate_state=False)
     primary = jax.process_index() == 0  # writes the shared files; every process writes its checkpoint shards
     state = distributed.replicate(
-        A.TrainState.create(params, model_state, optimizer, setup.schedule, jax.random.PRNGKey(config.seed)), mesh
+        A.TrainState.create(params, model_state, optimizer, setup.schedule, jax.random.PRNGKey(config.seed),
+                            outer_optimizer=outer), mesh
     )
-    name = results.run_name(config.method, config.seed)
+    name = results.run_name(config.label, config.seed)
     start, timed_s, timed_steps, last = 0, 0.0, 0, {}
     if setup.resume_from is None:  # a fresh run clears its folder first
         writer = results.RunWriter(options.out, name, config.to_dict(), enabled=primary)
@@ -310,7 +345,7 @@ def train_and_evaluate(setup: Setup, options: RunOptions = RunOptions()) -> dict
         # Loss and accuracy average this process's workers (all of them in a
         # one-process run): logging adds no communication between syncs.
         row = {k: (distributed.local_rows(v).mean() if k in ("loss", "accuracy") else distributed.local_rows(v)[0])
-               for k, v in metrics.items() if k != "comm"}
+               for k, v in metrics.items() if not isinstance(v, comm.CommCounter)}
         if not np.isfinite(row["loss"]):
             raise NonFiniteError(t + 1, "loss", row["loss"], saved[0], checkpoints.dir)
         if row["synced"] and not np.isfinite(row["variance"]):
@@ -318,6 +353,9 @@ def train_and_evaluate(setup: Setup, options: RunOptions = RunOptions()) -> dict
         counter = metrics["comm"]
         last.update({k: v.item() for k, v in row.items()}, syncs=int(distributed.local_rows(counter.syncs)[0]),
                     bytes=comm.total_bytes(counter))
+        if "group_comm" in metrics:  # two-level: the every-step mean inside the groups
+            group = metrics["group_comm"]
+            last.update(group_syncs=int(distributed.local_rows(group.syncs)[0]), group_bytes=comm.total_bytes(group))
         writer.metrics({"step": t + 1, "epoch": (t + 1) / spe, "lr": float(setup.lr_fn(t)), **last})
         bar.update(1)
         bar.set_postfix(epoch=f"{(t + 1) / spe:.1f}", loss=f"{last['loss']:.3f}",
@@ -384,6 +422,10 @@ def train_and_evaluate(setup: Setup, options: RunOptions = RunOptions()) -> dict
         "last_minibatch_loss": last["loss"],
         "syncs": last["syncs"],
         "bytes": last["bytes"],
+        # Two-level averaging: syncs / bytes above cross groups; these stay inside them.
+        "group_size": int(mesh.devices.shape[-1]) if setup.two_level else 1,
+        "group_syncs": last.get("group_syncs", 0),
+        "group_bytes": last.get("group_bytes", 0),
         "steps": T,
         "steps_per_epoch": spe,
         "num_params": int(sum(x.size for x in jax.tree.leaves(params))),
@@ -418,5 +460,5 @@ def _progress_bar(total: int, done: int, config: Config, enabled: bool):
     else:
         from tqdm import tqdm  # tqdm.auto warns in notebooks without ipywidgets, even when disabled
 
-    return tqdm(total=total, initial=done, desc=f"{config.method} seed {config.seed}", disable=not enabled,
+    return tqdm(total=total, initial=done, desc=f"{config.label} seed {config.seed}", disable=not enabled,
                 leave=True, dynamic_ncols=True)

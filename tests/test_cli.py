@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from adpsgd_jax import comm
 from experiments import cifar, config as cfg, report, results, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,6 +102,13 @@ BAD = [
     (["--dataset", "digits", "--partition", "dirichlet:0"], "--partition"),
     (["--dataset", "digits", "--model", "transformer"], "--model"),
     (["--dataset", "digits", "--strategy", "qsgd", "--schedule", "adpsgd"], "--schedule"),
+    (["--dataset", "digits", "--group-size", "3"], "--group-size"),
+    (["--dataset", "digits", "--group-size", "0"], "--group-size"),
+    (["--dataset", "digits", "--group-size", "some"], "--group-size"),
+    (["--dataset", "digits", "--outer-optimizer", "adam"], "--outer-optimizer"),
+    (["--dataset", "digits", "--outer-optimizer", "nesterov", "--outer-lr", "-0.7"], "--outer-lr"),
+    (["--dataset", "digits", "--outer-optimizer", "sgd", "--outer-momentum", "1.5"], "--outer-momentum"),
+    (["--dataset", "digits", "--outer-lr", "0.5"], "--outer-lr"),
 ]
 
 
@@ -139,3 +147,56 @@ def test_summary_is_valid_json_with_config_roundtrip(compare_dir):
     summary = json.loads(path.read_text())
     c = cfg.from_saved(summary["config"])
     assert c.method == "adpsgd" and c.dataset == "digits" and c.avg_period == 4
+
+
+@pytest.fixture(scope="module")
+def two_level_dir(tmp_path_factory):
+    """allreduce, and CPSGD with groups of 4 and DiLoCo's outer step, on digits for 2 epochs."""
+    out = tmp_path_factory.mktemp("two_level")
+    argv = ["--dataset", "digits", "--compare", "allreduce,cpsgd", "--group-size", "4", "--outer-optimizer", "nesterov",
+            "--epochs", "2", "--avg-period", "4", "--out", str(out), "--quiet", "--no-plots"]
+    assert cifar.main(argv) == 0
+    return out
+
+
+def test_two_level_outer_run_counts_both_levels(two_level_dir):
+    runs = {r.label: r for r in results.finished_runs(str(two_level_dir))}
+    assert set(runs) == {"allreduce", "cpsgd+nesterov-group4"}  # the options apply to averaging methods only
+    s = runs["cpsgd+nesterov-group4"].summary
+    c = cfg.from_saved(s["config"])
+    assert (c.group_size, c.outer_optimizer, c.outer_lr, c.outer_momentum) == (4, "nesterov", 0.7, 0.9)
+    assert s["group_size"] == 4 and s["group_syncs"] == s["steps"]
+    assert s["group_bytes"] == s["steps"] * s["param_bytes"]  # the gradient mean inside the group, every step
+    assert s["syncs"] == s["steps"] // 4 and s["bytes"] == s["syncs"] * (s["param_bytes"] + 8)
+    rows = runs["cpsgd+nesterov-group4"].metrics
+    assert [r["group_syncs"] for r in rows] == list(range(1, s["steps"] + 1))
+    assert runs["allreduce"].summary["group_bytes"] == 0 and runs["allreduce"].summary["config"]["group_size"] == 1
+
+
+def test_two_level_time_models_match_the_formulas(two_level_dir):
+    runs = {r.label: r for r in results.finished_runs(str(two_level_dir))}
+    run, full = runs["cpsgd+nesterov-group4"], runs["allreduce"]
+    s, lat, slow, fast = run.summary, 10e-6, 10e9 / 8, 2400e9 / 8
+
+    def expected(compute_s, scale=1.0):
+        grads, sync = scale * s["param_bytes"], scale * (s["param_bytes"] + 8)
+        inside = 2 * 7 * lat + 2 * 7 / 8 * grads / fast  # every step, among a host's 8 devices
+        # Across the 4 hosts (ring of the sync payload), then the host all-gathers its 8 shards.
+        across = 2 * 3 * lat + 2 * 3 / 4 * sync / slow + 7 * lat + 7 / 8 * sync / fast
+        return compute_s + s["steps"] * inside + s["syncs"] * across
+
+    assert report.cluster_time(run, 4, 8, 2400, 10, lat) == pytest.approx(expected(s["compute_s"]))
+    what_if = report.cluster_time(run, 4, 8, 2400, 10, lat, payload_bytes=4e7, step_s=0.05)
+    assert what_if == pytest.approx(expected(0.05 * s["steps"], 4e7 / s["param_bytes"]))
+    f = full.summary
+    per_round = f["bytes"] / f["syncs"]
+    hierarchical = 2 * 7 * lat + 2 * 7 / 8 * per_round / fast + 2 * 3 * lat + 2 * 3 / 4 * per_round / slow
+    assert report.cluster_time(full, 4, 8, 2400, 10, lat) == pytest.approx(f["compute_s"] + f["syncs"] * hierarchical)
+    # One bandwidth everywhere (the first table): the run's 2 groups of 4.
+    flat_links = (s["compute_s"] + s["steps"] * comm.allreduce_time(s["param_bytes"], 4, slow, lat)
+                  + s["syncs"] * comm.group_average_time(s["param_bytes"] + 8, 2, 4, slow, slow, lat, lat))
+    assert report.simulated_time(run, 8, 10, lat) == pytest.approx(flat_links)
+    text = report.build(str(two_level_dir), plots=False)
+    assert "| cpsgd+nesterov-group4 | 1 |" in text and "Predicted on 4 hosts x 8 devices" in text
+    what_if = ["--hosts", "2", "--devices-per-host", "4", "--payload-mb", "44.7", "--step-ms", "50"]
+    assert report.main([str(two_level_dir), "--no-plots", *what_if]) == 0

@@ -48,3 +48,34 @@ def test_simulated_wall_clock():
     gathered = comm.simulated_wall_clock(0.0, 1, 1e6, 8, 1e9, gather=True)
     assert gathered == pytest.approx(comm.allgather_time(1e6, 8, 1e9))
     assert np.isfinite(gathered)
+
+
+def test_two_level_time_formulas():
+    B, H, L, fast, slow, lf, ls = 4e6, 4, 8, 300e9, 1.25e9, 1e-6, 1e-5
+    # Hierarchical all-reduce: 2(L-1) lf + 2(L-1)/L B/fast + 2(H-1) ls + 2(H-1)/H B/slow.
+    expected = 2 * 7 * lf + 2 * 7 / 8 * B / fast + 2 * 3 * ls + 2 * 3 / 4 * B / slow
+    assert comm.hierarchical_allreduce_time(B, H, L, fast, slow, lf, ls) == pytest.approx(expected)
+    # One device per host: the flat ring across hosts; one host: the ring inside it.
+    hierarchical = comm.hierarchical_allreduce_time
+    assert hierarchical(B, H, 1, fast, slow, lf, ls) == pytest.approx(comm.allreduce_time(B, H, slow, ls))
+    assert hierarchical(B, 1, L, fast, slow, lf, ls) == pytest.approx(comm.allreduce_time(B, L, fast, lf))
+    # Averaging identical copies across hosts skips the reduction inside: ring across + shard all-gather inside.
+    expected = 2 * 3 * ls + 2 * 3 / 4 * B / slow + 7 * lf + 7 / 8 * B / fast
+    assert comm.group_average_time(B, H, L, fast, slow, lf, ls) == pytest.approx(expected)
+    assert comm.group_average_time(B, H, L, fast, slow, lf, ls) < hierarchical(B, H, L, fast, slow, lf, ls)
+    gathered = comm.hierarchical_allgather_time(B, H, L, fast, slow, lf, ls)
+    assert gathered == pytest.approx(7 * lf + 7 * B / fast + 3 * ls + 3 * 8 * B / slow)
+
+
+def test_two_level_wall_clock():
+    B, Bg, H, L, fast, slow = 4e6, 4e6, 4, 8, 300e9, 1.25e9
+    grouped = comm.two_level_wall_clock(10.0, 12, B, H, L, fast, slow, group_rounds=100, group_nbytes_per_round=Bg,
+                                        grouped=True)
+    inside, across = comm.allreduce_time(Bg, L, fast), comm.group_average_time(B, H, L, fast, slow)
+    assert grouped == pytest.approx(10.0 + 100 * inside + 12 * across)
+    flat = comm.two_level_wall_clock(10.0, 100, B, H, L, fast, slow)
+    assert flat == pytest.approx(10.0 + 100 * comm.hierarchical_allreduce_time(B, H, L, fast, slow))
+    overlapped = comm.two_level_wall_clock(10.0, 100, B, H, L, fast, slow, steps=100, overlap=True)
+    assert overlapped == pytest.approx(100 * max(0.1, comm.hierarchical_allreduce_time(B, H, L, fast, slow)))
+    # Keeping the gradient mean on the fast links: the two-level run crosses hosts 12 times instead of 100.
+    assert grouped < flat

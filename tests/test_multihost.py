@@ -71,6 +71,27 @@ def test_two_processes_of_two_devices_equal_one_process_of_four(tmp_path):
     assert sorted(os.listdir(tmp_path / "two")) == ["adpsgd-seed0", "cpsgd-seed0", "report.md"]
 
 
+def test_host_groups_across_two_processes_equal_groups_of_two_in_one(tmp_path):
+    # Two-level averaging with each process's 2 devices as one group, and DiLoCo's outer step.
+    flags = ["--compare", "adpsgd", "--outer-optimizer", "nesterov"]
+    single = subprocess.run([sys.executable, "-m", "experiments.cifar", *RUN, *flags, "--group-size", "2",
+                             "--out", str(tmp_path / "one")], cwd=ROOT, env=env(), capture_output=True, text=True,
+                            timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    launched = subprocess.run([sys.executable, "-m", "experiments.launch", "--num-processes", "2", "--", *RUN, *flags,
+                               "--group-size", "host", "--out", str(tmp_path / "two")],
+                              cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    one, two = tmp_path / "one" / "adpsgd+nesterov-group2-seed0", tmp_path / "two" / "adpsgd+nesterov-hostgroups-seed0"
+    (step_a, a), (step_b, b) = read_state(one), read_state(two)
+    assert step_a == step_b == 66
+    for key in ("params", "anchor", "outer_opt_state"):
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a[key], b[key])
+    sa, sb = (results.read_json(d / results.SUMMARY) for d in (one, two))
+    assert sb["group_size"] == 2 and (sa["syncs"], sa["bytes"], sa["group_bytes"]) == (sb["syncs"], sb["bytes"],
+                                                                                      sb["group_bytes"])
+
+
 def start(out, pid, port, *extra):
     log = open(os.path.join(str(out), f"process{pid}.log"), "w+")
     proc = subprocess.Popen(

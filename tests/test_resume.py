@@ -1,6 +1,7 @@
 """Checkpoints, exact resume and failure handling (real processes, real signals)."""
 
 import json
+import shutil
 import os
 import signal
 import subprocess
@@ -218,3 +219,26 @@ def test_nan_stops_with_step_and_metric_and_keeps_last_good_checkpoint(tmp_path,
         assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state["params"]))
     rows = [json.loads(line) for line in (run_dir / results.METRICS).read_text().splitlines()]
     assert all(np.isfinite(r["loss"]) for r in rows) and rows[-1]["step"] < bad_step
+
+
+def test_resume_restores_the_outer_state_and_anchor_of_two_level_runs(tmp_path):
+    # Two-level ADPSGD with DiLoCo's outer step, cut back to a checkpoint inside a period after a few
+    # syncs (the outer momentum is non-zero there), then resumed: it ends as the uninterrupted run.
+    args = ["--dataset", "digits", "--epochs", "3", "--checkpoint-every", "5", "--keep-checkpoints", "10", "--quiet",
+            "--no-plots", "--compare", "adpsgd", "--group-size", "2", "--outer-optimizer", "nesterov"]
+    name = results.run_name("adpsgd+nesterov-group2", 0)
+    assert cifar.main(args + ["--out", str(tmp_path / "reference")]) == 0
+    assert cifar.main(args + ["--out", str(tmp_path / "cut")]) == 0
+    run_dir = tmp_path / "cut" / name
+    rows = {r["step"]: r for r in results.read_jsonl(os.path.join(run_dir, results.METRICS))}
+    target = max(s for s in checkpoint_steps(run_dir) if s < 30 and not rows[s]["synced"] and rows[s]["syncs"] >= 2)
+    for step in checkpoint_steps(run_dir):
+        if step > target:
+            shutil.rmtree(run_dir / checkpoint.FOLDER / str(step))
+    (run_dir / results.SUMMARY).unlink()
+    _, state = final_state(run_dir)
+    trace = state["outer_opt_state"][0]["trace"]["fc1"]["kernel"]
+    assert np.abs(trace).max() > 0 and not np.array_equal(state["anchor"]["fc1"]["kernel"][0],
+                                                          state["params"]["fc1"]["kernel"][0])
+    assert cifar.main(args + ["--out", str(tmp_path / "cut"), "--resume"]) == 0
+    assert_same_run(tmp_path / "reference" / name, run_dir)

@@ -52,16 +52,18 @@ def mesh():
     return D.worker_mesh()
 
 
-def start(mesh, optimizer, schedule, seed=0):
+def start(mesh, optimizer, schedule, seed=0, outer=None):
     params, model_state = init_params()
-    state = A.TrainState.create(params, model_state, optimizer, schedule, jax.random.PRNGKey(seed))
+    state = A.TrainState.create(params, model_state, optimizer, schedule, jax.random.PRNGKey(seed),
+                                outer_optimizer=outer)
     return D.replicate(state, mesh)
 
 
-def run(mesh, optimizer, schedule, steps, strategy="average", data=None, wrap=D.pmap_step, **kw):
+def run(mesh, optimizer, schedule, steps, strategy="average", data=None, wrap=D.pmap_step, outer=None, **kw):
+    """``steps`` steps from init_params on Data(); ``outer`` is the outer optimizer, ``kw`` go to make_train_step."""
     data = data or Data()
-    state = start(mesh, optimizer, schedule)
-    step = wrap(A.make_train_step(loss_fn, optimizer, schedule, strategy=strategy, **kw), mesh)
+    state = start(mesh, optimizer, schedule, outer=outer)
+    step = wrap(A.make_train_step(loss_fn, optimizer, schedule, strategy=strategy, outer_optimizer=outer, **kw), mesh)
     history = []
     for _ in range(steps):
         state, metrics = step(state, D.shard_batch(data.batch(), mesh))
@@ -164,27 +166,32 @@ SCHEDULES = {
 }
 
 
+def traced_run(mesh, optimizer, schedule, steps, wrap=D.pmap_step, outer=None, **kw):
+    """Run ``steps`` steps through a trace counter; returns (number of traces, the period of each step)."""
+    traces = []
+    chex.clear_trace_counter()  # chex keys its counter by function hash, shared across parametrizations
+
+    def counted(state, batch):
+        traces.append(1)
+        return A.make_train_step(loss_fn, optimizer, schedule, outer_optimizer=outer, **kw)(state, batch)
+
+    state = start(mesh, optimizer, schedule, outer=outer)
+    step = wrap(chex.assert_max_traces(counted, n=1), mesh)
+    data, periods = Data(), []
+    for _ in range(steps):
+        state, metrics = step(state, D.shard_batch(data.batch(), mesh))
+        periods.append(int(metrics["period"][0]))
+    return len(traces), periods
+
+
 @pytest.mark.parametrize("name", sorted(SCHEDULES) + ["allreduce", "qsgd"])
 def test_no_retrace_over_a_whole_run(mesh, name):
     T = 40
     lr = optax.piecewise_constant_schedule(0.05, {T // 2: 0.1})
     schedule = SCHEDULES[name](T, lr) if name in SCHEDULES else None
     strategy = name if name in ("allreduce", "qsgd") else "average"
-    opt = optax.sgd(lr)
-    traces = []
-    chex.clear_trace_counter()  # chex keys its counter by function hash, shared across parametrizations
-
-    def counted(state, batch):
-        traces.append(1)
-        return A.make_train_step(loss_fn, opt, schedule, strategy=strategy)(state, batch)
-
-    state = start(mesh, opt, schedule)
-    step = D.pmap_step(chex.assert_max_traces(counted, n=1), mesh)
-    data, periods = Data(), []
-    for _ in range(T):
-        state, metrics = step(state, D.shard_batch(data.batch(), mesh))
-        periods.append(int(metrics["period"][0]))
-    assert len(traces) == 1
+    traces, periods = traced_run(mesh, optax.sgd(lr), schedule, T, strategy=strategy)
+    assert traces == 1
     if name == "adpsgd":
         assert len(set(periods)) > 2, periods  # the period changed without a retrace
 
