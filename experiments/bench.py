@@ -19,7 +19,7 @@ drift of the machine falls on both. Items:
    the bottleneck (the training loop prefetches it in a thread).
 5. device memory of the compiled step versus the plain loop, from XLA's
    compiled memory analysis (arguments + outputs - aliased + temporaries),
-   and the runtime peak where the backend reports one.
+   which every backend reports; extra memory is given in parameter copies.
 6. syncs, bytes and predicted time to a target test accuracy on digits for
    each strategy, from real training runs; predicted wall-clock for
    ``--predict-workers`` workers at 10 and 100 Gbps by ALGORITHM.md's time
@@ -535,7 +535,7 @@ def markdown(res: dict) -> str:
         return "met" if ok else f"missed by {abs(value - target) / target * 100:.1f}%"
 
     s = res["steps"]
-    lines = [f"Device: {res['device']} ({res['platform']}); model {res['model']} ({s['num_params']:,} parameters), "
+    lines = [f"Device: {res['device']}; model {res['model']} ({s['num_params']:,} parameters), "
              f"batch {res['batch_size']} per device; median of {res['repeats']} repetitions x "
              f"{res['steps_per_repeat']} steps; jax {res['jax_version']}.", "",
              "| item | measured | target | verdict |", "|---|---|---|---|"]
@@ -630,7 +630,9 @@ def main(argv=None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else ([0] if args.quick else [0, 1, 2])
     epochs = args.epochs or (3 if args.quick else None)
 
-    res: dict[str, Any] = {"device": devices[0].device_kind, "platform": devices[0].platform,
+    kind = f"CPU, {os.cpu_count()} cores" if cpu else devices[0].device_kind
+    res: dict[str, Any] = {"device": f"{kind} x {len(devices)}" + (" (virtual devices)" if cpu else ""),
+                           "platform": devices[0].platform,
                            "num_devices": len(devices), "jax_version": jax.__version__, "model": model,
                            "batch_size": batch, "repeats": repeats, "steps_per_repeat": steps, "quick": args.quick}
     started = time.perf_counter()
