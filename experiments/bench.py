@@ -585,7 +585,7 @@ def markdown(res: dict) -> str:
         if proj:
             lines += ["", f"Projection: the steps and syncs to target above, with {res['model']}'s "
                       f"{s['param_bytes'] / 1e6:.1f} MB per round and its measured {s['step_compute_s'] * 1e3:.1f} ms "
-                      f"per step on {res['device']} (comm / compute of a full-sync step at 10 Gbps: "
+                      f"per step (batch {res['batch_size']}, one device of item 4) (comm / compute of a full-sync step at 10 Gbps: "
                       f"{proj['adpsgd']['comm_over_compute_full_sync_10gbps']:.2f}). Paper: 1.46-1.95x @10 Gbps, "
                       "1.14-1.27x @100 Gbps.", "",
                       "| strategy | speedup @10 Gbps (vs ideal overlap) | speedup @100 Gbps (vs ideal overlap) |",
