@@ -183,13 +183,13 @@ def _image_task(model_name: str, per_device_batch: int, num_devices: int, seed: 
         x = data.normalize(batch["image"], mean, std)
         logits, model_state = models.apply(model, params, model_state, x, train=True)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-        return loss, (model_state, {"accuracy": jnp_mean_correct(logits, batch["label"])})
+        return loss, (model_state, {"accuracy": _accuracy(logits, batch["label"])})
 
     optimizer = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9))
     return model, params, model_state, loss_fn, optimizer, {"image": images, "label": labels}, (mean, std)
 
 
-def jnp_mean_correct(logits, labels):
+def _accuracy(logits, labels):
     import jax.numpy as jnp
 
     return jnp.mean(jnp.argmax(logits, -1) == labels)
@@ -248,7 +248,7 @@ def plain_flax_loop(model, params, model_state, optimizer, stats):
 
         (value, (logits, updates)), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
         state = state.apply_gradients(grads=grads, model_state={**state.model_state, **updates})
-        return state, {"loss": value, "accuracy": jnp_mean_correct(logits, batch["label"])}
+        return state, {"loss": value, "accuracy": _accuracy(logits, batch["label"])}
 
     state = State.create(apply_fn=model.apply, params=params, tx=optimizer, model_state=model_state)
     return jax.jit(plain_step, donate_argnums=(0,)), state
@@ -431,7 +431,7 @@ def training_comparison(args, seeds: list[int], epochs: Optional[int], runs_dir:
     accuracy = {}
     for label, rs in runs.items():
         reach = [report.first_step_reaching(r, target_acc) for r in rs]
-        row = {"steps": _mean([s for s in reach]),
+        row = {"steps": _mean(reach),
                "syncs": _mean([r.metrics[s - 1]["syncs"] for r, s in zip(rs, reach)]),
                "bytes": _mean([r.metrics[s - 1]["bytes"] for r, s in zip(rs, reach)]),
                "final_test_accuracy": _mean([r.summary["test_accuracy"] for r in rs]),
@@ -454,8 +454,8 @@ def training_comparison(args, seeds: list[int], epochs: Optional[int], runs_dir:
             "device_kind": c["device_kind"], "to_target": accuracy, "runs": runs}
 
 
-def _mean(values):
-    values = [v for v in values]
+def _mean(values) -> float:
+    values = list(values)
     return float(sum(values) / len(values)) if values else float("nan")
 
 
