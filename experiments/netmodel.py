@@ -1,0 +1,276 @@
+"""Measured run times against the time model, for ``experiments.netbench``.
+
+A ``Run`` reads one finished run of a multi-process launch: its result
+files and the per-step loop times every process recorded (``TIMING``). The
+analysis sets the measured wall-clock against two predictions:
+
+    predicted = T * t_compute + sum over rounds of t_round
+
+* t_compute: the mean duration of the steps without a sync in the averaging
+  runs of the same launch, of the slowest process (the others wait for it
+  at each sync).
+* ``model``: ALGORITHM.md's model as written (``comm.simulated_wall_clock``,
+  no overlap, as the measured runs have none; full sync with ideal overlap is
+  given beside it): t_round = t_allreduce(B, N, beta, lambda) with beta the
+  link rate and lambda half the measured round trip of a 1-byte message.
+* ``model+gloo`` (``gloo``): what the measurements showed the model misses.
+  gloo runs one ring all-reduce per array (XLA's CPU all-reduce thunk loops
+  over the operands of its combined all-reduce), each with a fixed cost far
+  above the wire's latency, and that cost differs between a sync after local
+  steps and a full-sync step in lock-step. So a round of k arrays costs
+  k * 2(N - 1) * lambda_c + 2(N - 1)/N * B / beta_eff, lambda_c calibrated on
+  an unshaped link, once from the full-sync run and once from the averaging
+  runs (``calibrate``; the shaped links are then predicted, not fitted), and
+  beta_eff the TCP payload rate of the link (``netns.payload_rate``).
+* comm/compute: per full-sync step, measured (step - t_compute) / t_compute,
+  and the model's t_allreduce / t_compute.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+from typing import NamedTuple, Optional
+
+from experiments import netns
+
+TIMING = "timing{}.json"  # per-step loop times of a run by process i, beside summary.json
+
+
+def link_label(rate_mbit: Optional[float]) -> str:
+    if rate_mbit is None:
+        return "unshaped"
+    return f"{rate_mbit / 1000:g} Gbit/s" if rate_mbit >= 1000 else f"{rate_mbit:g} Mbit/s"
+
+
+class Run:
+    """One finished run: counts from its result files, loop times from its TIMING files."""
+
+    def __init__(self, folder: str, processes: int):
+        from experiments import results
+
+        summary = results.read_json(os.path.join(folder, results.SUMMARY))
+        metrics = results.read_jsonl(os.path.join(folder, results.METRICS))
+        self.evals = [(r["step"], r["test_accuracy"]) for r in results.read_jsonl(os.path.join(folder, results.EVAL))]
+        self.loop_s = [results.read_json(os.path.join(folder, TIMING.format(i)))["loop_s"] for i in range(processes)]
+        self.synced = [bool(r["synced"]) for r in metrics]
+        self.syncs_upto = [r["syncs"] for r in metrics]
+        self.steps, self.syncs = summary["steps"], summary["syncs"]
+        self.steps_per_epoch = summary["steps_per_epoch"]
+        self.bytes_per_round = summary["bytes"] / max(self.syncs, 1)
+        if any(len(loop) != self.steps for loop in self.loop_s) or len(self.synced) != self.steps:
+            raise RuntimeError(f"{folder}: {[len(x) for x in self.loop_s]} timed steps, {self.steps} expected")
+
+    # The clocks start at the end of step 2 (step 1 compiles): measurements and
+    # predictions both cover steps 3 to T (to a target: steps 3 to its step).
+    @property
+    def timed_steps(self) -> int:
+        return self.steps - 2
+
+    @property
+    def timed_syncs(self) -> int:
+        return self.syncs - self.syncs_upto[1]
+
+    @property
+    def measured_s(self) -> float:
+        """Process 0's loop wall-clock over the timed steps."""
+        return self.loop_s[0][-1]
+
+    @property
+    def step_s(self) -> float:
+        return self.measured_s / self.timed_steps
+
+    @property
+    def epoch_s(self) -> float:
+        return self.step_s * self.steps_per_epoch
+
+    def time_to(self, step: int) -> float:
+        """Measured loop time from the end of step 2 to the end of ``step``, an epoch's last step."""
+        return self.loop_s[0][step - 1]
+
+    def syncs_to(self, step: int) -> int:
+        """Syncs among steps 3 to ``step``."""
+        return self.syncs_upto[step - 1] - self.syncs_upto[1]
+
+    def _epoch_end(self, step: int) -> bool:
+        return step % self.steps_per_epoch == 0 or step == self.steps
+
+    def durations(self, process: int, synced: bool) -> list[float]:
+        """Durations of the steps with both ends on the clock: step s ends at entry s - 1
+        (index s - 2) unless step s - 1 ended an epoch."""
+        e = self.loop_s[process]
+        return [e[s - 2] - e[s - 3] for s in range(3, self.steps + 1)
+                if not self._epoch_end(s - 1) and not self._epoch_end(s - 2) and self.synced[s - 1] == synced]
+
+    def first_reaching(self, accuracy: float) -> int:
+        return next(step for step, acc in self.evals if acc >= accuracy - 1e-12)
+
+
+class TimeModel(NamedTuple):
+    """Time of one round of B bytes per worker: ``comm.allreduce_time(B, N, rate, latency x arrays)``."""
+
+    rate_Bps: float
+    latency_s: float
+    per_array: bool  # latency paid once per all-reduced array (gloo) rather than once per round
+
+    def round_s(self, nbytes: float, workers: int, arrays: int) -> float:
+        from adpsgd_jax import comm
+
+        return comm.allreduce_time(nbytes, workers, self.rate_Bps, self._latency(arrays))
+
+    def run_s(self, run: Run, t_compute: float, workers: int, arrays: int, overlap: bool = False) -> float:
+        from adpsgd_jax import comm
+
+        return comm.simulated_wall_clock(run.timed_steps * t_compute, run.timed_syncs, run.bytes_per_round, workers,
+                                         self.rate_Bps, self._latency(arrays), steps=run.timed_steps, overlap=overlap)
+
+    def _latency(self, arrays: int) -> float:
+        return self.latency_s * (arrays if self.per_array else 1)
+
+
+def compute_step_s(runs: dict[str, Run], processes: int) -> Optional[float]:
+    """t_compute: the mean step without a sync in the averaging runs, of the slowest
+    process (which the others wait for at each sync); None without an averaging run."""
+    local = [[d for m, r in runs.items() if m != "allreduce" for d in r.durations(i, synced=False)]
+             for i in range(processes)]
+    return max(statistics.fmean(x) for x in local) if local[0] else None
+
+
+def analyse(runs: dict[str, Run], workers: int, models: dict[str, tuple[TimeModel, TimeModel]],
+            arrays: tuple[int, int], to_target: bool = True) -> dict:
+    """Measured and predicted times of one launch; predictions need an averaging run (for t_compute).
+    ``to_target``: also the times to the lowest final test accuracy of the runs."""
+    full, t_c = runs["allreduce"], compute_step_s(runs, workers)
+    target = min(r.evals[-1][1] for r in runs.values()) if to_target else None
+    out = {"compute_s_per_step": t_c, "target_accuracy": target, "full_sync_step_s": full.step_s,
+           "steps": full.steps, "timed_steps": full.timed_steps, "methods": {}}
+    if t_c is not None:
+        out["comm_compute_ratio"] = (full.step_s - t_c) / t_c
+        out["comm_compute_ratio_model"] = models["model"][0].round_s(full.bytes_per_round, workers, arrays[0]) / t_c
+    for method, run in runs.items():
+        k = arrays[0] if method == "allreduce" else arrays[1]
+        row = out["methods"][method] = {
+            "steps": run.steps, "syncs": run.syncs, "bytes_per_round": run.bytes_per_round,
+            "measured_s": run.measured_s, "epoch_s": run.epoch_s, "final_test_accuracy": run.evals[-1][1],
+            # what each round cost beyond the compute, on average: the quantity the models predict
+            "measured_sync_s": beyond_compute(run, t_c) if t_c is not None else None}
+        if to_target:
+            step = row["target_step"] = run.first_reaching(target)
+            row["measured_to_target_s"] = run.time_to(step)
+        for name, (lockstep, after_local) in models.items():
+            if t_c is None:
+                continue
+            model = lockstep if method == "allreduce" else after_local
+            sync = model.round_s(run.bytes_per_round, workers, k)
+            row[f"{name}_sync_s"] = sync
+            row[f"{name}_s"] = model.run_s(run, t_c, workers, k)
+            if to_target:
+                row[f"{name}_to_target_s"] = (step - 2) * t_c + run.syncs_to(step) * sync
+            if method == "allreduce":
+                row[f"{name}_overlap_s"] = model.run_s(run, t_c, workers, k, overlap=True)
+    return out
+
+
+def beyond_compute(run: Run, t_compute: float) -> float:
+    """What a round cost on average beyond the compute: (measured - steps x t_compute) / rounds, timed steps."""
+    return (run.measured_s - run.timed_steps * t_compute) / run.timed_syncs
+
+
+def calibrate(runs: dict[str, Run], t_compute: float, workers: int, rate_Bps: float,
+              arrays: tuple[int, int]) -> tuple[float, float]:
+    """(lambda_c of a full-sync step, lambda_c of an averaging sync): gloo's fixed cost per array
+    and ring step, from runs on a link of ``rate_Bps``. Per round, what the run took beyond its
+    compute = arrays * 2(N - 1) * lambda_c + 2(N - 1)/N * B / rate."""
+    from adpsgd_jax import comm
+
+    def per_array(run: Run, k: int) -> float:
+        wire = comm.allreduce_time(run.bytes_per_round, workers, rate_Bps)
+        return max(0.0, beyond_compute(run, t_compute) - wire) / (k * 2 * (workers - 1))
+
+    averaging = [per_array(r, arrays[1]) for m, r in runs.items() if m != "allreduce"]
+    return per_array(runs["allreduce"], arrays[0]), statistics.fmean(averaging)
+
+
+def models_for(record: dict, per_array_s: Optional[tuple[float, float]]) -> dict[str, tuple[TimeModel, TimeModel]]:
+    """name -> (model of a full-sync step, model of an averaging sync) on the record's link:
+    ALGORITHM.md's, and model+gloo when calibrated (``calibrate``)."""
+    rate, probe = record["rate_mbit"], record["probe"]
+    nominal = probe["goodput_Bps"] if rate is None else rate * 1e6 / 8
+    model = TimeModel(nominal, probe["rtt_s"] / 2, per_array=False)
+    models = {"model": (model, model)}
+    if per_array_s is not None:
+        payload = probe["goodput_Bps"] if rate is None else netns.payload_rate(rate, record["mtu"])
+        models["gloo"] = tuple(TimeModel(payload, lam, per_array=True) for lam in per_array_s)
+    return models
+
+
+def summarise(records: list[dict], workers: int) -> tuple[list[dict], list[dict]]:
+    """(links, rows): per-setting analyses, and one row per averaging method and setting.
+
+    A record is one launch: workload, rate_mbit (None: unshaped), mtu, probe
+    ({rtt_s, goodput_Bps}), arrays (per full-sync step, per sync), to_target,
+    runs (method -> Run, allreduce first), and what else to pass on (loads).
+    The first unshaped record of a workload calibrates its model+gloo.
+    """
+    links, rows, per_array = [], [], {}
+    for record in records:
+        workload, runs, arrays = record["workload"], record["runs"], record["arrays"]
+        t_c = compute_step_s(runs, workers)
+        if record["rate_mbit"] is None and workload not in per_array and t_c is not None:
+            per_array[workload] = calibrate(runs, t_c, workers, record["probe"]["goodput_Bps"], arrays)
+    for record in records:
+        workload, rate, arrays = record["workload"], record["rate_mbit"], record["arrays"]
+        analysis = analyse(record["runs"], workers, models_for(record, per_array.get(workload)), arrays,
+                           to_target=record["to_target"])
+        passed_on = {k: v for k, v in record.items() if k not in ("workload", "rate_mbit", "arrays", "runs")}
+        links.append({"workload": workload, "bandwidth": link_label(rate), "bandwidth_mbit": rate, **passed_on,
+                      "arrays_per_round": arrays, "gloo_per_array_s": per_array.get(workload), **analysis})
+        full = analysis["methods"]["allreduce"]
+        for method, m in analysis["methods"].items():
+            if method == "allreduce" or "model_s" not in m:
+                continue
+            speedup = lambda key: full[key] / m[key] if key in m else None  # noqa: E731
+            row = {"workload": workload, "bandwidth": link_label(rate), "bandwidth_mbit": rate, "strategy": method,
+                   "comm_compute_ratio": analysis["comm_compute_ratio"],
+                   "comm_compute_ratio_model": analysis["comm_compute_ratio_model"],
+                   "epoch_s": m["epoch_s"], "full_sync_epoch_s": full["epoch_s"],
+                   "measured_speedup": speedup("measured_s"), "predicted_speedup": speedup("model_s"),
+                   "predicted_speedup_gloo": speedup("gloo_s"),
+                   "predicted_speedup_vs_overlapped_full_sync": full["model_overlap_s"] / m["model_s"],
+                   "measured_speedup_to_target": speedup("measured_to_target_s"),
+                   "predicted_speedup_to_target": speedup("model_to_target_s"),
+                   "predicted_speedup_to_target_gloo": speedup("gloo_to_target_s")}
+            for key in ("", "_gloo"):
+                predicted = row[f"predicted_speedup{key}"]
+                row[f"disagreement{key}_pct"] = (100 * (predicted / row["measured_speedup"] - 1)
+                                                 if predicted is not None else None)
+            rows.append(row)
+    return links, rows
+
+
+def table(links: list[dict], rows: list[dict]) -> str:
+    """Markdown: one line per averaging method and link setting."""
+    def pct(row, key):
+        return f"{row[key]:+.0f}%" if row[key] is not None else "—"
+
+    def num(row, key):
+        return f"{row[key]:.2f}x" if row[key] is not None else "—"
+
+    lines = ["| workload | link | comm/compute measured (model) | method | s/epoch (full sync) | measured speedup | "
+             "model | Δ | model+gloo | Δ | to target: measured | model | model+gloo |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['workload']} | {r['bandwidth']} | {r['comm_compute_ratio']:.2f} ({r['comm_compute_ratio_model']:.2f}) "
+            f"| {r['strategy']} | {r['epoch_s']:.3f} ({r['full_sync_epoch_s']:.3f}) | {r['measured_speedup']:.2f}x "
+            f"| {r['predicted_speedup']:.2f}x | {pct(r, 'disagreement_pct')} | {num(r, 'predicted_speedup_gloo')} "
+            f"| {pct(r, 'disagreement_gloo_pct')} | {num(r, 'measured_speedup_to_target')} "
+            f"| {num(r, 'predicted_speedup_to_target')} | {num(r, 'predicted_speedup_to_target_gloo')} |")
+    notes = []
+    for link in links:
+        t_c, probe = link["compute_s_per_step"], link["probe"]
+        notes.append(f"{link['workload']} @ {link['bandwidth']}: rtt {probe['rtt_s'] * 1e6:.0f} us, 1 MiB at "
+                     f"{probe['goodput_Bps'] * 8 / 1e6:.0f} Mbit/s, full-sync step {link['full_sync_step_s'] * 1e3:.2f} ms"
+                     + (f", compute {t_c * 1e3:.2f} ms" if t_c else "")
+                     + f", load {link['load_1min'][0]:.2f}/{link['load_1min'][1]:.2f}")
+    return "\n".join(lines + [""] + notes)

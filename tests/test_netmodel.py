@@ -1,0 +1,89 @@
+"""experiments.netmodel: per-step times from the clock entries, the model+gloo fit and its predictions.
+
+Synthetic run folders, as a 2-process launch of experiments.netbench leaves them."""
+
+import json
+import os
+
+import pytest
+
+from adpsgd_jax import comm
+from experiments import netmodel, netns
+
+
+def clock(durations, steps_per_epoch):
+    """The clock entries of a run whose step s lasts durations[s] (s = 1..T): entry t marks
+    the end of step t + 1, or of step t at an epoch's end; the clock starts at the end of step 2."""
+    steps = len(durations) - 1
+    ends, t = {2: 0.0}, 0.0
+    for s in range(3, steps + 1):
+        t += durations[s]
+        ends[s] = t
+    return [ends[s] if s % steps_per_epoch == 0 or s == steps else ends[s + 1] for s in range(1, steps + 1)]
+
+
+def write_run(folder, steps_per_epoch, synced, durations, nbytes=100):
+    os.makedirs(folder)
+    steps = len(synced)
+    with open(os.path.join(folder, "summary.json"), "w") as f:
+        json.dump({"steps": steps, "syncs": sum(synced), "bytes": nbytes * sum(synced),
+                   "steps_per_epoch": steps_per_epoch}, f)
+    with open(os.path.join(folder, "metrics.jsonl"), "w") as f:
+        for s, flag in enumerate(synced, 1):
+            f.write(json.dumps({"step": s, "synced": int(flag), "syncs": sum(synced[:s])}) + "\n")
+    with open(os.path.join(folder, "eval.jsonl"), "w") as f:
+        for e in range(steps // steps_per_epoch):
+            f.write(json.dumps({"step": (e + 1) * steps_per_epoch, "test_accuracy": 0.5 + 0.1 * e}) + "\n")
+    for i in range(2):
+        with open(os.path.join(folder, netmodel.TIMING.format(i)), "w") as f:
+            json.dump({"loop_s": clock(durations, steps_per_epoch)}, f)
+    return netmodel.Run(str(folder), 2)
+
+
+def test_step_durations_follow_the_clock_of_the_cpu_client(tmp_path):
+    """2 epochs of 6 steps, local steps of 1 s, syncs (steps 4 and 10) of 5 s."""
+    durations = [None] + [5.0 if s in (4, 10) else 1.0 for s in range(1, 13)]
+    run = write_run(tmp_path / "r", 6, [s in (4, 10) for s in range(1, 13)], durations)
+    assert run.durations(0, synced=True) == [5.0, 5.0]
+    assert run.durations(0, synced=False) == [1.0] * 6  # steps 3, 5, 6, 9, 11, 12: both ends on the clock
+    assert run.step_s == pytest.approx(sum(durations[3:]) / 10)
+    assert run.time_to(6) == pytest.approx(sum(durations[3:7]))  # from the end of step 2
+    assert run.first_reaching(0.55) == 12
+
+
+def launch(folder, rate_bps, t_compute, lam_full, lam_avg, arrays, nbytes, steps=48, period=8):
+    """Full sync and a constant-period averaging run whose rounds cost exactly model+gloo's formula."""
+    def round_s(lam, k):
+        return k * 2 * lam + comm.allreduce_time(nbytes, 2, rate_bps)
+
+    full = [None] + [t_compute + round_s(lam_full, arrays[0])] * steps
+    synced = [s % period == 0 for s in range(1, steps + 1)]
+    local = [None] + [t_compute + (round_s(lam_avg, arrays[1]) if flag else 0.0) for flag in synced]
+    return {"allreduce": write_run(folder / "allreduce", 12, [True] * steps, full, nbytes),
+            "cpsgd": write_run(folder / "cpsgd", 12, synced, local, nbytes)}
+
+
+def test_model_gloo_fits_on_the_unshaped_link_and_predicts_a_shaped_one(tmp_path):
+    t_c, lam_full, lam_avg, arrays, nbytes = 1.3e-3, 0.3e-3, 0.4e-3, (4, 5), 40_000
+    unshaped_rate = 800e6
+    shaped_rate = netns.payload_rate(100, 1500)
+    records = [
+        {"workload": "w", "rate_mbit": None, "mtu": 9000, "probe": {"rtt_s": 20e-6, "goodput_Bps": unshaped_rate},
+         "arrays": arrays, "to_target": True,
+         "runs": launch(tmp_path / "u", unshaped_rate, t_c, lam_full, lam_avg, arrays, nbytes)},
+        {"workload": "w", "rate_mbit": 100.0, "mtu": 1500, "probe": {"rtt_s": 20e-6, "goodput_Bps": 12e6},
+         "arrays": arrays, "to_target": True,
+         "runs": launch(tmp_path / "s", shaped_rate, t_c, lam_full, lam_avg, arrays, nbytes)},
+    ]
+    links, rows = netmodel.summarise(records, 2)
+    assert links[0]["gloo_per_array_s"] == pytest.approx((lam_full, lam_avg))
+    assert links[1]["compute_s_per_step"] == pytest.approx(t_c)
+    shaped = rows[1]
+    assert shaped["bandwidth"] == "100 Mbit/s" and shaped["strategy"] == "cpsgd"
+    # The shaped link was not fitted, yet model+gloo predicts it exactly ...
+    assert shaped["disagreement_gloo_pct"] == pytest.approx(0.0, abs=1e-6)
+    full_step = t_c + 4 * 2 * lam_full + nbytes / shaped_rate
+    assert shaped["comm_compute_ratio"] == pytest.approx((full_step - t_c) / t_c)
+    # ... while ALGORITHM.md's model, one wire latency per round at the nominal rate, misses by far more.
+    assert abs(shaped["disagreement_pct"]) > 15
+    assert shaped["comm_compute_ratio_model"] == pytest.approx((2 * 10e-6 + nbytes / 12.5e6) / t_c)
