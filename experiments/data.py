@@ -431,7 +431,7 @@ def _produce(source: Iterator, q: queue.Queue, stop: threading.Event, put: Calla
             close()  # The consumer stopped early: let the source clean up.
 
 
-def _consume(q: queue.Queue, stop: threading.Event) -> Iterator:
+def _consume(q: queue.Queue, stop: threading.Event, producer: threading.Thread) -> Iterator:
     try:
         while True:
             kind, payload = q.get()
@@ -442,6 +442,10 @@ def _consume(q: queue.Queue, stop: threading.Event) -> Iterator:
             yield payload
     finally:
         stop.set()
+        # Wait for the producer to leave ``put`` (a device transfer in C++): a
+        # daemon thread still inside it when the interpreter exits aborts the
+        # process ("FATAL: exception not rethrown").
+        producer.join(timeout=60)
         while not q.empty():  # Drop buffered items (e.g. device arrays) now; we are the only reader.
             q.get_nowait()
 
@@ -455,14 +459,14 @@ def prefetch(iterator: Iterable, size: int = 2, put: Callable[[Any], Any] | None
     source (or ``put``) is re-raised to the consumer. The thread is a daemon
     blocked on a bounded queue; it exits (closing the source) once the
     returned iterator is closed, exhausted or garbage collected, e.g. after a
-    ``break``.
+    ``break``; closing the iterator waits for it to finish its current item.
     """
     if size < 1:
         raise ValueError(f"prefetch size must be >= 1, got {size}")
     q: queue.Queue = queue.Queue(maxsize=size)
     stop = threading.Event()
-    out = _consume(q, stop)
-    weakref.finalize(out, stop.set)  # Also stops a producer whose consumer never started.
     thread = threading.Thread(target=_produce, args=(iter(iterator), q, stop, put), name="adpsgd-prefetch", daemon=True)
+    out = _consume(q, stop, thread)
+    weakref.finalize(out, stop.set)  # Also stops a producer whose consumer never started.
     thread.start()
     return out

@@ -407,6 +407,7 @@ def train_and_evaluate(setup: Setup, options: RunOptions = RunOptions()) -> dict
             raise
         raise PeerFailure(t + 1, err) from err
     finally:
+        batches.close()  # stops and joins the prefetch thread before anything else ends
         bar.close()
         writer.close()
         checkpoints.close()
