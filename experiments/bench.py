@@ -36,12 +36,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import statistics
 import sys
 import time
 from typing import Any, Callable, Optional
+
+from experiments import cifar, config as cfg  # neither imports jax
 
 GBPS = 1e9 / 8
 TARGETS = {  # name -> (comparison, target)
@@ -99,13 +100,8 @@ def check_args(args: argparse.Namespace) -> None:
             seeds = []
         need(seeds and len(set(seeds)) == len(seeds), f"--seeds takes distinct comma-separated integers, "
                                                       f"got {args.seeds!r}")
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    probe = out_dir
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    need(os.path.isdir(probe) and os.access(probe, os.W_OK), f"--out {args.out!r} cannot be written "
-                                                             f"(no writable folder at {probe!r})")
     need(not os.path.isdir(args.out), f"--out {args.out!r} is a folder; give a file name such as bench.json")
+    cfg.check_writable(os.path.dirname(os.path.abspath(args.out)))  # ConfigError, a ValueError
 
 
 # ---------------------------------------------------------------- timing
@@ -163,36 +159,23 @@ def counting_compiles():
 # ---------------------------------------------------------------- the steps
 
 
-def _image_task(model_name: str, per_device_batch: int, num_devices: int, seed: int = 0):
-    """Model, loss, an optimizer and fixed CIFAR-shaped batches [D, B, 32, 32, 3]."""
+def _image_task(model_name: str, per_device_batch: int, num_devices: int):
+    """The training run's model, loss and optimizer (``train.model_fns`` / ``make_optimizer``, CIFAR recipe:
+    lr 0.1, momentum 0.9, weight decay 5e-4) on the synthetic CIFAR-shaped set, and a fixed batch
+    [D, B, 32, 32, 3] of it."""
     import jax
-    import numpy as np
-    import optax
 
-    from experiments import data, models
+    from experiments import data, models, train
 
-    model = models.create(model_name, 10)
-    params, model_state = models.init(model, jax.random.PRNGKey(seed), (32, 32, 3))
-    rng = np.random.default_rng(seed)
-    images = rng.integers(0, 256, (num_devices, per_device_batch, 32, 32, 3), dtype=np.uint8)
-    labels = rng.integers(0, 10, (num_devices, per_device_batch)).astype(np.int32)
-    mean, std = data.channel_stats(images.reshape(-1, 32, 32, 3))
-
-    def loss_fn(params, model_state, batch, rng):
-        del rng
-        x = data.normalize(batch["image"], mean, std)
-        logits, model_state = models.apply(model, params, model_state, x, train=True)
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-        return loss, (model_state, {"accuracy": _accuracy(logits, batch["label"])})
-
-    optimizer = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9))
-    return model, params, model_state, loss_fn, optimizer, {"image": images, "label": labels}, (mean, std)
-
-
-def _accuracy(logits, labels):
-    import jax.numpy as jnp
-
-    return jnp.mean(jnp.argmax(logits, -1) == labels)
+    config = cfg.Config(dataset="synthetic", model=model_name)
+    dataset = data.load("synthetic", synthetic_size=num_devices * per_device_batch)
+    model, loss_fn, _ = train.model_fns(config, dataset)
+    params, model_state = models.init(model, jax.random.PRNGKey(0), dataset.train_images.shape[1:])
+    shape = (num_devices, per_device_batch)
+    batch = {"image": dataset.train_images.reshape(shape + dataset.train_images.shape[1:]),
+             "label": dataset.train_labels.reshape(shape)}
+    optimizer = train.make_optimizer(config, config.lr)
+    return model, params, model_state, loss_fn, optimizer, batch, (dataset.mean, dataset.std)
 
 
 def local_only_step(loss_fn, optimizer):
@@ -224,6 +207,7 @@ def plain_flax_loop(model, params, model_state, optimizer, stats):
     it, ``jax.jit`` with the state donated.
     """
     import jax
+    import jax.numpy as jnp
     import optax
     from flax.training import train_state
 
@@ -248,7 +232,7 @@ def plain_flax_loop(model, params, model_state, optimizer, stats):
 
         (value, (logits, updates)), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
         state = state.apply_gradients(grads=grads, model_state={**state.model_state, **updates})
-        return state, {"loss": value, "accuracy": _accuracy(logits, batch["label"])}
+        return state, {"loss": value, "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
 
     state = State.create(apply_fn=model.apply, params=params, tx=optimizer, model_state=model_state)
     return jax.jit(plain_step, donate_argnums=(0,)), state
@@ -268,7 +252,7 @@ def step_benchmarks(model_name: str, batch_size: int, repeats: int, steps: int, 
     cpu = devices[0].platform == "cpu"
     out: dict[str, Any] = {}
 
-    def built(devs, step_fn, schedule, loss_fn, optimizer, params, model_state, images):
+    def built(devs, step_fn, schedule, optimizer, params, model_state, images):
         mesh = distributed.worker_mesh("batch", devs)
         state = A.TrainState.create(params, model_state, optimizer, schedule, jax.random.PRNGKey(0))
         return distributed.shard_map_step(step_fn, mesh), distributed.replicate(state, mesh), \
@@ -284,7 +268,7 @@ def step_benchmarks(model_name: str, batch_size: int, repeats: int, steps: int, 
         ("sync", A.make_train_step(loss_fn, optimizer, schedules.constant(1)), schedules.constant(1)),
         ("allreduce", A.make_train_step(loss_fn, optimizer, None, strategy="allreduce"), None),
     ]:
-        step_fn, state, b = built(devices, fn, schedule, loss_fn, optimizer, params, model_state, batch)
+        step_fn, state, b = built(devices, fn, schedule, optimizer, params, model_state, batch)
         variants[name], batches[name] = (step_fn, state), b
     pairs = (("local_gated", "local_plain"), ("sync", "allreduce"))
     times = {}
@@ -310,7 +294,7 @@ def step_benchmarks(model_name: str, batch_size: int, repeats: int, steps: int, 
         ("adpsgd_local", A.make_train_step(loss_fn, optimizer, adp), adp),
         ("allreduce", A.make_train_step(loss_fn, optimizer, None, strategy="allreduce"), None),
     ]:
-        step_fn, state, b = built(tdevs, fn, schedule, loss_fn, optimizer, params, model_state, batch)
+        step_fn, state, b = built(tdevs, fn, schedule, optimizer, params, model_state, batch)
         runs[name], batches[name] = (step_fn, state), b
     plain_step, plain_state = plain_flax_loop(model, params, model_state, optimizer, stats)
     batches["plain"] = jax.device_put(jax.tree.map(lambda x: x[0], batch), tdevs[0])
@@ -380,7 +364,7 @@ def compilation_counts(methods: list[str], epochs: int, runs_dir: str) -> dict[s
     import optax
 
     import adpsgd_jax as A
-    from experiments import config as cfg, data, train
+    from experiments import data, train
 
     dataset = data.load("digits")
     os.makedirs(runs_dir, exist_ok=True)
@@ -405,7 +389,7 @@ def training_comparison(args, seeds: list[int], epochs: Optional[int], runs_dir:
     """Train every strategy on ``args.dataset`` and measure syncs / bytes / time to targets."""
     import jax
 
-    from experiments import config as cfg, data, report, results, train
+    from experiments import data, report, results, train
 
     defaults = cfg.DATASET_DEFAULTS[args.dataset]
     base = cfg.Config(dataset=args.dataset, data_dir=args.data_dir, model=defaults["model"],
@@ -613,12 +597,8 @@ def main(argv=None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if "jax" not in sys.modules:  # 8 virtual devices when jax runs on the CPU
-        flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
-        os.environ["XLA_FLAGS"] = " ".join(flags + ["--xla_force_host_platform_device_count=8"])
+    cifar.set_virtual_devices(8)  # when jax runs on the CPU
     import jax
-
-    from experiments import config as cfg
 
     devices = jax.devices()
     cpu = devices[0].platform == "cpu"

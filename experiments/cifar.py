@@ -61,7 +61,8 @@ def _start_distributed(options) -> Optional[str]:
     return None
 
 
-def _set_virtual_devices(workers: int) -> None:
+def set_virtual_devices(workers: int) -> None:
+    """Ask for ``workers`` virtual CPU devices (XLA_FLAGS), unless jax has started already."""
     if "jax" in sys.modules:
         return  # jax already started (a test or a notebook): use its devices
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
@@ -80,7 +81,7 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     per_process = configs[0].workers // (options.num_processes or 1)
-    _set_virtual_devices(per_process)
+    set_virtual_devices(per_process)
     if options.distributed:
         failure = _start_distributed(options)
         if failure:

@@ -49,9 +49,9 @@ class Run:
     def __init__(self, folder: str, processes: int):
         from experiments import results
 
-        summary = results.read_json(os.path.join(folder, results.SUMMARY))
-        metrics = results.read_jsonl(os.path.join(folder, results.METRICS))
-        self.evals = [(r["step"], r["test_accuracy"]) for r in results.read_jsonl(os.path.join(folder, results.EVAL))]
+        self.result = results.Run(folder)
+        summary, metrics = self.result.summary, self.result.metrics
+        self.evals = [(r["step"], r["test_accuracy"]) for r in self.result.evals]
         self.loop_s = [results.read_json(os.path.join(folder, TIMING.format(i)))["loop_s"] for i in range(processes)]
         self.synced = [bool(r["synced"]) for r in metrics]
         self.syncs_upto = [r["syncs"] for r in metrics]
@@ -102,8 +102,10 @@ class Run:
         return [e[s - 2] - e[s - 3] for s in range(3, self.steps + 1)
                 if not self._epoch_end(s - 1) and not self._epoch_end(s - 2) and self.synced[s - 1] == synced]
 
-    def first_reaching(self, accuracy: float) -> int:
-        return next(step for step, acc in self.evals if acc >= accuracy - 1e-12)
+    def first_reaching(self, accuracy: float) -> Optional[int]:
+        from experiments import report
+
+        return report.first_step_reaching(self.result, accuracy)
 
 
 class TimeModel(NamedTuple):

@@ -112,6 +112,12 @@ def make_schedule(config: Config, total_steps: int, steps_per_epoch: int, lr_fn)
     raise AssertionError(name)
 
 
+def make_optimizer(config: Config, lr) -> optax.GradientTransformation:
+    """The local optimizer: weight decay added to the gradient, then SGD with momentum at ``lr`` (schedule or float)."""
+    return optax.chain(optax.add_decayed_weights(config.weight_decay),
+                       optax.sgd(lr, momentum=config.momentum or None))
+
+
 def make_outer_optimizer(config: Config) -> Optional[optax.GradientTransformation]:
     """The outer optimizer of ``config`` (None for plain averaging)."""
     if config.outer_optimizer == "none":
@@ -197,7 +203,8 @@ def prepare(config: Config, dataset: Optional[data.Dataset] = None, options: Run
     return Setup(config, dataset, loader, mesh, total, lr_fn, schedule, run_dir, resume_from, finished)
 
 
-def _model_fns(config: Config, dataset: data.Dataset):
+def model_fns(config: Config, dataset: data.Dataset):
+    """(model, loss_fn, eval_fn) of ``config.model`` on ``dataset``: normalised uint8 inputs, cross-entropy, accuracy."""
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
     model = models.create(config.model, dataset.num_classes, dtype)
     mean, std = dataset.mean, dataset.std
@@ -298,12 +305,9 @@ def train_and_evaluate(setup: Setup, options: RunOptions = RunOptions()) -> dict
         return results.read_json(os.path.join(setup.run_dir, results.SUMMARY))
     config, loader, mesh, T = setup.config, setup.loader, setup.mesh, setup.total_steps
     started = time.perf_counter()
-    model, loss_fn, eval_fn = _model_fns(config, setup.dataset)
+    model, loss_fn, eval_fn = model_fns(config, setup.dataset)
     params, model_state = models.init(model, jax.random.PRNGKey(config.seed), setup.dataset.train_images.shape[1:])
-    optimizer = optax.chain(
-        optax.add_decayed_weights(config.weight_decay),
-        optax.sgd(setup.lr_fn, momentum=config.momentum or None),
-    )
+    optimizer = make_optimizer(config, setup.lr_fn)
     outer = make_outer_optimizer(config)
     # Two-level: the schedule averages across groups ("group"); gradients are averaged inside them ("local").
     step_fn = A.make_train_step(loss_fn, optimizer, setup.schedule, axis_name=mesh.axis_names[0],
@@ -350,12 +354,10 @@ def train_and_evaluate(setup: Setup, options: RunOptions = RunOptions()) -> dict
             raise NonFiniteError(t + 1, "loss", row["loss"], saved[0], checkpoints.dir)
         if row["synced"] and not np.isfinite(row["variance"]):
             raise NonFiniteError(t + 1, "variance", row["variance"], saved[0], checkpoints.dir)
-        counter = metrics["comm"]
-        last.update({k: v.item() for k, v in row.items()}, syncs=int(distributed.local_rows(counter.syncs)[0]),
-                    bytes=comm.total_bytes(counter))
+        last.update({k: v.item() for k, v in row.items()})
+        last["syncs"], last["bytes"] = _counted(metrics["comm"])
         if "group_comm" in metrics:  # two-level: the every-step mean inside the groups
-            group = metrics["group_comm"]
-            last.update(group_syncs=int(distributed.local_rows(group.syncs)[0]), group_bytes=comm.total_bytes(group))
+            last["group_syncs"], last["group_bytes"] = _counted(metrics["group_comm"])
         writer.metrics({"step": t + 1, "epoch": (t + 1) / spe, "lr": float(setup.lr_fn(t)), **last})
         bar.update(1)
         bar.set_postfix(epoch=f"{(t + 1) / spe:.1f}", loss=f"{last['loss']:.3f}",
@@ -424,7 +426,7 @@ def train_and_evaluate(setup: Setup, options: RunOptions = RunOptions()) -> dict
         "syncs": last["syncs"],
         "bytes": last["bytes"],
         # Two-level averaging: syncs / bytes above cross groups; these stay inside them.
-        "group_size": int(mesh.devices.shape[-1]) if setup.two_level else 1,
+        "group_size": group_size(config),
         "group_syncs": last.get("group_syncs", 0),
         "group_bytes": last.get("group_bytes", 0),
         "steps": T,
@@ -441,6 +443,11 @@ def train_and_evaluate(setup: Setup, options: RunOptions = RunOptions()) -> dict
     }
     writer.summary(summary)
     return summary
+
+
+def _counted(counter: comm.CommCounter) -> tuple[int, int]:
+    """(rounds, exact bytes) of a per-worker ``CommCounter``, as read on the host."""
+    return int(distributed.local_rows(counter.syncs)[0]), comm.total_bytes(counter)
 
 
 def default_checkpoint_every(steps_per_epoch: int, min_steps: int = 200) -> int:
