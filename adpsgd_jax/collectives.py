@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-MAX_QSGD_LEVELS = 32767  # Signed levels must fit in int16.
+from adpsgd_jax.limits import MAX_QSGD_LEVELS  # noqa: F401  (signed levels fit int16)
 
 
 def _is_float(x) -> bool:

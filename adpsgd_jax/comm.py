@@ -88,7 +88,7 @@ class CommCounter(NamedTuple):
     the 2 GiB an int32 holds; read it on the host with ``total_bytes``.
     """
 
-    syncs: jnp.ndarray  # int32[]: communication rounds so far.
+    rounds: jnp.ndarray  # int32[]: communication rounds so far (syncs, or every step of a full-sync strategy).
     gib: jnp.ndarray  # int32[]: whole GiB.
     low: jnp.ndarray  # int32[]: remaining bytes, in [0, 2^30).
 
@@ -103,7 +103,7 @@ class CommCounter(NamedTuple):
         low = self.low + rounds * lo
         carry = low >> _LOW_BITS
         return CommCounter(
-            syncs=self.syncs + rounds,
+            rounds=self.rounds + rounds,
             gib=self.gib + rounds * hi + carry,
             low=low & ((1 << _LOW_BITS) - 1),
         )

@@ -13,29 +13,8 @@ import math
 import os
 from typing import Optional, Union
 
-DATASETS = ("cifar10", "cifar100", "digits", "synthetic")
-MODELS = ("resnet18", "vgg16", "cnn", "mlp")
-LR_SCHEDULES = ("step", "cosine", "constant")
-# A method is what one run trains with: a strategy, and for ``average`` a schedule.
-# The name -> (strategy, schedule) table lives here, at the CLI's edge.
-METHODS = {
-    "allreduce": ("allreduce", None),  # full-sync SGD (gradient all-reduce every step)
-    "qsgd": ("qsgd", None),
-    "cpsgd": ("average", "constant"),
-    "full_sync": ("average", "full_sync"),  # parameter averaging every step
-    "post_local": ("average", "post_local"),
-    "stagewise": ("average", "stagewise"),
-    "adacomm": ("average", "adacomm"),
-    "adpsgd": ("average", "adpsgd"),
-    "lr_proportional": ("average", "lr_proportional"),
-}
-SCHEDULES = tuple(sorted({s for _, s in METHODS.values() if s}))
-STRATEGIES = ("average", "allreduce", "qsgd")
-DEFAULT_COMPARE = ("allreduce", "cpsgd", "adpsgd", "qsgd")
-# Outer optimizers applied to the averaged change at each sync, and their
-# default (learning rate, momentum): nesterov is DiLoCo's outer step.
-OUTER_OPTIMIZERS = ("none", "sgd", "nesterov")
-OUTER_DEFAULTS = {"sgd": (1.0, 0.0), "nesterov": (0.7, 0.9)}
+from experiments.names import (DATASETS, DEFAULT_COMPARE, DTYPES, LR_SCHEDULES, MAX_QSGD_LEVELS, METHODS,  # noqa: F401
+                               MODELS, OUTER_DEFAULTS, OUTER_OPTIMIZERS, SCHEDULES, STRATEGIES)
 
 # Per-dataset defaults: the usual CIFAR ResNet recipe, and the digits setting
 # of ALGORITHM.md's prototype (MLP, plain SGD, batch 16 per worker, 30 epochs).
@@ -349,7 +328,7 @@ def validate(c: Config) -> None:
     need(c.method in METHODS, f"method {c.method!r} is unknown; accepted values: {', '.join(METHODS)}")
     need(c.model in MODELS, f"--model {c.model!r} is unknown; accepted values: {', '.join(MODELS)}")
     need(c.lr_schedule in LR_SCHEDULES, f"--lr-schedule {c.lr_schedule!r} is unknown; accepted values: {', '.join(LR_SCHEDULES)}")
-    need(c.dtype in ("float32", "bfloat16"), f"--dtype {c.dtype!r} is unknown; accepted values: float32, bfloat16")
+    need(c.dtype in DTYPES, f"--dtype {c.dtype!r} is unknown; accepted values: {', '.join(DTYPES)}")
     need(c.workers >= 1, f"--workers must be >= 1, got {c.workers}")
     need(c.batch_size >= 1, f"--batch-size must be >= 1, got {c.batch_size}")
     need(c.epochs >= 1, f"--epochs must be >= 1, got {c.epochs}")
@@ -361,7 +340,7 @@ def validate(c: Config) -> None:
     need(c.weight_decay >= 0, f"--weight-decay must be >= 0, got {c.weight_decay}")
     need(c.avg_period >= 1, f"--avg-period must be >= 1, got {c.avg_period}")
     need(0 <= c.local_warmup_epochs < c.epochs, f"--local-warmup-epochs must be in [0, {c.epochs}), got {c.local_warmup_epochs}")
-    need(1 <= c.qsgd_levels <= 32767, f"--qsgd-levels must be in [1, 32767], got {c.qsgd_levels}")
+    need(1 <= c.qsgd_levels <= MAX_QSGD_LEVELS, f"--qsgd-levels must be in [1, {MAX_QSGD_LEVELS}], got {c.qsgd_levels}")
     need(c.qsgd_bucket_size >= 1, f"--qsgd-bucket-size must be >= 1, got {c.qsgd_bucket_size}")
     need(c.synthetic_size >= 1, f"--synthetic-size must be >= 1, got {c.synthetic_size}")
     need(c.group_size == "host" or (type(c.group_size) is int and c.group_size >= 1 and c.workers % c.group_size == 0),

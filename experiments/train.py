@@ -447,7 +447,7 @@ def train_and_evaluate(setup: Setup, options: RunOptions = RunOptions()) -> dict
 
 def _counted(counter: comm.CommCounter) -> tuple[int, int]:
     """(rounds, exact bytes) of a per-worker ``CommCounter``, as read on the host."""
-    return int(distributed.local_rows(counter.syncs)[0]), comm.total_bytes(counter)
+    return int(distributed.local_rows(counter.rounds)[0]), comm.total_bytes(counter)
 
 
 def default_checkpoint_every(steps_per_epoch: int, min_steps: int = 200) -> int:

@@ -31,7 +31,7 @@ def test_counter_is_exact_beyond_int32():
     for _ in range(5):
         counter = add(counter, jnp.int32(1))
     counter = add(counter, jnp.int32(0))
-    assert int(counter.syncs) == 5
+    assert int(counter.rounds) == 5
     assert comm.total_bytes(counter) == 5 * 3_000_000_123
     assert all(x.dtype == jnp.int32 for x in counter)
 

@@ -128,7 +128,7 @@ def test_sync_and_byte_counts(mesh, period, steps):
     opt = optax.sgd(0.05)
     state, history = run(mesh, opt, S.constant(period), steps)
     params, model_state = init_params()
-    assert int(state.comm.syncs[0]) == steps // period
+    assert int(state.comm.rounds[0]) == steps // period
     assert sum(int(m["synced"][0]) for m in history) == steps // period
     # Per sync: parameters + model state + the (variance, loss) scalar pair.
     per_sync = comm.tree_bytes(params) + comm.tree_bytes(model_state) + 8
@@ -139,10 +139,10 @@ def test_sync_and_byte_counts(mesh, period, steps):
 def test_full_sync_schedule_and_allreduce_counts(mesh):
     opt = optax.sgd(0.05)
     state, _ = run(mesh, opt, S.full_sync(), 7)
-    assert int(state.comm.syncs[0]) == 7
+    assert int(state.comm.rounds[0]) == 7
     state, history = run(mesh, opt, None, 7, strategy="allreduce")
     params, model_state = init_params()
-    assert int(state.comm.syncs[0]) == 7
+    assert int(state.comm.rounds[0]) == 7
     assert comm.total_bytes(state.comm) == 7 * (comm.tree_bytes(params) + comm.tree_bytes(model_state))
     assert all(m["variance"][0] == 0.0 and m["synced"][0] == 1 for m in history)
 
@@ -252,7 +252,7 @@ def test_shard_map_equals_pmap(mesh):
     b, hb = run(mesh, optax.sgd(lr, momentum=0.9), sched, T, wrap=D.shard_map_step)
     chex.assert_trees_all_close(a.params, b.params, rtol=1e-5, atol=1e-6)
     assert [m["synced"][0] for m in ha] == [m["synced"][0] for m in hb]
-    assert int(a.comm.syncs[0]) == int(b.comm.syncs[0])
+    assert int(a.comm.rounds[0]) == int(b.comm.rounds[0])
 
 
 @pytest.mark.parametrize("wrap", ["pmap", "shard_map"])

@@ -96,9 +96,9 @@ def test_variance_is_measured_across_groups():
 def test_intra_and_inter_group_bytes_are_counted_apart():
     state, history = run_grouped(2, optax.sgd(0.05), S.constant(4), 12)
     params, model_state = init_params()
-    assert int(state.group_comm.syncs[0]) == 12
+    assert int(state.group_comm.rounds[0]) == 12
     assert comm.total_bytes(state.group_comm) == 12 * (comm.tree_bytes(params) + comm.tree_bytes(model_state))
-    assert int(state.comm.syncs[0]) == 3
+    assert int(state.comm.rounds[0]) == 3
     assert comm.total_bytes(state.comm) == 3 * (comm.tree_bytes(params) + comm.tree_bytes(model_state) + 8)
     assert comm.total_bytes(history[-1]["group_comm"]) == comm.total_bytes(state.group_comm)
 

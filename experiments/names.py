@@ -1,0 +1,36 @@
+"""The names and limits that the CLI, the training run, the benchmarks and the
+report share: each defined here once. Imports no jax (``adpsgd_jax.limits``
+is a plain module), so flags can be checked before jax starts.
+"""
+
+from adpsgd_jax.limits import MAX_QSGD_LEVELS
+
+DATASETS = ("cifar10", "cifar100", "digits", "synthetic")
+MODELS = ("resnet18", "vgg16", "cnn", "mlp")
+LR_SCHEDULES = ("step", "cosine", "constant")
+DTYPES = ("float32", "bfloat16")
+
+# A method is what one run trains with: a strategy, and for ``average`` a schedule.
+METHODS = {
+    "allreduce": ("allreduce", None),  # full-sync SGD (gradient all-reduce every step)
+    "qsgd": ("qsgd", None),
+    "cpsgd": ("average", "constant"),
+    "full_sync": ("average", "full_sync"),  # parameter averaging every step
+    "post_local": ("average", "post_local"),
+    "stagewise": ("average", "stagewise"),
+    "adacomm": ("average", "adacomm"),
+    "adpsgd": ("average", "adpsgd"),
+    "lr_proportional": ("average", "lr_proportional"),
+}
+STRATEGIES = ("average", "allreduce", "qsgd")
+SCHEDULES = tuple(sorted({s for _, s in METHODS.values() if s}))
+DEFAULT_COMPARE = ("allreduce", "cpsgd", "adpsgd", "qsgd")
+
+# Outer optimizers applied to the averaged change at each sync, and their
+# default (learning rate, momentum): nesterov is DiLoCo's outer step.
+OUTER_OPTIMIZERS = ("none", "sgd", "nesterov")
+OUTER_DEFAULTS = {"sgd": (1.0, 0.0), "nesterov": (0.7, 0.9)}
+
+# Link speeds of the time model's tables (the paper's two clusters), in Gbit/s.
+BANDWIDTHS_GBPS = (10, 100)
+GBPS = 1e9 / 8  # bytes per second in one gigabit per second
