@@ -14,7 +14,7 @@ set the CPU device count first.
 import importlib
 
 _SUBMODULES = ("collectives", "comm", "distributed", "limits", "schedules", "step", "timemodel")
-_FROM_STEP = ("STRATEGIES", "TrainState", "make_eval_step", "make_train_step")  # (the step API is being replaced)
+_FROM_STEP = ("StepMetrics", "Strategy", "TrainState", "allreduce", "local_sgd", "make_eval_step", "qsgd")
 
 __all__ = list(_SUBMODULES + _FROM_STEP)
 __version__ = "0.1.0"

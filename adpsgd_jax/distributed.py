@@ -1,27 +1,41 @@
-"""Placing workers on devices: jax.distributed start-up, meshes,
+"""Placing workers on devices: jax.distributed start-up, worker layouts,
 replication, batch sharding, and the pmap / shard_map wrappers of a
-per-device step.
+per-worker step.
 
-One worker is one device along a named mesh axis, across every process of a
-multi-host run. Per-worker values (the train state, the batch) carry a
-leading axis of size N = number of workers, sharded along that axis, exactly
-as ``jax.pmap`` returns them, so the first call and every later call see the
-same input sharding and nothing retraces. In a multi-process run these are
-global arrays: each process holds the rows of its own devices.
+N workers live on D devices, K = N / D per device (``workers`` builds the
+``Layout``): a mesh of the devices and, inside each device's program, the K
+workers on named ``vmap`` axes, so every collective of the step spans the
+workers of all devices. Per-worker values (the train state, the batch) carry
+one leading axis of size N, sharded over the mesh in blocks of K, exactly as
+``jax.pmap`` returns them with K = 1, so the first call and every later call
+see the same input sharding and nothing retraces. In a multi-process run
+these are global arrays: each process holds the rows of its own devices.
 
-Two-level averaging uses a 2-D mesh ("group", "local") of G groups of L
-workers (``group_mesh``). Per-worker arrays keep their one leading axis of
-N = G * L rows, sharded over both mesh axes (PartitionSpec(("group",
-"local"))): worker n = g * L + l is row n, as on the 1-D mesh.
+Two-level averaging lays G groups of L workers over the same N rows: worker
+n = g * L + l is row n whatever K is.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+import math
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+
+def set_cpu_devices(count: int) -> bool:
+    """Ask jax for ``count`` CPU devices (``jax_num_cpu_devices``; it overrides
+    XLA_FLAGS' --xla_force_host_platform_device_count). Takes effect only
+    before jax's first operation: returns False, changing nothing, once jax's
+    backends have started (a notebook or test that set them already)."""
+    try:
+        jax.config.update("jax_num_cpu_devices", int(count))
+    except RuntimeError:
+        return False
+    return True
 
 
 def initialize(
@@ -56,14 +70,106 @@ def initialize(
     )
 
 
-def local_workers(mesh: Mesh) -> list[int]:
-    """Indices (positions along the mesh axis) of this process's workers."""
-    return [i for i, d in enumerate(mesh.devices.flat) if d.process_index == jax.process_index()]
+WORKER_AXIS = "worker"  # the vmapped axis of the workers that share one device
+_GROUP_WORKER_AXIS = "group_worker"  # with several groups on one device: the groups' vmapped axis
+
+
+class Layout(NamedTuple):
+    """Where N workers live: a mesh of D devices and, inside each device's
+    program, K = N / D workers on vmapped named axes.
+
+    Per-worker arrays have one leading axis of N rows, sharded over every mesh
+    axis: device d (in ``mesh.devices.flat`` order) holds workers
+    d K, ..., d K + K - 1. Worker n's index over ``axes`` (major to minor) is n.
+
+    Attributes:
+      mesh: the device mesh.
+      vmap_axes: ((name, size), ...), outer to inner, of the workers inside a
+        device program; () with one worker per device.
+      axis_name: the axes a sync averages over (all workers, or across groups).
+      group_axis_name: the axes inside a group (two-level averaging), else ().
+    """
+
+    mesh: Mesh
+    vmap_axes: tuple = ()
+    axis_name: tuple = ("batch",)
+    group_axis_name: tuple = ()
+
+    @property
+    def workers_per_device(self) -> int:
+        return math.prod(size for _, size in self.vmap_axes)
+
+    @property
+    def num_workers(self) -> int:
+        return self.mesh.devices.size * self.workers_per_device
+
+    @property
+    def axes(self) -> tuple:
+        """Every worker axis, major to minor (the workers' index runs over these)."""
+        return self.axis_name + self.group_axis_name
+
+
+def workers(num_workers: Optional[int] = None, devices: Optional[Sequence[jax.Device]] = None, *,
+            group_size: int = 1, axis_name: str = "batch") -> Layout:
+    """Lay ``num_workers`` workers (default: one per device) over ``devices``
+    (default: every device of every process), K = N / D on each device.
+
+    Flat (``group_size`` 1): mesh (axis_name,), the K workers of a device on
+    the vmapped axis ``WORKER_AXIS``; syncs average over both.
+
+    Two-level, groups of L = ``group_size`` consecutive workers: when K
+    divides L a group spans L / K devices (mesh ("group", "local"), groups
+    across "group", in-group axes ("local", WORKER_AXIS)); when L divides K a
+    device holds K / L whole groups (mesh ("group",), vmapped axes
+    (``_GROUP_WORKER_AXIS``, "local")).
+
+    Raises ValueError, naming the argument and the accepted values, when D does
+    not divide N, L does not divide N, or neither of K and L divides the other.
+    """
+    devices = jax.devices() if devices is None else list(devices)
+    d = len(devices)
+    n = d if num_workers is None else num_workers
+    if isinstance(n, bool) or int(n) != n or n < 1 or n % d:
+        raise ValueError(f"num_workers must be a positive multiple of the number of devices ({d}), got {n!r}")
+    k = n // d
+    if isinstance(group_size, bool) or int(group_size) != group_size or group_size < 1 or n % group_size:
+        raise ValueError(f"group_size must be an integer >= 1 that divides the number of workers ({n}), "
+                         f"got {group_size!r}")
+    worker = ((WORKER_AXIS, k),) if k > 1 else ()
+    grid = np.asarray(devices)
+    if group_size == 1:
+        return Layout(Mesh(grid, (axis_name,)), worker, (axis_name,) + tuple(a for a, _ in worker))
+    if group_size % k == 0:
+        mesh = Mesh(grid.reshape(n // group_size, group_size // k), ("group", "local"))
+        return Layout(mesh, worker, ("group",), ("local",) + tuple(a for a, _ in worker))
+    if k % group_size == 0:
+        groups = ((_GROUP_WORKER_AXIS, k // group_size),) if k > group_size else ()
+        return Layout(Mesh(grid, ("group",)), groups + (("local", group_size),),
+                      ("group",) + tuple(a for a, _ in groups), ("local",))
+    raise ValueError(f"group_size {group_size} and the {k} workers per device: one must divide the other "
+                     f"(accepted group sizes: {', '.join(str(g) for g in range(1, n + 1) if not n % g and (g % k == 0 or k % g == 0))})")
+
+
+def as_layout(where: Union[Layout, Mesh]) -> Layout:
+    """A Layout, or a Mesh read as one worker per device (its first axis across
+    groups, a second axis inside them)."""
+    if isinstance(where, Layout):
+        return where
+    names = tuple(where.axis_names)
+    return Layout(where, (), names[:1], names[1:])
+
+
+def local_workers(where: Union[Layout, Mesh]) -> list[int]:
+    """Indices of this process's workers, in order."""
+    layout = as_layout(where)
+    k = layout.workers_per_device
+    return [i * k + j for i, dev in enumerate(layout.mesh.devices.flat) if dev.process_index == jax.process_index()
+            for j in range(k)]
 
 
 def _local_devices(mesh: Mesh) -> list:
     """This process's devices of the mesh, in worker order."""
-    return [mesh.devices.flat[i] for i in local_workers(mesh)]
+    return [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
 
 
 def local_rows(x: jax.Array) -> np.ndarray:
@@ -74,24 +180,21 @@ def local_rows(x: jax.Array) -> np.ndarray:
 
 def worker_mesh(axis_name: str = "batch", devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
     """A 1-D mesh of ``devices`` (default: every device of every process)."""
-    devices = jax.devices() if devices is None else list(devices)
-    return Mesh(np.asarray(devices), (axis_name,))
+    return workers(devices=devices, axis_name=axis_name).mesh
 
 
-def group_mesh(group_size: int, devices: Optional[Sequence[jax.Device]] = None,
-               axis_names: tuple[str, str] = ("group", "local")) -> Mesh:
-    """A 2-D mesh [G, L] of ``devices`` for two-level averaging: G = N / L groups
-    of L = ``group_size`` consecutive devices (default: every device).
+def group_mesh(group_size: int, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+    """A 2-D mesh [G, L] ("group", "local") of ``devices`` for two-level
+    averaging with one worker per device: G = N / L groups of L =
+    ``group_size`` consecutive devices (default: every device).
 
     With ``jax.devices()`` ordered process by process, L = devices per process
     makes each group one host. Raises ValueError unless L divides N.
     """
     devices = jax.devices() if devices is None else list(devices)
-    n = len(devices)
-    if isinstance(group_size, bool) or int(group_size) != group_size or group_size < 1 or n % group_size:
-        raise ValueError(f"group_size must be an integer >= 1 that divides the number of devices ({n}), "
-                         f"got {group_size!r}")
-    return Mesh(np.asarray(devices).reshape(n // group_size, group_size), tuple(axis_names))
+    if group_size == 1:
+        return Mesh(np.asarray(devices).reshape(len(devices), 1), ("group", "local"))
+    return workers(devices=devices, group_size=group_size).mesh
 
 
 def worker_spec(mesh: Mesh) -> P:
@@ -100,39 +203,42 @@ def worker_spec(mesh: Mesh) -> P:
     return P(names[0] if len(names) == 1 else names)
 
 
-def worker_sharding(mesh: Mesh) -> NamedSharding:
+def worker_sharding(where: Union[Layout, Mesh]) -> NamedSharding:
     """Sharding of a per-worker array: leading axis split over the mesh axes."""
+    mesh = as_layout(where).mesh
     return NamedSharding(mesh, worker_spec(mesh))
 
 
-def replicate(tree: Any, mesh: Mesh) -> Any:
+def replicate(tree: Any, where: Union[Layout, Mesh]) -> Any:
     """Copy every leaf of ``tree`` onto each worker: [...] -> [N, ...].
 
     Each process supplies the copies on its own devices, so this also builds
     global arrays in a multi-process run.
     """
-    sharding = worker_sharding(mesh)
-    local = _local_devices(mesh)
-    n = mesh.devices.size
+    layout = as_layout(where)
+    sharding, k, n = worker_sharding(layout), layout.workers_per_device, layout.num_workers
+    local = _local_devices(layout.mesh)
 
     def put(x):
         x = np.asarray(x) if not isinstance(x, jax.Array) else x
-        shards = [jax.device_put(x[None], d) for d in local]
+        block = jnp.broadcast_to(x[None], (k,) + tuple(x.shape))
+        shards = [jax.device_put(block, d) for d in local]
         return jax.make_array_from_single_device_arrays((n,) + tuple(x.shape), sharding, shards)
 
     return jax.tree.map(put, tree)
 
 
-def shard_local_batch(batch: Any, mesh: Mesh) -> Any:
-    """Put this process's rows [L, per_device, ...] (L = its workers, in
+def shard_local_batch(batch: Any, where: Union[Layout, Mesh]) -> Any:
+    """Put this process's rows [W, per_worker, ...] (W = its workers, in
     ``local_workers`` order) onto its devices as global arrays [N, ...]."""
-    devices = _local_devices(mesh)
-    check_leading_dim(batch, len(devices), what="local batch")
-    sharding, n = worker_sharding(mesh), mesh.devices.size
+    layout = as_layout(where)
+    devices, k = _local_devices(layout.mesh), layout.workers_per_device
+    check_leading_dim(batch, len(devices) * k, what="local batch")
+    sharding, n = worker_sharding(layout), layout.num_workers
 
     def put(x):
         x = np.asarray(x)
-        rows = [jax.device_put(x[j : j + 1], d) for j, d in enumerate(devices)]
+        rows = [jax.device_put(x[j * k: (j + 1) * k], d) for j, d in enumerate(devices)]
         return jax.make_array_from_single_device_arrays((n,) + x.shape[1:], sharding, rows)
 
     return jax.tree.map(put, batch)
@@ -151,21 +257,21 @@ def check_leading_dim(tree: Any, num_workers: int, what: str = "batch") -> None:
             name = jax.tree_util.keystr(path) or "<leaf>"
             raise ValueError(
                 f"{what} leaf {name} has shape {tuple(shape)}: its leading dimension must equal the number of "
-                f"devices ({num_workers}); lay the batch out as [{num_workers}, per_device_batch, ...] "
+                f"workers ({num_workers}); lay the batch out as [{num_workers}, per_worker_batch, ...] "
                 f"(adpsgd_jax.distributed.shard_batch)"
             )
 
 
-def shard_batch(batch: Any, mesh: Mesh) -> Any:
-    """Put a host batch laid out [N, per_device, ...] onto the workers.
+def shard_batch(batch: Any, where: Union[Layout, Mesh]) -> Any:
+    """Put a host batch laid out [N, per_worker, ...] onto the workers.
 
     Raises ValueError naming the leaf when the leading dimension is not N.
     In a multi-process run each process passes the full global batch and
     only its own devices' rows are transferred.
     """
-    n = mesh.devices.size
-    check_leading_dim(batch, n)
-    sharding = worker_sharding(mesh)
+    layout = as_layout(where)
+    check_leading_dim(batch, layout.num_workers)
+    sharding = worker_sharding(layout)
 
     def put(x):
         x = np.asarray(x)
@@ -203,29 +309,52 @@ def pmap_step(step: Callable, mesh: Mesh, donate_state: bool = True) -> Callable
     return _checked(compiled, len(devices))
 
 
-def shard_map_step(step: Callable, mesh: Mesh, donate_state: bool = True) -> Callable:
-    """The same per-device ``step`` under ``jax.jit(jax.shard_map(...))``.
+def _in_axes(state) -> Any:
+    """vmap in_axes of a state: its own ``worker_axes()`` (worker-invariant
+    fields unbatched), else every leaf batched."""
+    return state.worker_axes() if hasattr(state, "worker_axes") else 0
 
-    Each shard sees its block [1, ...]; the wrapper hides that unit axis so
-    ``step`` sees exactly what it sees under ``pmap``. Inputs
-    and outputs are per-worker arrays [N, ...] sharded along the axis (both
-    axes of a ``group_mesh``, whose collectives ``step`` names itself).
+
+def shard_map_step(step: Callable, where: Union[Layout, Mesh], donate_state: bool = True) -> Callable:
+    """A per-worker ``step(state, batch)`` as one ``jax.jit(jax.shard_map(...))``
+    program over the layout's devices, its K workers per device ``vmap``ped
+    over the layout's named worker axes inside.
+
+    Inputs and outputs are per-worker arrays [N, ...] sharded over the mesh.
+    Worker-invariant fields of the state (``TrainState.worker_axes``: the
+    step, the schedule's state, the counters) enter the device program once,
+    unbatched, so the schedule's ``lax.cond`` predicate stays one scalar and
+    remains a branch: a step that does not sync runs no collective (under
+    ``vmap`` a batched predicate would turn the cond into a select that runs
+    both branches). ``step`` names the layout's axes in its collectives
+    (``layout.axes``).
+
+    Shard_map's varying-axes check is off (``check_vma=False``): the averaged
+    and the local branch of the cond differ in which axes they vary over, and
+    mean over vmapped and mesh axes together is not expressible under it.
     """
-    spec = worker_spec(mesh)
+    layout = as_layout(where)
+    spec, k = worker_spec(layout.mesh), layout.workers_per_device
+    levels = layout.vmap_axes or ((None, 1),)  # with one worker per device, vmap the unit axis away
+    sizes = tuple(size for _, size in levels)
 
-    def per_shard(state, batch):
-        # The unit axis is vmapped away rather than indexed away: with x[0] /
-        # x[None] around the step, XLA (CPU at least) can no longer update the
-        # donated parameters and optimizer state in place and copies them every
-        # step (+1.5 parameter copies of memory, ~25% of a small CNN's step).
-        # Per-worker scalars ([1] blocks: step, schedule state, counters) go
-        # in unbatched, so the schedule's lax.cond stays a branch, not a select.
-        axes = jax.tree.map(lambda x: None if x.ndim <= 1 else 0, (state, batch))
-        args = jax.tree.map(lambda x: x[0] if x.ndim <= 1 else x, (state, batch))
-        return jax.vmap(step, in_axes=axes, out_axes=0)(*args)
+    def per_device(state, batch):
+        # The unit (or K) axis is vmapped away rather than indexed away: with
+        # x[0] / x[None] around the step, XLA (CPU at least) can no longer
+        # update the donated parameters and optimizer state in place.
+        axes = (_in_axes(state), 0)
+        def block(a, subtree):  # [K, ...] -> [...] (invariant) or [K1, K2, ..., ...] (per worker)
+            return jax.tree.map(lambda x: x[0] if a is None else x.reshape(sizes + x.shape[1:]), subtree)
 
-    per_shard.__name__ = getattr(step, "__name__", "step")  # jax's compile logs and events name the step
+        mapped = jax.tree.map(block, axes, (state, batch), is_leaf=lambda a: a is None)
+        fn = step
+        for name, _ in reversed(levels):
+            fn = jax.vmap(fn, in_axes=axes, out_axes=0, axis_name=name)
+        out = fn(*mapped)
+        return jax.tree.map(lambda x: x.reshape((k,) + x.shape[len(sizes):]), out)
 
-    mapped = jax.shard_map(per_shard, mesh=mesh, in_specs=(spec, spec), out_specs=spec)
+    per_device.__name__ = getattr(step, "__name__", "step")  # jax's compile logs and events name the step
+
+    mapped = jax.shard_map(per_device, mesh=layout.mesh, in_specs=(spec, spec), out_specs=spec, check_vma=False)
     compiled = jax.jit(mapped, donate_argnums=(0,) if donate_state else ())
-    return _checked(compiled, mesh.devices.size)
+    return _checked(compiled, layout.num_workers)

@@ -1,55 +1,41 @@
-"""The train state and the pure train / eval steps.
+"""The train state, the three training strategies and the eval step.
 
-The step is built once and is a pure function of (state, batch) that runs
-per device under ``jax.pmap`` or ``jax.shard_map`` over ``axis_name``:
+Each strategy is a constructor that takes the loss, the optimizer and (for
+periodic averaging) the schedule once, and returns an optax-style pair
+``Strategy(init, step)``:
 
-    train_step = make_train_step(loss_fn, optimizer, constant(8))
-    p_train_step = jax.pmap(train_step, axis_name="batch", donate_argnums=(0,))
-    state, metrics = p_train_step(state, batch)
+    strategy = local_sgd(loss_fn, optax.sgd(0.1), schedules.constant(8))
+    state = strategy.init(params, model_state, rng)     # one worker's state
+    state = distributed.replicate(state, mesh)          # [N, ...] per leaf
+    p_train_step = distributed.shard_map_step(strategy.step, mesh)
+    state, metrics = p_train_step(state, batch)         # metrics: StepMetrics
+
+``step(state, batch) -> (state, StepMetrics)`` is a pure per-worker function
+whose collectives name ``axis_name``: it runs under ``jax.pmap``, under
+``jax.shard_map`` and, with several workers per device, under a named
+``jax.vmap`` inside the device program (``distributed.shard_map_step``). An
+axis may be a name or a tuple of names (all of them together are the workers).
 
 ``loss_fn(params, model_state, batch, rng) -> (loss, (model_state, aux))``
 where ``aux`` is a dict of scalar metrics (e.g. accuracy) computed on the
 worker's own batch.
 
-Strategies (ALGORITHM.md, "Baselines"):
+Strategies (docs/algorithm.md, "Strategies"):
 
-* ``average``: local optimizer step, then, when the schedule says so,
+* ``local_sgd``: local optimizer step, then, when the schedule says so,
   ``lax.cond``-gated averaging of parameters and model state (optionally the
   optimizer state) with the pre-sync variance measured on the way. Between
-  syncs nothing is communicated, not even metrics.
+  syncs nothing is communicated. Two options: two-level averaging
+  (``group_axis_name``) and an outer optimizer on the averaged change (DiLoCo).
 * ``allreduce``: full-sync SGD; gradients (and model state) are averaged
   every step before one optimizer update.
 * ``qsgd``: like ``allreduce`` with each worker's gradient stochastically
   quantised to s levels and all-gathered as int8/int16.
-
-Two options of ``average`` (both off by default):
-
-* two-level averaging (``group_axis_name``): the workers form groups along a
-  second mesh axis (e.g. the devices of one host, on fast links). Inside a
-  group the gradients and model state are averaged every step, so a group's
-  replicas stay identical; across groups the schedule averages parameters
-  over ``axis_name`` (the slow links) as above, with the variance measured
-  across groups. Mesh ("group", "local") under ``shard_map``:
-
-      train_step = make_train_step(loss_fn, opt, adpsgd(...), axis_name="group",
-                                   group_axis_name="local")
-
-* an outer optimizer (``outer_optimizer``, DiLoCo): at a sync the averaged
-  change since the previous sync, Delta = x_s - xbar, is treated as a
-  gradient for any optax transformation, and every worker continues from
-  x_s + outer_update(Delta). ``optax.sgd(1.0)`` gives plain averaging.
-
-Metrics are per replica (the host averages them over devices): ``loss``,
-the ``aux`` entries, ``synced`` (0/1), ``variance`` (pre-sync V at syncs, NaN
-otherwise; 0 for the full-sync strategies, whose replicas never differ),
-``period``, ``comm`` (the cumulative ``CommCounter`` of the averaging, or of
-the every-step mean of the full-sync strategies) and, with two-level
-averaging, ``group_comm`` (the every-step mean inside the groups).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -58,42 +44,104 @@ from jax import lax
 
 from adpsgd_jax import collectives, comm
 from adpsgd_jax.collectives import tree_pmean
+from adpsgd_jax.limits import MAX_QSGD_LEVELS
 from adpsgd_jax.schedules import Schedule
 
-STRATEGIES = ("average", "allreduce", "qsgd")
 LossFn = Callable[[Any, Any, Any, jax.Array], tuple]
+AxisName = Union[str, Sequence[str]]
 
 
 class TrainState(NamedTuple):
     """Everything a worker carries between steps (a pytree).
 
-    Under ``pmap`` every leaf has a leading device axis; replicas may differ
-    between syncs.
+    Replicated, every leaf has a leading worker axis [N, ...]; the workers'
+    parameters, model and optimizer states differ between syncs. The fields
+    marked "same on every worker" are computed from worker-invariant values
+    only; the sync decision is read from them, so it is one scalar per device
+    program however many workers a device carries.
     """
 
-    step: jnp.ndarray  # int32[]: local steps taken.
+    step: jnp.ndarray  # int32[]: local steps taken (same on every worker).
     params: Any
     model_state: Any  # Non-trainable state, e.g. batch-norm statistics.
     opt_state: Any
-    sched_state: Any  # The schedule's state (None for allreduce / qsgd).
-    rng: jax.Array  # Base key; per-step, per-device keys are folded in.
-    comm: comm.CommCounter  # Cumulative rounds and bytes (across groups in two-level averaging).
-    group_comm: Optional[comm.CommCounter] = None  # Every-step mean inside the groups (zero unless two-level).
+    sched_state: Any  # The schedule's state (same on every worker; None for the full-sync strategies).
+    rng: jax.Array  # Base key; per-step, per-worker keys are folded in.
+    comm: comm.CommCounter  # Rounds and bytes of the strategy's collective (same on every worker).
+    group_comm: comm.CommCounter  # Every-step mean inside the groups: two-level averaging only, else zero.
     anchor: Any = None  # x_s, the parameters after the last sync (outer optimizer only, else None).
     outer_opt_state: Any = None  # The outer optimizer's state, identical on every worker (or None).
 
-    @classmethod
-    def create(cls, params, model_state, optimizer: optax.GradientTransformation,
-               schedule: Optional[Schedule], rng: jax.Array,
-               outer_optimizer: Optional[optax.GradientTransformation] = None) -> "TrainState":
-        """A single (unreplicated) state; replicate it with ``distributed.replicate``.
+    def worker_axes(self) -> "TrainState":
+        """A prefix pytree for ``jax.vmap``'s in_axes: 0 where workers differ,
+        None where every worker holds the same value (the decision inputs)."""
+        return TrainState(step=None, params=0, model_state=0, opt_state=0, sched_state=None, rng=0, comm=None,
+                          group_comm=None, anchor=None if self.anchor is None else 0,
+                          outer_opt_state=None if self.outer_opt_state is None else 0)
 
-        With ``outer_optimizer`` the state also holds the anchor x_s (a copy
-        of ``params``) and ``outer_optimizer.init(params)``; without it both
-        are None, so plain averaging carries no extra parameter copy.
-        """
+
+class StepMetrics(NamedTuple):
+    """What one step reports, per worker (a pytree of scalars).
+
+    ``loss`` and ``aux`` are the worker's own mini-batch values; the other
+    fields are the same on every worker.
+    """
+
+    loss: jnp.ndarray  # float32[]
+    aux: dict  # {name: float32[]} from loss_fn
+    synced: jnp.ndarray  # bool[]: the workers averaged (always True for the full-sync strategies)
+    variance: jnp.ndarray  # float32[]: pre-sync V = (1/N) sum_i ||x_i - xbar||^2 at a sync; 0 otherwise
+    period: jnp.ndarray  # int32[]: the schedule's period in force (1 for the full-sync strategies)
+    comm: comm.CommCounter  # cumulative rounds and bytes of the strategy's collective
+    group_comm: comm.CommCounter  # cumulative in-group mean (two-level averaging; zero otherwise)
+
+
+class Strategy(NamedTuple):
+    """An optax-style pair: ``init(params, model_state, rng) -> TrainState`` (one
+    worker's state, to be replicated) and the per-worker
+    ``step(state, batch) -> (TrainState, StepMetrics)``."""
+
+    init: Callable[[Any, Any, jax.Array], TrainState]
+    step: Callable[[TrainState, Any], tuple]
+
+
+def _names(axis: Optional[AxisName]) -> tuple:
+    if axis is None:
+        return ()
+    return (axis,) if isinstance(axis, str) else tuple(axis)
+
+
+def _axis_size(axes: tuple) -> int:
+    size = 1
+    for name in axes:
+        size *= lax.axis_size(name)
+    return size
+
+
+def _payload(nbytes: int, axes: tuple) -> int:
+    """Bytes one worker sends in a mean over ``axes``: none when they hold one worker."""
+    return nbytes if _axis_size(axes) > 1 else 0
+
+
+def _check_optimizer(name: str, optimizer) -> None:
+    if not (callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))):
+        raise ValueError(f"{name} must be an optax.GradientTransformation, got {type(optimizer).__name__}")
+
+
+def _check_axes(axis_name, group_axis_name=None) -> tuple:
+    axes, group = _names(axis_name), _names(group_axis_name)
+    if not axes or not all(isinstance(a, str) for a in axes + group):
+        raise ValueError(f"axis_name must be a name or a tuple of names, got {axis_name!r}")
+    if set(axes) & set(group):
+        raise ValueError(f"group_axis_name must not share a name with axis_name, got {group_axis_name!r} and "
+                         f"{axis_name!r}")
+    return axes + group  # every worker, worker index major to minor
+
+
+def _init(optimizer, schedule: Optional[Schedule], outer_optimizer=None):
+    def init(params, model_state, rng) -> TrainState:
         outer = outer_optimizer is not None
-        return cls(
+        return TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
             model_state=model_state,
@@ -106,109 +154,89 @@ class TrainState(NamedTuple):
             outer_opt_state=outer_optimizer.init(params) if outer else None,
         )
 
-
-def _validate(strategy: str, schedule: Optional[Schedule], qsgd_levels: int, qsgd_bucket_size: Optional[int],
-              axis_name, group_axis_name: Optional[str], outer_optimizer):
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; accepted values: {', '.join(STRATEGIES)}")
-    if strategy == "average" and schedule is None:
-        raise ValueError("strategy 'average' needs a schedule (e.g. adpsgd_jax.schedules.constant(8))")
-    if strategy != "average" and schedule is not None:
-        raise ValueError(f"strategy {strategy!r} communicates every step and takes no schedule (pass schedule=None)")
-    if isinstance(qsgd_levels, bool) or int(qsgd_levels) != qsgd_levels or not 1 <= qsgd_levels <= collectives.MAX_QSGD_LEVELS:
-        raise ValueError(f"qsgd_levels must be an integer in [1, {collectives.MAX_QSGD_LEVELS}], got {qsgd_levels!r}")
-    if qsgd_bucket_size is not None and (int(qsgd_bucket_size) != qsgd_bucket_size or qsgd_bucket_size < 1):
-        raise ValueError(f"qsgd_bucket_size must be None or an integer >= 1, got {qsgd_bucket_size!r}")
-    if group_axis_name is not None and strategy != "average":
-        raise ValueError(f"group_axis_name (two-level averaging) applies to strategy 'average', not {strategy!r}")
-    if group_axis_name is not None and group_axis_name == axis_name:
-        raise ValueError(f"group_axis_name must differ from axis_name, both are {axis_name!r}")
-    if outer_optimizer is not None and strategy != "average":
-        raise ValueError(f"outer_optimizer applies to strategy 'average', not {strategy!r}")
-    if outer_optimizer is not None and not (callable(getattr(outer_optimizer, "init", None))
-                                            and callable(getattr(outer_optimizer, "update", None))):
-        raise ValueError("outer_optimizer must be an optax.GradientTransformation, got "
-                         f"{type(outer_optimizer).__name__}")
+    return init
 
 
-def _payload(nbytes: int, axis_name: str) -> int:
-    """Bytes one worker sends in a mean over ``axis_name``: none when the axis has one member."""
-    return nbytes if lax.axis_size(axis_name) > 1 else 0
+def _local_grads(grad_fn, state: TrainState, batch, workers: tuple):
+    """The worker's loss, new model state, aux, gradients and a spare key.
+
+    Worker n (its index over ``workers``, major to minor) folds n and the step
+    into the base key, so every worker draws its own randomness.
+    """
+    worker = lax.axis_index(workers)
+    rng = jax.random.fold_in(jax.random.fold_in(state.rng, worker), state.step)
+    loss_rng, comm_rng = jax.random.split(rng)
+    (loss, (model_state, aux)), grads = grad_fn(state.params, state.model_state, batch, loss_rng)
+    return loss, model_state, aux, grads, comm_rng
 
 
-def make_train_step(
+def _apply(optimizer, params, grads, opt_state):
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+
+def _float_bytes(*trees) -> int:
+    return sum(comm.tree_bytes(collectives.float_leaves(t)) for t in trees)
+
+
+def _aux(aux: dict) -> dict:
+    return {k: jnp.asarray(v, jnp.float32) for k, v in aux.items()}
+
+
+def local_sgd(
     loss_fn: LossFn,
     optimizer: optax.GradientTransformation,
-    schedule: Optional[Schedule] = None,
+    schedule: Schedule,
     *,
-    axis_name: str = "batch",
-    strategy: str = "average",
+    axis_name: AxisName = "batch",
     average_opt_state: bool = False,
-    qsgd_levels: int = 127,
-    qsgd_bucket_size: Optional[int] = None,
-    group_axis_name: Optional[str] = None,
+    group_axis_name: Optional[AxisName] = None,
     outer_optimizer: Optional[optax.GradientTransformation] = None,
-) -> Callable[[TrainState, Any], tuple]:
-    """Build the per-device train step ``(state, batch) -> (state, metrics)``.
+) -> Strategy:
+    """Periodic parameter averaging gated by ``schedule`` (CPSGD, ADPSGD, ...).
+
+    Each step: g_i = grad loss_fn(x_i); x_i <- optimizer(x_i, g_i) locally; then
+    if ``schedule.should_sync(sched_state, step)``: V = (1/N) sum_i
+    ||x_i - xbar||^2 is measured, every x_i (and model state) becomes
+    xbar = (1/N) sum_i x_i, and ``schedule.update(sched_state, step, V,
+    mean loss)`` runs. The gate is a ``lax.cond`` on a worker-invariant
+    scalar, so a local step runs no collective at all.
 
     Args:
       loss_fn: ``(params, model_state, batch, rng) -> (loss, (model_state, aux))``.
       optimizer: any optax GradientTransformation, applied locally.
-      schedule: averaging schedule (strategy ``average`` only).
-      axis_name: the pmap / mesh axis the workers live on; with
+      schedule: when to average (``adpsgd_jax.schedules``).
+      axis_name: the axis (or tuple of axes) the workers live on; with
         ``group_axis_name``, the axis across groups, over which the schedule
         averages parameters.
-      strategy: ``average``, ``allreduce`` or ``qsgd``.
       average_opt_state: also average the optimizer state's floating leaves
-        at each sync (``average`` only; counted in the bytes).
-      qsgd_levels: s, the number of quantisation levels (``qsgd``).
-      qsgd_bucket_size: coordinates per QSGD norm; None = one per leaf.
-      group_axis_name: two-level averaging (``average`` only): the mesh axis
-        inside a group. Every step, before the local optimizer update, the
-        gradients and the model state are averaged over it (counted in
-        ``group_comm``), so the L replicas of a group stay identical; syncs
-        average over ``axis_name`` across the G groups. Worker n = g * L + l
-        (group g, position l) draws its own batch and key. G = 1 is full-sync
+        at each sync (counted in the bytes).
+      group_axis_name: two-level averaging: the axis (or axes) inside a
+        group. Every step, before the local optimizer update, the gradients
+        and the model state are averaged over it (counted in ``group_comm``),
+        so the L replicas of a group stay identical; syncs average over
+        ``axis_name`` across the G groups, with V measured across groups.
+        Worker n = g * L + l draws its own batch and key. G = 1 is full-sync
         SGD, L = 1 is flat averaging.
-      outer_optimizer: an optax GradientTransformation applied at each sync
-        (``average`` only; the state must be made with
-        ``TrainState.create(..., outer_optimizer=...)``). With x_s the anchor
-        (parameters after the previous sync) and xbar the workers' mean:
-        Delta = x_s - xbar; (u, outer_state) = outer.update(Delta, outer_state,
-        x_s); every worker and the anchor become x_s + u. ``optax.sgd(1.0)``
-        is plain averaging (up to float rounding); DiLoCo uses
-        ``optax.sgd(0.7, momentum=0.9, nesterov=True)``. The variance that
-        feeds the schedule is still the pre-sync V around xbar. Computed
-        identically on every worker: it adds no communication.
+      outer_optimizer: an optax GradientTransformation applied at each sync.
+        With x_s the anchor (parameters after the previous sync) and xbar the
+        workers' mean: Delta = x_s - xbar; (u, outer_state) =
+        outer.update(Delta, outer_state, x_s); every worker and the anchor
+        become x_s + u. ``optax.sgd(1.0)`` is plain averaging (up to float
+        rounding); DiLoCo uses ``optax.sgd(0.7, momentum=0.9, nesterov=True)``.
+        Computed identically on every worker: it adds no communication.
 
     All arguments are validated here, before anything is traced.
     """
-    _validate(strategy, schedule, qsgd_levels, qsgd_bucket_size, axis_name, group_axis_name, outer_optimizer)
+    _check_optimizer("optimizer", optimizer)
+    if not isinstance(schedule, Schedule):
+        raise ValueError(f"schedule must be an adpsgd_jax.schedules.Schedule (e.g. schedules.constant(8)), "
+                         f"got {type(schedule).__name__}")
+    if outer_optimizer is not None:
+        _check_optimizer("outer_optimizer", outer_optimizer)
+    workers = _check_axes(axis_name, group_axis_name)
+    across, inside = _names(axis_name), _names(group_axis_name)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    # Every mesh axis of the step: a pmean over all of them reaches every worker.
-    axes = (axis_name,) if group_axis_name is None else (axis_name, group_axis_name)
-
-    def local_grads(state, batch):
-        worker = lax.axis_index(axis_name if group_axis_name is None else axes)  # g * L + l
-        rng = jax.random.fold_in(jax.random.fold_in(state.rng, worker), state.step)
-        loss_rng, comm_rng = jax.random.split(rng)
-        (loss, (model_state, aux)), grads = grad_fn(state.params, state.model_state, batch, loss_rng)
-        return loss, model_state, aux, grads, comm_rng
-
-    def apply(state, grads, opt_state):
-        updates, opt_state = optimizer.update(grads, opt_state, state.params)
-        return optax.apply_updates(state.params, updates), opt_state
-
-    def metrics(loss, aux, synced, variance, period, counter, group_counter=None):
-        return {
-            "loss": loss.astype(jnp.float32),
-            **{k: jnp.asarray(v, jnp.float32) for k, v in aux.items()},
-            "synced": jnp.asarray(synced, jnp.int32),
-            "variance": jnp.asarray(variance, jnp.float32),
-            "period": jnp.asarray(period, jnp.int32),
-            "comm": counter,
-            **({"group_comm": group_counter} if group_counter is not None else {}),
-        }
 
     def outer_step(params_avg, anchor, outer_state):
         """x_new = x_s + outer.update(x_s - xbar); the new anchor is x_new."""
@@ -217,88 +245,120 @@ def make_train_step(
         params = optax.apply_updates(anchor, updates)
         return params, params, outer_state
 
-    def average_step(state, batch):
-        if outer_optimizer is not None and state.anchor is None:
-            raise ValueError("outer_optimizer needs a state made with TrainState.create(..., outer_optimizer=...)")
-        loss, model_state, aux, grads, _ = local_grads(state, batch)
+    def local_sgd_step(state: TrainState, batch) -> tuple[TrainState, StepMetrics]:
+        loss, model_state, aux, grads, _ = _local_grads(grad_fn, state, batch, workers)
         group_counter = state.group_comm
-        if group_axis_name is not None:  # inside a group: a full-sync step
-            grads = tree_pmean(grads, group_axis_name)
-            model_state = tree_pmean(model_state, group_axis_name)
-            group_bytes = sum(comm.tree_bytes(collectives.float_leaves(t)) for t in (grads, model_state))
-            group_counter = group_counter.add(jnp.int32(1), _payload(group_bytes, group_axis_name))
-        params, opt_state = apply(state, grads, state.opt_state)
+        if inside:  # inside a group: a full-sync step
+            grads = tree_pmean(grads, inside)
+            model_state = tree_pmean(model_state, inside)
+            group_counter = group_counter.add(jnp.int32(1), _payload(_float_bytes(grads, model_state), inside))
+        params, opt_state = _apply(optimizer, state.params, grads, state.opt_state)
         sync = schedule.should_sync(state.sched_state, state.step)
-        synced_trees = (params, model_state) + ((opt_state,) if average_opt_state else ())
-        round_bytes = sum(comm.tree_bytes(collectives.float_leaves(t)) for t in synced_trees) + 8
+        round_bytes = _float_bytes(params, model_state, *((opt_state,) if average_opt_state else ())) + 8
 
         def average(operand):
             params, model_state, opt_state, sched_state, anchor, outer_state = operand
-            params_avg = tree_pmean(params, axis_name)
+            params_avg = tree_pmean(params, across)
             sq = collectives.squared_distance(params, params_avg)
             # Over every worker: the mean over groups, as a group's replicas are identical.
-            variance, loss_avg = lax.pmean(jnp.stack([sq, loss.astype(jnp.float32)]), axes)
-            model_state = tree_pmean(model_state, axis_name)
+            variance, loss_avg = lax.pmean(jnp.stack([sq, loss.astype(jnp.float32)]), workers)
+            model_state = tree_pmean(model_state, across)
             if average_opt_state:
-                opt_state = tree_pmean(opt_state, axis_name)
+                opt_state = tree_pmean(opt_state, across)
             if outer_optimizer is not None:
                 params_avg, anchor, outer_state = outer_step(params_avg, anchor, outer_state)
             sched_state = schedule.update(sched_state, state.step, variance, loss_avg)
-            out = (params_avg, model_state, opt_state, sched_state, anchor, outer_state)
-            return collectives.to_varying(out, axes), collectives.to_varying(variance, axes)
+            return (params_avg, model_state, opt_state, sched_state, anchor, outer_state), variance
 
-        def keep(operand):  # (the in-group means are invariant across "local"; the cond's types must match)
-            nan = jnp.full((), jnp.nan, jnp.float32)
-            return collectives.to_varying(operand, axes), collectives.to_varying(nan, axes)
+        def keep(operand):
+            return operand, jnp.zeros((), jnp.float32)
 
         operand = (params, model_state, opt_state, state.sched_state, state.anchor, state.outer_opt_state)
         (params, model_state, opt_state, sched_state, anchor, outer_state), variance = lax.cond(
             sync, average, keep, operand)
-        counter = state.comm.add(sync.astype(jnp.int32), _payload(round_bytes, axis_name))
+        counter = state.comm.add(sync.astype(jnp.int32), _payload(round_bytes, across))
         new_state = state._replace(step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state,
                                    sched_state=sched_state, comm=counter, group_comm=group_counter, anchor=anchor,
                                    outer_opt_state=outer_state)
-        return new_state, metrics(loss, aux, sync, variance, sched_state.period, counter,
-                                  group_counter if group_axis_name is not None else None)
+        return new_state, StepMetrics(loss.astype(jnp.float32), _aux(aux), jnp.asarray(sync, bool), variance,
+                                      jnp.asarray(sched_state.period, jnp.int32), counter, group_counter)
 
-    def every_step(state, batch):
-        loss, model_state, aux, grads, comm_rng = local_grads(state, batch)
-        model_state = tree_pmean(model_state, axis_name)
-        state_bytes = comm.tree_bytes(collectives.float_leaves(model_state))
-        if strategy == "qsgd":
-            grads = collectives.qsgd_mean(grads, comm_rng, qsgd_levels, axis_name, qsgd_bucket_size)
-            round_bytes = comm.qsgd_bytes(collectives.float_leaves(grads), qsgd_levels, qsgd_bucket_size)
-        else:
-            grads = tree_pmean(grads, axis_name)
-            round_bytes = comm.tree_bytes(collectives.float_leaves(grads))
-        params, opt_state = apply(state, grads, state.opt_state)
-        counter = state.comm.add(jnp.int32(1), _payload(round_bytes + state_bytes, axis_name))
+    return Strategy(_init(optimizer, schedule, outer_optimizer), local_sgd_step)
+
+
+def _full_sync(name: str, loss_fn: LossFn, optimizer, axis_name: AxisName, mean_grads: Callable) -> Strategy:
+    """A strategy that communicates every step: ``mean_grads(grads, key) ->
+    (mean gradient tree, bytes one worker sends)`` then one optimizer update."""
+    _check_optimizer("optimizer", optimizer)
+    workers = _check_axes(axis_name)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(state: TrainState, batch) -> tuple[TrainState, StepMetrics]:
+        loss, model_state, aux, grads, comm_rng = _local_grads(grad_fn, state, batch, workers)
+        model_state = tree_pmean(model_state, workers)
+        grads, grad_bytes = mean_grads(grads, comm_rng)
+        params, opt_state = _apply(optimizer, state.params, grads, state.opt_state)
+        counter = state.comm.add(jnp.int32(1), _payload(grad_bytes + _float_bytes(model_state), workers))
         new_state = state._replace(step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state,
                                    comm=counter)
-        return new_state, metrics(loss, aux, 1, 0.0, 1, counter)
+        return new_state, StepMetrics(loss.astype(jnp.float32), _aux(aux), jnp.asarray(True), jnp.zeros((), jnp.float32),
+                                      jnp.ones((), jnp.int32), counter, state.group_comm)
 
-    return average_step if strategy == "average" else every_step
+    step.__name__ = step.__qualname__ = name  # jax's compile events name the program after the step
+    return Strategy(_init(optimizer, None), step)
 
 
-def make_eval_step(eval_fn: Callable[[Any, Any, Any], dict], axis_name="batch"):
+def allreduce(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, axis_name: AxisName = "batch") -> Strategy:
+    """Full-sync SGD: g = (1/N) sum_i g_i (one all-reduce of the gradient and
+    model-state bytes every step), then one optimizer update on every worker."""
+
+    def mean_grads(grads, key):
+        del key
+        return tree_pmean(grads, _names(axis_name)), _float_bytes(grads)
+
+    return _full_sync("allreduce_step", loss_fn, optimizer, axis_name, mean_grads)
+
+
+def qsgd(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, levels: int = 127,
+         bucket_size: Optional[int] = None, axis_name: AxisName = "batch") -> Strategy:
+    """QSGD: g = (1/N) sum_i Q_s(g_i), each worker's gradient quantised to
+    s = ``levels`` levels per bucket of ``bucket_size`` coordinates (None: one
+    bucket per leaf) and all-gathered as int8 (s <= 127) or int16
+    (``collectives.qsgd_mean``); counted at the packed size
+    (``comm.qsgd_bytes``)."""
+    if isinstance(levels, bool) or int(levels) != levels or not 1 <= levels <= MAX_QSGD_LEVELS:
+        raise ValueError(f"qsgd levels must be an integer in [1, {MAX_QSGD_LEVELS}], got {levels!r}")
+    if bucket_size is not None and (isinstance(bucket_size, bool) or int(bucket_size) != bucket_size
+                                    or bucket_size < 1):
+        raise ValueError(f"qsgd bucket_size must be None or an integer >= 1, got {bucket_size!r}")
+
+    def mean_grads(grads, key):
+        mean = collectives.qsgd_mean(grads, key, levels, _names(axis_name), bucket_size)
+        return mean, comm.qsgd_bytes(collectives.float_leaves(grads), levels, bucket_size)
+
+    return _full_sync("qsgd_step", loss_fn, optimizer, axis_name, mean_grads)
+
+
+def make_eval_step(eval_fn: Callable[[Any, Any, Any], dict], axis_name: AxisName = "batch"):
     """Build ``(state, batch) -> sums`` evaluating the averaged model.
 
-    ``axis_name``: the workers' axis, or a tuple of axes (("group", "local")
-    for the mesh of two-level averaging).
+    ``axis_name``: every axis the workers live on (("group", "local") for the
+    mesh of two-level averaging).
 
     The replicas' parameters and model state are averaged once per call
     (xbar = (1/N) sum_i x_i), then ``eval_fn(params, model_state, chunk) ->
     {name: float[B]}`` (per-example values) is scanned over the chunks of the
-    worker's batch. Batch leaves are [K, B, ...] per device (K chunks of B);
+    worker's batch. Batch leaves are [K, B, ...] per worker (K chunks of B);
     an optional boolean ``batch["mask"]`` [K, B] marks padding.
 
     Returns {name: float32[] global sum over unmasked examples, "count":
-    float32[] number of them}, identical on every replica.
+    float32[] number of them}, identical on every worker.
     """
+    axes = _check_axes(axis_name)
 
     def eval_step(state: TrainState, batch: dict):
-        params = tree_pmean(state.params, axis_name)
-        model_state = tree_pmean(state.model_state, axis_name)
+        params = tree_pmean(state.params, axes)
+        model_state = tree_pmean(state.model_state, axes)
 
         def chunk_sums(chunk):
             values = eval_fn(params, model_state, chunk)
@@ -311,8 +371,8 @@ def make_eval_step(eval_fn: Callable[[Any, Any, Any], dict], axis_name="batch"):
             return jax.tree.map(jnp.add, totals, chunk_sums(chunk)), None
 
         shapes = jax.eval_shape(chunk_sums, jax.tree.map(lambda x: x[0], batch))
-        zeros = collectives.to_varying(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), axis_name)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
         totals, _ = lax.scan(body, zeros, batch)
-        return lax.psum(totals, axis_name)
+        return lax.psum(totals, axes)
 
     return eval_step

@@ -8,9 +8,10 @@ order and seed, and ends with the comparison table and plots of
 Bad input ends the program with one line ``error: ...`` naming the flag and
 exit status 2, before any training. A non-finite loss, variance or parameter
 stops it with the step and exit status 3; SIGTERM / SIGINT writes a
-checkpoint and exits with 128 + the signal number; ``--resume`` continues. On a CPU-only machine ``--workers``
-sets the number of virtual devices, which must happen before jax starts, so
-jax is imported only after the flags are parsed.
+checkpoint and exits with 128 + the signal number; ``--resume`` continues.
+On a CPU-only machine the devices that carry the ``--workers`` are virtual
+(``--devices``), which must be set before jax's first operation, so that
+happens right after the flags are parsed.
 """
 
 from __future__ import annotations
@@ -61,15 +62,6 @@ def _start_distributed(options) -> Optional[str]:
     return None
 
 
-def set_virtual_devices(workers: int) -> None:
-    """Ask for ``workers`` virtual CPU devices (XLA_FLAGS), unless jax has started already."""
-    if "jax" in sys.modules:
-        return  # jax already started (a test or a notebook): use its devices
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
-    flags.append(f"--xla_force_host_platform_device_count={workers}")
-    os.environ["XLA_FLAGS"] = " ".join(flags)
-
-
 def main(argv=None) -> int:
     from experiments import config as cfg
 
@@ -80,8 +72,11 @@ def main(argv=None) -> int:
     except cfg.ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    per_process = configs[0].workers // (options.num_processes or 1)
-    set_virtual_devices(per_process)
+    from adpsgd_jax import distributed  # imports jax, starts nothing
+
+    # On CPU the devices are virtual: ask for them before jax's first operation
+    # (a test or a notebook that started jax already keeps its own devices).
+    distributed.set_cpu_devices(cfg.cpu_devices_per_process(configs[0], options.num_processes or 1))
     if options.distributed:
         failure = _start_distributed(options)
         if failure:

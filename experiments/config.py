@@ -13,7 +13,7 @@ import math
 import os
 from typing import Optional, Union
 
-from experiments.names import (DATASETS, DEFAULT_COMPARE, DTYPES, LR_SCHEDULES, MAX_QSGD_LEVELS, METHODS,  # noqa: F401
+from experiments.names import (CPU_DEVICES, DATASETS, DEFAULT_COMPARE, DTYPES, LR_SCHEDULES, MAX_QSGD_LEVELS, METHODS,  # noqa: F401
                                MODELS, OUTER_DEFAULTS, OUTER_OPTIMIZERS, SCHEDULES, STRATEGIES)
 
 # Per-dataset defaults: the usual CIFAR ResNet recipe, and the digits setting
@@ -44,6 +44,7 @@ class Config:
     model: str = "resnet18"
     partition: str = "iid"
     workers: int = 8
+    devices: Optional[int] = None  # devices carrying the workers; None = setup.default_devices
     batch_size: int = 128  # per worker
     epochs: int = 200
     lr: float = 0.1
@@ -105,6 +106,17 @@ class RunOptions:
         return self.coordinator is not None
 
 
+def default_cpu_devices(workers: int, processes: int = 1) -> int:
+    """Virtual CPU devices for ``workers`` workers without --devices: the most,
+    up to ``names.CPU_DEVICES``, that divides the workers and is whole per process."""
+    return max(d for d in range(processes, max(CPU_DEVICES, processes) + 1, processes) if workers % d == 0)
+
+
+def cpu_devices_per_process(config: "Config", processes: int = 1) -> int:
+    """The virtual CPU devices each process asks jax for (before jax starts)."""
+    return (config.devices or default_cpu_devices(config.workers, processes)) // processes
+
+
 def config_differences(saved: dict, current: Config) -> list[str]:
     """The result-changing fields where a saved run's config differs from ``current``."""
     now = current.to_dict()
@@ -148,7 +160,11 @@ def parser() -> argparse.ArgumentParser:
                         f"{', '.join(METHODS)} (default list: {','.join(DEFAULT_COMPARE)})")
     p.add_argument("--seeds", help="comma-separated seeds: every method runs once per seed (default: --seed)")
     p.add_argument("--partition", default="iid", help="iid or dirichlet:ALPHA (non-identical data per worker)")
-    p.add_argument("--workers", type=int, default=8, help="devices used; on CPU, that many virtual devices")
+    p.add_argument("--workers", type=int, default=8, help="number of workers N (any number: several may share a device)")
+    p.add_argument("--devices", type=int,
+                   help="devices that carry the workers, K = N / D each (must divide --workers). Default: all "
+                        "local accelerators on GPU/TPU (the most that divides --workers); on CPU 8 virtual devices, "
+                        "or the most that divides --workers (measured fastest for the digits demo here)")
     p.add_argument("--batch-size", type=int, help="per-worker batch size")
     p.add_argument("--epochs", type=int)
     p.add_argument("--lr", type=float)
@@ -233,6 +249,7 @@ def from_args(args: argparse.Namespace) -> tuple[list[Config], RunOptions]:
         model=args.model or defaults["model"],
         partition=args.partition,
         workers=args.workers,
+        devices=args.devices,
         batch_size=args.batch_size if args.batch_size is not None else defaults["batch_size"],
         epochs=args.epochs if args.epochs is not None else defaults["epochs"],
         lr=args.lr if args.lr is not None else defaults["lr"],
@@ -315,12 +332,15 @@ def _check_distributed(args: argparse.Namespace, workers: int) -> None:
     if not 0 <= pid < count:
         raise ConfigError(f"--process-id must be in [0, --num-processes={count}), got {pid}")
     if workers % count:
-        raise ConfigError(f"--workers {workers} must be a multiple of --num-processes {count} (devices per process)")
+        raise ConfigError(f"--workers {workers} must be a multiple of --num-processes {count} (workers per process)")
+    if args.devices is not None and args.devices % count:
+        raise ConfigError(f"--devices {args.devices} must be a multiple of --num-processes {count} "
+                          "(devices per process)")
 
 
 def validate(c: Config) -> None:
-    """Checks that need no jax and no data. Device-count checks come later,
-    in ``train.check_devices``, still before any compilation."""
+    """Checks that need no jax and no data. Checks against the devices come
+    later, in ``setup.prepare``, still before any compilation."""
     def need(ok: bool, message: str):
         if not ok:
             raise ConfigError(message)
@@ -330,6 +350,10 @@ def validate(c: Config) -> None:
     need(c.lr_schedule in LR_SCHEDULES, f"--lr-schedule {c.lr_schedule!r} is unknown; accepted values: {', '.join(LR_SCHEDULES)}")
     need(c.dtype in DTYPES, f"--dtype {c.dtype!r} is unknown; accepted values: {', '.join(DTYPES)}")
     need(c.workers >= 1, f"--workers must be >= 1, got {c.workers}")
+    need(c.devices is None or c.devices >= 1, f"--devices must be >= 1, got {c.devices}")
+    need(c.devices is None or c.workers % c.devices == 0,
+         f"--devices {c.devices} must divide --workers {c.workers} (accepted: "
+         f"{', '.join(str(d) for d in range(1, c.workers + 1) if c.workers % d == 0)})")
     need(c.batch_size >= 1, f"--batch-size must be >= 1, got {c.batch_size}")
     need(c.epochs >= 1, f"--epochs must be >= 1, got {c.epochs}")
     need(c.lr > 0, f"--lr must be > 0, got {c.lr}")

@@ -1,0 +1,128 @@
+"""A run's set-up, checked before anything compiles: ``prepare(config) -> Setup``.
+
+Everything that decides a run is in its ``Config``; every check of the
+config against this machine (devices, processes), the data and (with
+``--resume``) the saved run happens here, raising ``ConfigError`` with the
+flag named.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Optional
+
+import jax
+
+from adpsgd_jax import distributed, schedules
+from experiments import checkpoint, data, methods, results
+from experiments.config import METHODS, Config, ConfigError, RunOptions, config_differences, default_cpu_devices
+
+@dataclasses.dataclass
+class Setup:
+    """Everything a run needs, built and checked before compilation."""
+
+    config: Config
+    dataset: data.Dataset
+    loader: data.TrainLoader
+    layout: distributed.Layout  # the devices and the workers on each
+    total_steps: int
+    lr_fn: Any
+    schedule: Optional[schedules.Schedule]
+    run_dir: str
+    resume_from: Optional[int] = None  # checkpoint step to continue from
+    finished: bool = False  # --resume found this run complete: nothing to do
+
+    @property
+    def strategy(self) -> str:
+        return METHODS[self.config.method][0]
+
+    @property
+    def mesh(self):
+        return self.layout.mesh
+
+
+def default_devices(config: Config, available: list) -> int:
+    """Devices that carry the workers when --devices is not given:
+    accelerators, the most of the available devices that divides the workers
+    (and is whole per process); CPU, ``config.default_cpu_devices``."""
+    if available[0].platform == "cpu":
+        return min(default_cpu_devices(config.workers, jax.process_count()), len(available))
+    p = jax.process_count()
+    return max(d for d in range(p, len(available) + 1, p) if config.workers % d == 0)
+
+
+def _layout(config: Config, available: list) -> distributed.Layout:
+    """The run's layout: --workers over --devices, flat or in groups."""
+    count = config.devices or default_devices(config, available)
+    if count > len(available):
+        raise ConfigError(
+            f"--devices {count} is more than the {len(available)} {available[0].platform.upper()} device(s) visible "
+            "(on CPU the CLI makes --devices virtual devices only when jax has not started yet)")
+    if config.workers % count:
+        raise ConfigError(f"--devices {count} must divide --workers {config.workers} (accepted: "
+                          f"{', '.join(str(d) for d in range(1, len(available) + 1) if config.workers % d == 0)})")
+    if (count // jax.process_count()) * jax.process_count() != count:
+        raise ConfigError(f"--devices {count} must be a multiple of the {jax.process_count()} processes")
+    try:
+        layout = distributed.workers(config.workers, available[:count], group_size=methods.group_size(config))
+    except ValueError as err:
+        raise ConfigError(f"--group-size: {err}") from None
+    grid = layout.mesh.devices
+    if config.group_size == "host" and grid.ndim == 2 and any(len({d.process_index for d in row}) > 1 for row in grid):
+        raise ConfigError("--group-size host: the devices are not ordered process by process; give a number instead")
+    return layout
+
+
+def _resume_point(config: Config, run_dir: str) -> tuple[Optional[int], bool]:
+    """(checkpoint step, finished) of a run to resume; ConfigError if it cannot be."""
+    if not os.path.isdir(run_dir):
+        return None, False  # never started: it starts now
+    name = os.path.basename(run_dir)
+    try:
+        saved = results.read_json(os.path.join(run_dir, results.CONFIG))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"--resume: {run_dir} has no readable {results.CONFIG} ({err}); "
+                          "drop --resume to start the run over") from None
+    diffs = config_differences(saved, config)
+    if diffs:
+        raise ConfigError(f"--resume refused for {name}: the configuration differs from the checkpointed run in "
+                          f"{'; '.join(diffs)}. Use the same flags, or another --out")
+    if os.path.isfile(os.path.join(run_dir, results.SUMMARY)):
+        return None, True
+    try:
+        return checkpoint.check_resumable(run_dir), False
+    except checkpoint.CheckpointError as err:
+        raise ConfigError(f"--resume: {name}: {err}; drop --resume to start the run over") from None
+
+
+def prepare(config: Config, dataset: Optional[data.Dataset] = None, options: RunOptions = RunOptions()) -> Setup:
+    """Check the config against the devices, the data and (with ``--resume``)
+    the saved run; build loader, layout and schedule.
+
+    Raises ConfigError (flag named) or data.DataUnavailableError; compiles nothing.
+    """
+    layout = _layout(config, jax.devices())  # every process's devices in a multi-process run
+    try:
+        scheme = data.parse_partition(config.partition)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if dataset is None:
+        dataset = data.load(config.dataset, config.data_dir, synthetic_size=config.synthetic_size)
+    try:
+        shards = data.partition(dataset.train_labels, config.workers, scheme, config.seed, min_size=config.batch_size)
+        loader = data.TrainLoader(dataset, shards, config.batch_size, config.seed,
+                                  workers=distributed.local_workers(layout))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    total = config.epochs * loader.steps_per_epoch
+    if total < config.avg_period:
+        raise ConfigError(f"--avg-period {config.avg_period} exceeds the run's {total} steps")
+    lr_fn = methods.lr_schedule(config, loader.steps_per_epoch, total)
+    try:
+        schedule = methods.make_schedule(config, total, loader.steps_per_epoch, lr_fn)
+    except ValueError as err:
+        raise ConfigError(f"{config.method}: {err}") from None
+    run_dir = os.path.join(options.out, results.run_name(config.label, config.seed))
+    resume_from, finished = _resume_point(config, run_dir) if options.resume else (None, False)
+    return Setup(config, dataset, loader, layout, total, lr_fn, schedule, run_dir, resume_from, finished)
