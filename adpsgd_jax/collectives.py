@@ -115,7 +115,20 @@ def qsgd_dequantize(signed_levels: jnp.ndarray, norms: jnp.ndarray, levels: int,
     return values.reshape(*lead, -1)[..., :size].reshape(*lead, *shape)
 
 
-def qsgd_mean(grads: Any, key: jax.Array, levels: int, axis_name: str, bucket_size: Optional[int] = None) -> Any:
+def all_gather(x: jnp.ndarray, axis_name) -> jnp.ndarray:
+    """Every worker's ``x``, stacked in worker order: [...] -> [N, ...].
+
+    ``axis_name`` is a name or a tuple of names (major to minor). The axes
+    are gathered one at a time from the minor end, which works for vmapped
+    worker axes too (a tuple mixing them with mesh axes does not).
+    """
+    names = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
+    for name in reversed(names):
+        x = lax.all_gather(x, name)
+    return x.reshape((-1,) + x.shape[len(names):])
+
+
+def qsgd_mean(grads: Any, key: jax.Array, levels: int, axis_name, bucket_size: Optional[int] = None) -> Any:
     """Mean over ``axis_name`` of every worker's quantised gradient.
 
     Each worker quantises its floating leaves, the signed levels (int8/int16)
@@ -131,8 +144,8 @@ def qsgd_mean(grads: Any, key: jax.Array, levels: int, axis_name: str, bucket_si
             out.append(leaf)
             continue
         q, norms = qsgd_quantize(leaf, k, levels, bucket_size)
-        q_all = lax.all_gather(q, axis_name)  # [N, rows, bucket]
-        norms_all = lax.all_gather(norms, axis_name)  # [N, rows]
+        q_all = all_gather(q, axis_name)  # [N, rows, bucket]
+        norms_all = all_gather(norms, axis_name)  # [N, rows]
         mean = jnp.mean(qsgd_dequantize(q_all, norms_all, levels, leaf.shape), axis=0)
         out.append(mean.astype(leaf.dtype))
     return jax.tree.unflatten(treedef, out)

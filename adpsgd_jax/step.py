@@ -108,7 +108,11 @@ class Strategy(NamedTuple):
 def _names(axis: Optional[AxisName]) -> tuple:
     if axis is None:
         return ()
-    return (axis,) if isinstance(axis, str) else tuple(axis)
+    if isinstance(axis, str):
+        return (axis,)
+    if not isinstance(axis, (tuple, list)):
+        raise ValueError(f"axis_name must be a name or a tuple of names, got {axis!r}")
+    return tuple(axis)
 
 
 def _axis_size(axes: tuple) -> int:

@@ -34,7 +34,7 @@ def test_shard_batch_places_rows_on_devices():
 
 @pytest.mark.parametrize("shape", [(4, 3), (16,), ()])
 def test_check_leading_dim_rejects_wrong_layouts(shape):
-    with pytest.raises(ValueError, match=r"\['x'\].*number of devices \(8\)"):
+    with pytest.raises(ValueError, match=r"\['x'\].*number of workers \(8\)"):
         D.check_leading_dim({"x": np.zeros(shape)}, N)
 
 

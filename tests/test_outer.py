@@ -33,9 +33,9 @@ def test_outer_sgd_with_lr_1_equals_plain_averaging(mesh, name):
     outer, ho = run(where, optax.sgd(lr, momentum=0.9), schedule, T, outer=optax.sgd(1.0), **kw)
     chex.assert_trees_all_close(outer.params, plain.params, rtol=1e-5, atol=1e-6)
     chex.assert_trees_all_close(outer.model_state, plain.model_state, rtol=1e-5, atol=1e-6)
-    assert [int(m["synced"][0]) for m in ho] == [int(m["synced"][0]) for m in hp]
-    assert sum(int(m["synced"][0]) for m in hp) > 0
-    if int(hp[-1]["synced"][0]):  # just synced: the anchor is the new parameters
+    assert [m.synced[0] for m in ho] == [m.synced[0] for m in hp]
+    assert sum(m.synced[0] for m in hp) > 0
+    if hp[-1].synced[0]:  # just synced: the anchor is the new parameters
         chex.assert_trees_all_equal(outer.anchor, outer.params)
 
 
@@ -43,11 +43,11 @@ def test_nesterov_outer_step_matches_the_formula(mesh):
     # At each sync: Delta = x_s - xbar; v <- m v + Delta; x_new = x_s - lr (Delta + m v) (optax's Nesterov).
     opt, period = optax.sgd(0.05), 3
     outer = optax.sgd(**DILOCO, nesterov=True)
-    sync_step = D.pmap_step(A.make_train_step(loss_fn, opt, S.constant(period), outer_optimizer=outer), mesh,
-                            donate_state=False)
-    local_step = D.pmap_step(A.make_train_step(loss_fn, opt, S.constant(10**6), outer_optimizer=outer), mesh,
+    built = A.local_sgd(loss_fn, opt, S.constant(period), outer_optimizer=outer)
+    sync_step = D.pmap_step(built.step, mesh, donate_state=False)
+    local_step = D.pmap_step(A.local_sgd(loss_fn, opt, S.constant(10**6), outer_optimizer=outer).step, mesh,
                              donate_state=False)
-    state, data = start(mesh, opt, S.constant(period), outer=outer), Data(drift=2.0)
+    state, data = start(mesh, built), Data(drift=2.0)
     anchor = jax.tree.map(np.asarray, init_params()[0])
     velocity = jax.tree.map(np.zeros_like, anchor)
     for t in range(3 * period):
@@ -56,7 +56,7 @@ def test_nesterov_outer_step_matches_the_formula(mesh):
         state, metrics = sync_step(state, batch)
         if (t + 1) % period:
             continue
-        assert metrics["synced"][0] == 1
+        assert metrics.synced[0]
         mean = jax.tree.map(lambda x: np.asarray(x, np.float64).mean(axis=0), pre_sync.params)
         delta = jax.tree.map(np.subtract, anchor, mean)
         velocity = jax.tree.map(lambda v, d: DILOCO["momentum"] * v + d, velocity, delta)
@@ -72,19 +72,16 @@ def test_nesterov_outer_step_matches_the_formula(mesh):
 
 def test_state_carries_no_anchor_without_an_outer_optimizer():
     params, model_state = init_params()
-    plain = A.TrainState.create(params, model_state, optax.sgd(0.1), S.constant(2), jax.random.PRNGKey(0))
+    plain = A.local_sgd(loss_fn, optax.sgd(0.1), S.constant(2)).init(params, model_state, jax.random.PRNGKey(0))
     assert plain.anchor is None and plain.outer_opt_state is None
-    outer = A.TrainState.create(params, model_state, optax.sgd(0.1), S.constant(2), jax.random.PRNGKey(0),
-                                outer_optimizer=optax.sgd(0.7, momentum=0.9, nesterov=True))
-    chex.assert_trees_all_equal(outer.anchor, params)
-    chex.assert_trees_all_equal(outer.outer_opt_state[0].trace, jax.tree.map(np.zeros_like, params))
+    outer = A.local_sgd(loss_fn, optax.sgd(0.1), S.constant(2), outer_optimizer=optax.sgd(0.7, momentum=0.9, nesterov=True))
+    state = outer.init(params, model_state, jax.random.PRNGKey(0))
+    chex.assert_trees_all_equal(state.anchor, params)
+    chex.assert_trees_all_equal(state.outer_opt_state[0].trace, jax.tree.map(np.zeros_like, params))
 
 
-def test_bad_outer_arguments(mesh):
-    with pytest.raises(ValueError, match="outer_optimizer applies to strategy 'average'"):
-        A.make_train_step(loss_fn, optax.sgd(0.1), None, strategy="allreduce", outer_optimizer=optax.sgd(1.0))
-    with pytest.raises(ValueError, match="optax.GradientTransformation"):
-        A.make_train_step(loss_fn, optax.sgd(0.1), S.constant(2), outer_optimizer=0.7)
-    step = D.pmap_step(A.make_train_step(loss_fn, optax.sgd(0.1), S.constant(2), outer_optimizer=optax.sgd(1.0)), mesh)
-    with pytest.raises(ValueError, match=r"TrainState.create\(\.\.\., outer_optimizer=\.\.\.\)"):
-        step(start(mesh, optax.sgd(0.1), S.constant(2)), D.shard_batch(Data().batch(), mesh))
+def test_bad_outer_arguments():
+    with pytest.raises(TypeError, match="outer_optimizer"):  # the full-sync strategies take none
+        A.allreduce(loss_fn, optax.sgd(0.1), outer_optimizer=optax.sgd(1.0))
+    with pytest.raises(ValueError, match="outer_optimizer must be an optax.GradientTransformation, got float"):
+        A.local_sgd(loss_fn, optax.sgd(0.1), S.constant(2), outer_optimizer=0.7)

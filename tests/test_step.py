@@ -52,21 +52,31 @@ def mesh():
     return D.worker_mesh()
 
 
-def start(mesh, optimizer, schedule, seed=0, outer=None):
+def strategy_for(optimizer, schedule=None, strategy="average", outer=None, qsgd_levels=127, qsgd_bucket_size=None,
+                 axis_name="batch", **kw):
+    """The library strategy named ``strategy`` on test_step's regression."""
+    if strategy == "allreduce":
+        return A.allreduce(loss_fn, optimizer, axis_name=axis_name)
+    if strategy == "qsgd":
+        return A.qsgd(loss_fn, optimizer, levels=qsgd_levels, bucket_size=qsgd_bucket_size, axis_name=axis_name)
+    assert strategy == "average", strategy
+    return A.local_sgd(loss_fn, optimizer, schedule, axis_name=axis_name, outer_optimizer=outer, **kw)
+
+
+def start(where, strategy, seed=0):
     params, model_state = init_params()
-    state = A.TrainState.create(params, model_state, optimizer, schedule, jax.random.PRNGKey(seed),
-                                outer_optimizer=outer)
-    return D.replicate(state, mesh)
+    return D.replicate(strategy.init(params, model_state, jax.random.PRNGKey(seed)), where)
 
 
-def run(mesh, optimizer, schedule, steps, strategy="average", data=None, wrap=D.pmap_step, outer=None, **kw):
-    """``steps`` steps from init_params on Data(); ``outer`` is the outer optimizer, ``kw`` go to make_train_step."""
+def run(where, optimizer, schedule, steps, strategy="average", data=None, wrap=D.pmap_step, outer=None, **kw):
+    """``steps`` steps from init_params on Data(); ``outer`` is the outer optimizer, ``kw`` go to the strategy."""
     data = data or Data()
-    state = start(mesh, optimizer, schedule, outer=outer)
-    step = wrap(A.make_train_step(loss_fn, optimizer, schedule, strategy=strategy, outer_optimizer=outer, **kw), mesh)
+    built = strategy_for(optimizer, schedule, strategy, outer=outer, **kw)
+    state = start(where, built)
+    step = wrap(built.step, where)
     history = []
     for _ in range(steps):
-        state, metrics = step(state, D.shard_batch(data.batch(), mesh))
+        state, metrics = step(state, D.shard_batch(data.batch(), where))
         history.append(jax.tree.map(np.asarray, metrics))
     return state, history
 
@@ -89,16 +99,16 @@ def test_average_every_step_equals_allreduce(mesh, momentum):
 def test_replicas_identical_after_every_sync_and_apart_between(mesh):
     opt = optax.sgd(0.05)
     data = Data()
-    state = start(mesh, opt, S.constant(3))
-    step = D.pmap_step(A.make_train_step(loss_fn, opt, S.constant(3)), mesh)
+    built = A.local_sgd(loss_fn, opt, S.constant(3))
+    state, step = start(mesh, built), D.pmap_step(built.step, mesh)
     for t in range(9):
         state, metrics = step(state, D.shard_batch(data.batch(), mesh))
         copies = replicas((state.params, state.model_state))
         if (t + 1) % 3 == 0:
-            assert metrics["synced"].tolist() == [1] * N
+            assert metrics.synced.tolist() == [True] * N
             chex.assert_trees_all_equal(*copies)
         else:
-            assert metrics["synced"].tolist() == [0] * N
+            assert metrics.synced.tolist() == [False] * N
             assert not np.allclose(copies[0][0]["w"], copies[1][0]["w"])
 
 
@@ -107,11 +117,12 @@ def test_single_step_golden_value(mesh):
     # sees x = e_0 and y = worker index, then averaging:
     # grad_w0 = -(mean y_i over the batch) = -i, so w0 = 0.5 * mean_i(i) = 1.75.
     opt = optax.sgd(0.5)
-    state = start(mesh, opt, S.constant(1))
+    built = A.local_sgd(loss_fn, opt, S.constant(1))
+    state = start(mesh, built)
     x = np.zeros((N, BATCH, DIM), np.float32)
     x[..., 0] = 1.0
     y = np.broadcast_to(np.arange(N, dtype=np.float32)[:, None], (N, BATCH))
-    step = D.pmap_step(A.make_train_step(loss_fn, opt, S.constant(1)), mesh)
+    step = D.pmap_step(built.step, mesh)
     state, metrics = step(state, D.shard_batch({"x": x, "y": np.ascontiguousarray(y)}, mesh))
     w, b = D.unreplicate(state.params)["w"], D.unreplicate(state.params)["b"]
     assert w[0] == pytest.approx(1.75), "the averaged SGD step changed: check apply / pmean order"
@@ -119,8 +130,8 @@ def test_single_step_golden_value(mesh):
     np.testing.assert_array_equal(w[1:], 0.0)
     # Pre-sync variance: replica i has w0 = b = 0.5 i, so V = mean_i 2 (0.5 i - 1.75)^2.
     expected_v = np.mean(2 * (0.5 * np.arange(N) - 1.75) ** 2)
-    assert metrics["variance"][0] == pytest.approx(expected_v, rel=1e-6)
-    np.testing.assert_allclose(metrics["loss"], 0.5 * np.arange(N) ** 2)
+    assert metrics.variance[0] == pytest.approx(expected_v, rel=1e-6)
+    np.testing.assert_allclose(metrics.loss, 0.5 * np.arange(N) ** 2)
 
 
 @pytest.mark.parametrize("period,steps", [(1, 12), (4, 18), (5, 23)])
@@ -129,7 +140,7 @@ def test_sync_and_byte_counts(mesh, period, steps):
     state, history = run(mesh, opt, S.constant(period), steps)
     params, model_state = init_params()
     assert int(state.comm.rounds[0]) == steps // period
-    assert sum(int(m["synced"][0]) for m in history) == steps // period
+    assert sum(int(m.synced[0]) for m in history) == steps // period
     # Per sync: parameters + model state + the (variance, loss) scalar pair.
     per_sync = comm.tree_bytes(params) + comm.tree_bytes(model_state) + 8
     assert comm.tree_bytes(params) == 4 * (DIM + 1)
@@ -144,7 +155,7 @@ def test_full_sync_schedule_and_allreduce_counts(mesh):
     params, model_state = init_params()
     assert int(state.comm.rounds[0]) == 7
     assert comm.total_bytes(state.comm) == 7 * (comm.tree_bytes(params) + comm.tree_bytes(model_state))
-    assert all(m["variance"][0] == 0.0 and m["synced"][0] == 1 for m in history)
+    assert all(m.variance[0] == 0.0 and m.synced[0] for m in history)
 
 
 def test_qsgd_counts_compressed_bytes(mesh):
@@ -166,21 +177,22 @@ SCHEDULES = {
 }
 
 
-def traced_run(mesh, optimizer, schedule, steps, wrap=D.pmap_step, outer=None, **kw):
+def traced_run(where, optimizer, schedule, steps, wrap=D.pmap_step, outer=None, strategy="average", **kw):
     """Run ``steps`` steps through a trace counter; returns (number of traces, the period of each step)."""
     traces = []
     chex.clear_trace_counter()  # chex keys its counter by function hash, shared across parametrizations
+    built = strategy_for(optimizer, schedule, strategy, outer=outer, **kw)
 
     def counted(state, batch):
         traces.append(1)
-        return A.make_train_step(loss_fn, optimizer, schedule, outer_optimizer=outer, **kw)(state, batch)
+        return built.step(state, batch)
 
-    state = start(mesh, optimizer, schedule, outer=outer)
-    step = wrap(chex.assert_max_traces(counted, n=1), mesh)
+    state = start(where, built)
+    step = wrap(chex.assert_max_traces(counted, n=1), where)
     data, periods = Data(), []
     for _ in range(steps):
-        state, metrics = step(state, D.shard_batch(data.batch(), mesh))
-        periods.append(int(metrics["period"][0]))
+        state, metrics = step(state, D.shard_batch(data.batch(), where))
+        periods.append(int(metrics.period[0]))
     return len(traces), periods
 
 
@@ -205,31 +217,32 @@ def test_adpsgd_budget_and_front_loading_with_real_replicas(mesh, lr_name):
         "cosine": optax.cosine_decay_schedule(0.05, T),
     }[lr_name]
     state, history = run(mesh, optax.sgd(lr), S.adpsgd(T, avg_period, lr_schedule=lr), T)
-    synced = np.array([m["synced"][0] for m in history])
+    synced = np.array([m.synced[0] for m in history])
     budget = T // avg_period
     assert 0.9 * budget <= synced.sum() <= budget
     assert synced[: T // 4].sum() > synced[-T // 4 :].sum()
-    variance = np.array([m["variance"][0] for m in history])
-    assert np.all(np.isnan(variance[synced == 0])) and np.all(variance[synced == 1] > 0)
+    variance = np.array([m.variance[0] for m in history])
+    assert np.all(variance[~synced] == 0) and np.all(variance[synced] > 0)
 
 
 def test_variance_metric_matches_float64_on_gathered_replicas(mesh):
     opt = optax.sgd(0.05)
     data = Data(seed=3, drift=2.0)
-    state = start(mesh, opt, S.constant(5))
-    sync_step = D.pmap_step(A.make_train_step(loss_fn, opt, S.constant(5)), mesh, donate_state=False)
-    local_step = D.pmap_step(A.make_train_step(loss_fn, opt, S.constant(10**6)), mesh, donate_state=False)
+    built = A.local_sgd(loss_fn, opt, S.constant(5))
+    state = start(mesh, built)
+    sync_step = D.pmap_step(built.step, mesh, donate_state=False)
+    local_step = D.pmap_step(A.local_sgd(loss_fn, opt, S.constant(10**6)).step, mesh, donate_state=False)
     for _ in range(4):
         state, _ = sync_step(state, D.shard_batch(data.batch(), mesh))
     batch = D.shard_batch(data.batch(), mesh)
     pre_sync, _ = local_step(state, batch)  # same update, no averaging
     _, metrics = sync_step(state, batch)
-    assert metrics["synced"][0] == 1
+    assert metrics.synced[0]
     x = np.concatenate([np.asarray(pre_sync.params["b"], np.float64)[:, None],
                         np.asarray(pre_sync.params["w"], np.float64)], axis=1)
     expected = np.mean(np.sum((x - x.mean(axis=0)) ** 2, axis=1))
     assert expected > 1e-3
-    np.testing.assert_allclose(metrics["variance"], expected, rtol=1e-5)
+    np.testing.assert_allclose(metrics.variance, expected, rtol=1e-5)
 
 
 def test_average_opt_state_option(mesh):
@@ -251,7 +264,7 @@ def test_shard_map_equals_pmap(mesh):
     a, ha = run(mesh, optax.sgd(lr, momentum=0.9), sched, T, wrap=D.pmap_step)
     b, hb = run(mesh, optax.sgd(lr, momentum=0.9), sched, T, wrap=D.shard_map_step)
     chex.assert_trees_all_close(a.params, b.params, rtol=1e-5, atol=1e-6)
-    assert [m["synced"][0] for m in ha] == [m["synced"][0] for m in hb]
+    assert [m.synced[0] for m in ha] == [m.synced[0] for m in hb]
     assert int(a.comm.rounds[0]) == int(b.comm.rounds[0])
 
 
@@ -279,20 +292,19 @@ def test_eval_step_evaluates_the_averaged_model_with_masking(mesh, wrap):
 
 
 @pytest.mark.parametrize(
-    "kwargs,match",
+    "build,match",
     [
-        (dict(strategy="gossip"), "strategy.*average, allreduce, qsgd"),
-        (dict(strategy="qsgd", schedule=None, qsgd_levels=0), "qsgd_levels"),
-        (dict(strategy="qsgd", schedule=None, qsgd_levels=40000), "qsgd_levels"),
-        (dict(strategy="qsgd", schedule=None, qsgd_bucket_size=0), "qsgd_bucket_size"),
-        (dict(strategy="average", schedule=None), "needs a schedule"),
-        (dict(strategy="allreduce"), "takes no schedule"),
+        (lambda: A.qsgd(loss_fn, optax.sgd(0.1), levels=0), "qsgd levels"),
+        (lambda: A.qsgd(loss_fn, optax.sgd(0.1), levels=40000), r"qsgd levels must be an integer in \[1, 32767\]"),
+        (lambda: A.qsgd(loss_fn, optax.sgd(0.1), bucket_size=0), "qsgd bucket_size"),
+        (lambda: A.local_sgd(loss_fn, optax.sgd(0.1), None), "schedule must be an adpsgd_jax.schedules.Schedule"),
+        (lambda: A.local_sgd(loss_fn, optax.sgd, S.constant(2)), "optimizer must be an optax.GradientTransformation"),
+        (lambda: A.allreduce(loss_fn, optax.sgd(0.1), axis_name=3), "axis_name must be a name or a tuple of names"),
     ],
 )
-def test_bad_step_arguments(kwargs, match):
-    kwargs = {"schedule": S.constant(2), **kwargs}
+def test_bad_step_arguments(build, match):
     with pytest.raises(ValueError, match=match):
-        A.make_train_step(loss_fn, optax.sgd(0.1), kwargs.pop("schedule"), **kwargs)
+        build()
 
 
 @pytest.mark.parametrize("wrap", [D.pmap_step, D.shard_map_step])
@@ -300,14 +312,16 @@ def test_batch_leading_dim_must_equal_device_count(mesh, wrap):
     opt = optax.sgd(0.1)
     traces = []
 
+    built = A.local_sgd(loss_fn, opt, S.constant(2))
+
     def counted(state, batch):
         traces.append(1)
-        return A.make_train_step(loss_fn, opt, S.constant(2))(state, batch)
+        return built.step(state, batch)
 
-    state = start(mesh, opt, S.constant(2))
+    state = start(mesh, built)
     bad = {k: v.reshape(4, 2 * BATCH, *v.shape[2:]) for k, v in Data().batch().items()}
-    with pytest.raises(ValueError, match=r"leading dimension must equal the number of devices \(8\)"):
+    with pytest.raises(ValueError, match=r"leading dimension must equal the number of workers \(8\)"):
         wrap(counted, mesh)(state, bad)
-    with pytest.raises(ValueError, match="number of devices"):
+    with pytest.raises(ValueError, match="number of workers"):
         D.shard_batch(bad, mesh)
     assert traces == []  # refused before anything was traced or compiled

@@ -36,7 +36,7 @@ def test_group_size_one_equals_flat_averaging():
     two, ht = run_grouped(1, opt, sched, T)
     chex.assert_trees_all_close(two.params, flat.params, rtol=1e-6, atol=1e-7)
     chex.assert_trees_all_close(two.model_state, flat.model_state, rtol=1e-6, atol=1e-7)
-    assert [m["synced"][0] for m in ht] == [m["synced"][0] for m in hf]
+    assert [m.synced[0] for m in ht] == [m.synced[0] for m in hf]
     assert comm.total_bytes(two.comm) == comm.total_bytes(flat.comm) > 0
     assert comm.total_bytes(two.group_comm) == 0  # groups of one send nothing inside
 
@@ -48,7 +48,7 @@ def test_one_group_holding_every_device_equals_full_sync(schedule):
     full, _ = run(D.worker_mesh(), opt, None, 12, strategy="allreduce", wrap=D.shard_map_step)
     chex.assert_trees_all_close(two.params, full.params, rtol=1e-6, atol=1e-7)
     chex.assert_trees_all_close(two.model_state, full.model_state, rtol=1e-6, atol=1e-7)
-    assert all(m["variance"][0] == 0.0 for m in history if m["synced"][0])
+    assert all(m.variance[0] == 0.0 for m in history if m.synced[0])
     # The gradient mean inside the one group is full sync's traffic; nothing crosses groups.
     assert comm.total_bytes(two.group_comm) == comm.total_bytes(full.comm)
     assert comm.total_bytes(two.comm) == 0
@@ -58,8 +58,9 @@ def test_one_group_holding_every_device_equals_full_sync(schedule):
 def test_replicas_identical_within_groups_after_every_step(group_size):
     opt, period = optax.sgd(0.05), 3
     mesh = D.group_mesh(group_size)
-    state, data = start(mesh, opt, S.constant(period)), Data()
-    step = D.shard_map_step(A.make_train_step(loss_fn, opt, S.constant(period), **TWO_LEVEL), mesh)
+    built = A.local_sgd(loss_fn, opt, S.constant(period), **TWO_LEVEL)
+    state, data = start(mesh, built), Data()
+    step = D.shard_map_step(built.step, mesh)
     for t in range(2 * period + 1):
         state, metrics = step(state, D.shard_batch(data.batch(), mesh))
         groups = group_copies((state.params, state.model_state, state.opt_state), group_size)
@@ -67,7 +68,7 @@ def test_replicas_identical_within_groups_after_every_step(group_size):
             chex.assert_trees_all_equal(*copies)
         firsts = [copies[0] for copies in groups]
         if (t + 1) % period == 0:
-            assert metrics["synced"].tolist() == [1] * N
+            assert metrics.synced.tolist() == [True] * N
             chex.assert_trees_all_equal(*firsts)
         else:
             assert not np.allclose(firsts[0][0]["w"], firsts[1][0]["w"])  # groups drift apart between syncs
@@ -76,21 +77,22 @@ def test_replicas_identical_within_groups_after_every_step(group_size):
 def test_variance_is_measured_across_groups():
     group_size, opt = 2, optax.sgd(0.05)
     mesh = D.group_mesh(group_size)
-    sync_step = D.shard_map_step(A.make_train_step(loss_fn, opt, S.constant(4), **TWO_LEVEL), mesh, donate_state=False)
-    local_step = D.shard_map_step(A.make_train_step(loss_fn, opt, S.constant(10**6), **TWO_LEVEL), mesh,
+    built = A.local_sgd(loss_fn, opt, S.constant(4), **TWO_LEVEL)
+    sync_step = D.shard_map_step(built.step, mesh, donate_state=False)
+    local_step = D.shard_map_step(A.local_sgd(loss_fn, opt, S.constant(10**6), **TWO_LEVEL).step, mesh,
                                   donate_state=False)
-    state, data = start(mesh, opt, S.constant(4)), Data(seed=3, drift=2.0)
+    state, data = start(mesh, built), Data(seed=3, drift=2.0)
     for _ in range(3):
         state, _ = sync_step(state, D.shard_batch(data.batch(), mesh))
     batch = D.shard_batch(data.batch(), mesh)
     pre_sync, _ = local_step(state, batch)
     _, metrics = sync_step(state, batch)
-    assert metrics["synced"][0] == 1
+    assert metrics.synced[0]
     x = np.concatenate([np.asarray(pre_sync.params["b"], np.float64)[:, None],
                         np.asarray(pre_sync.params["w"], np.float64)], axis=1)[::group_size]  # one row per group
     expected = np.mean(np.sum((x - x.mean(axis=0)) ** 2, axis=1))
     assert expected > 1e-3
-    np.testing.assert_allclose(metrics["variance"], expected, rtol=1e-5)
+    np.testing.assert_allclose(metrics.variance, expected, rtol=1e-5)
 
 
 def test_intra_and_inter_group_bytes_are_counted_apart():
@@ -100,7 +102,7 @@ def test_intra_and_inter_group_bytes_are_counted_apart():
     assert comm.total_bytes(state.group_comm) == 12 * (comm.tree_bytes(params) + comm.tree_bytes(model_state))
     assert int(state.comm.rounds[0]) == 3
     assert comm.total_bytes(state.comm) == 3 * (comm.tree_bytes(params) + comm.tree_bytes(model_state) + 8)
-    assert comm.total_bytes(history[-1]["group_comm"]) == comm.total_bytes(state.group_comm)
+    assert comm.total_bytes(history[-1].group_comm) == comm.total_bytes(state.group_comm)
 
 
 @pytest.mark.parametrize("options", ["two-level", "outer", "two-level + outer"])
@@ -134,14 +136,14 @@ def test_eval_step_over_both_axes_evaluates_the_mean_model():
 
 
 def test_bad_two_level_arguments():
-    with pytest.raises(ValueError, match=r"group_size must be .* divides the number of devices \(8\), got 3"):
+    with pytest.raises(ValueError, match=r"group_size must be .* divides the number of workers \(8\), got 3"):
         D.group_mesh(3)
     with pytest.raises(ValueError, match="use shard_map_step"):
         D.pmap_step(lambda s, b: (s, b), D.group_mesh(2))
-    with pytest.raises(ValueError, match="applies to strategy 'average'"):
-        A.make_train_step(loss_fn, optax.sgd(0.1), None, strategy="allreduce", **TWO_LEVEL)
-    with pytest.raises(ValueError, match="must differ from axis_name"):
-        A.make_train_step(loss_fn, optax.sgd(0.1), S.constant(2), axis_name="x", group_axis_name="x")
+    with pytest.raises(TypeError, match="group_axis_name"):  # the full-sync strategies have no groups
+        A.allreduce(loss_fn, optax.sgd(0.1), **TWO_LEVEL)
+    with pytest.raises(ValueError, match="must not share a name with axis_name"):
+        A.local_sgd(loss_fn, optax.sgd(0.1), S.constant(2), axis_name="x", group_axis_name=("x", "y"))
 
 
 def test_group_mesh_rows_are_consecutive_workers():
