@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from adpsgd_jax import comm
-from experiments import cifar, config as cfg, report, results, train
+from experiments import cifar, config as cfg, methods, report, results, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = list(cfg.METHODS)
@@ -32,7 +32,7 @@ def replay(run: results.Run) -> list:
     """The sync flags the run's schedule gives when fed the logged variances and losses."""
     c = cfg.from_saved(run.summary["config"])
     T, spe = run.summary["steps"], run.summary["steps_per_epoch"]
-    schedule = train.make_schedule(c, T, spe, train.lr_schedule(c, spe, T))
+    schedule = methods.make_schedule(c, T, spe, methods.lr_schedule(c, spe, T))
     if schedule is None:
         return [1] * T
     state, flags = schedule.init(), []
@@ -97,7 +97,9 @@ BAD = [
     (["--dataset", "digits", "--epochs", "0"], "--epochs"),
     (["--dataset", "digits", "--epochs", "-3"], "--epochs"),
     (["--dataset", "digits", "--batch-size", "1000"], "--batch-size"),
-    (["--dataset", "digits", "--workers", "16"], "--workers"),
+    (["--dataset", "digits", "--workers", "16", "--devices", "16"], "--devices 16 is more than the 8 CPU device"),
+    (["--dataset", "digits", "--devices", "3"], "--devices 3 must divide --workers 8 (accepted: 1, 2, 4, 8)"),
+    (["--dataset", "digits", "--devices", "0"], "--devices must be >= 1"),
     (["--dataset", "digits", "--avg-period", "0"], "--avg-period"),
     (["--dataset", "digits", "--partition", "dirichlet:0"], "--partition"),
     (["--dataset", "digits", "--model", "transformer"], "--model"),
