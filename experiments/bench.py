@@ -42,9 +42,11 @@ import sys
 import time
 from typing import Any, Callable, Optional
 
-from experiments import cifar, config as cfg  # neither imports jax
+from adpsgd_jax import timemodel
+from adpsgd_jax.timemodel import Link
+from experiments import cifar, config as cfg  # none imports jax
+from experiments.names import BANDWIDTHS_GBPS, GBPS
 
-GBPS = 1e9 / 8
 TARGETS = {  # name -> (comparison, target)
     "gate_overhead_ratio": ("<=", 1.02),
     "sync_over_allreduce_ratio": ("<=", 1.05),
@@ -445,33 +447,30 @@ def _mean(values) -> float:
 
 def projection(acc: dict, step: dict, latency: float) -> dict:
     """Item 6 for the benchmark model: the digits runs' steps and syncs to the
-    target, with the benchmark model's bytes per round and measured step time.
+    target, with the benchmark model's bytes per round and measured step time,
+    by ``timemodel.simulated_wall_clock`` (as ``report.simulated_time`` times a run):
 
     time = steps * t_step + syncs * t_allreduce(param_bytes, N)   (full sync: every step)
     """
-    from adpsgd_jax import comm
-
-    n = acc["predict_workers"]
+    n, t_step, nbytes = acc["predict_workers"], step["step_compute_s"], step["param_bytes"]
+    links = {gbps: Link(gbps * GBPS, latency) for gbps in BANDWIDTHS_GBPS}
     rows = {}
     for label in ("allreduce", "cpsgd", "adpsgd"):
-        r = acc["to_target"][label]
-        rows[label] = {}
-        for gbps in (10, 100):
-            t = comm.simulated_wall_clock(r["steps"] * step["step_compute_s"], r["syncs"], step["param_bytes"], n,
-                                          gbps * GBPS, latency)
-            rows[label][f"time_s_{gbps}gbps"] = t
+        r, row = acc["to_target"][label], {}
+        for gbps, link in links.items():
+            row[f"time_s_{gbps}gbps"] = timemodel.simulated_wall_clock(r["steps"] * t_step, r["syncs"], nbytes, n, link)
             if label == "allreduce":
-                rows[label][f"time_s_{gbps}gbps_ideal_overlap"] = comm.simulated_wall_clock(
-                    r["steps"] * step["step_compute_s"], r["steps"], step["param_bytes"], n, gbps * GBPS, latency,
-                    steps=r["steps"], overlap=True)
-    for label in rows:
-        for gbps in (10, 100):
-            base = rows["allreduce"][f"time_s_{gbps}gbps"]
-            rows[label][f"speedup_{gbps}gbps"] = base / rows[label][f"time_s_{gbps}gbps"]
-            rows[label][f"speedup_{gbps}gbps_vs_ideal_overlap"] = \
-                rows["allreduce"][f"time_s_{gbps}gbps_ideal_overlap"] / rows[label][f"time_s_{gbps}gbps"]
-        per_step_comm = comm.allreduce_time(step["param_bytes"], n, 10 * GBPS, latency)
-        rows[label]["comm_over_compute_full_sync_10gbps"] = per_step_comm / step["step_compute_s"]
+                row[f"time_s_{gbps}gbps_ideal_overlap"] = timemodel.simulated_wall_clock(
+                    r["steps"] * t_step, r["steps"], nbytes, n, link, steps=r["steps"], overlap=True)
+        rows[label] = row
+    full, slowest = rows["allreduce"], BANDWIDTHS_GBPS[0]
+    for row in rows.values():
+        for gbps in links:
+            row[f"speedup_{gbps}gbps"] = full[f"time_s_{gbps}gbps"] / row[f"time_s_{gbps}gbps"]
+            row[f"speedup_{gbps}gbps_vs_ideal_overlap"] = \
+                full[f"time_s_{gbps}gbps_ideal_overlap"] / row[f"time_s_{gbps}gbps"]
+        per_step_comm = timemodel.allreduce_time(nbytes, n, links[slowest])
+        row[f"comm_over_compute_full_sync_{slowest}gbps"] = per_step_comm / t_step
     return rows
 
 

@@ -2,25 +2,27 @@
 
 A ``Run`` reads one finished run of a multi-process launch: its result
 files and the per-step loop times every process recorded (``TIMING``). The
-analysis sets the measured wall-clock against two predictions:
+analysis sets the measured wall-clock against two predictions of
+``adpsgd_jax.timemodel`` (docs/algorithm.md, "Time model"):
 
     predicted = T * t_compute + sum over rounds of t_round
 
 * t_compute: the mean duration of the steps without a sync in the averaging
   runs of the same launch, of the slowest process (the others wait for it
   at each sync).
-* ``model``: ALGORITHM.md's model as written (``comm.simulated_wall_clock``,
+* ``model``: the time model as written (``timemodel.simulated_wall_clock``,
   no overlap, as the measured runs have none; full sync with ideal overlap is
-  given beside it): t_round = t_allreduce(B, N, beta, lambda) with beta the
-  link rate and lambda half the measured round trip of a 1-byte message.
+  given beside it): t_round = t_allreduce(B, N, Link(beta, lambda)) with beta
+  the link rate and lambda half the measured round trip of a 1-byte message.
 * ``model+gloo`` (``gloo``): what the measurements showed the model misses.
   gloo runs one ring all-reduce per array (XLA's CPU all-reduce thunk loops
   over the operands of its combined all-reduce), each with a fixed cost far
   above the wire's latency, and that cost differs between a sync after local
   steps and a full-sync step in lock-step. So a round of k arrays costs
-  k * 2(N - 1) * lambda_c + 2(N - 1)/N * B / beta_eff, lambda_c calibrated on
-  an unshaped link, once from the full-sync run and once from the averaging
-  runs (``calibrate``; the shaped links are then predicted, not fitted), and
+  k * 2(N - 1) * lambda_a + 2(N - 1)/N * B / beta_eff, the same function
+  with ``Link(beta_eff, 0, lambda_a)``: lambda_a calibrated on an unshaped
+  link, once from the full-sync run and once from the averaging runs
+  (``calibrate``; the shaped links are then predicted, not fitted), and
   beta_eff the TCP payload rate of the link (``netns.payload_rate``).
 * comm/compute: per full-sync step, measured (step - t_compute) / t_compute,
   and the model's t_allreduce / t_compute.
@@ -30,9 +32,11 @@ from __future__ import annotations
 
 import os
 import statistics
-from typing import NamedTuple, Optional
+from typing import Optional
 
-from experiments import netns
+from adpsgd_jax import timemodel
+from adpsgd_jax.timemodel import Link
+from experiments import netns, report, results
 
 TIMING = "timing{}.json"  # per-step loop times of a run by process i, beside summary.json
 
@@ -47,8 +51,6 @@ class Run:
     """One finished run: counts from its result files, loop times from its TIMING files."""
 
     def __init__(self, folder: str, processes: int):
-        from experiments import results
-
         self.result = results.Run(folder)
         summary, metrics = self.result.summary, self.result.metrics
         self.evals = [(r["step"], r["test_accuracy"]) for r in self.result.evals]
@@ -103,31 +105,13 @@ class Run:
                 if not self._epoch_end(s - 1) and not self._epoch_end(s - 2) and self.synced[s - 1] == synced]
 
     def first_reaching(self, accuracy: float) -> Optional[int]:
-        from experiments import report
-
         return report.first_step_reaching(self.result, accuracy)
 
 
-class TimeModel(NamedTuple):
-    """Time of one round of B bytes per worker: ``comm.allreduce_time(B, N, rate, latency x arrays)``."""
-
-    rate_Bps: float
-    latency_s: float
-    per_array: bool  # latency paid once per all-reduced array (gloo) rather than once per round
-
-    def round_s(self, nbytes: float, workers: int, arrays: int) -> float:
-        from adpsgd_jax import comm
-
-        return comm.allreduce_time(nbytes, workers, self.rate_Bps, self._latency(arrays))
-
-    def run_s(self, run: Run, t_compute: float, workers: int, arrays: int, overlap: bool = False) -> float:
-        from adpsgd_jax import comm
-
-        return comm.simulated_wall_clock(run.timed_steps * t_compute, run.timed_syncs, run.bytes_per_round, workers,
-                                         self.rate_Bps, self._latency(arrays), steps=run.timed_steps, overlap=overlap)
-
-    def _latency(self, arrays: int) -> float:
-        return self.latency_s * (arrays if self.per_array else 1)
+def predicted_s(link: Link, run: Run, t_compute: float, workers: int, arrays: int, overlap: bool = False) -> float:
+    """The timed steps of ``run`` by ``timemodel.simulated_wall_clock``, ``t_compute`` per step."""
+    return timemodel.simulated_wall_clock(run.timed_steps * t_compute, run.timed_syncs, run.bytes_per_round, workers,
+                                          link, arrays, steps=run.timed_steps, overlap=overlap)
 
 
 def compute_step_s(runs: dict[str, Run], processes: int) -> Optional[float]:
@@ -138,7 +122,7 @@ def compute_step_s(runs: dict[str, Run], processes: int) -> Optional[float]:
     return max(statistics.fmean(x) for x in local) if local[0] else None
 
 
-def analyse(runs: dict[str, Run], workers: int, models: dict[str, tuple[TimeModel, TimeModel]],
+def analyse(runs: dict[str, Run], workers: int, models: dict[str, tuple[Link, Link]],
             arrays: tuple[int, int], to_target: bool = True) -> dict:
     """Measured and predicted times of one launch; predictions need an averaging run (for t_compute).
     ``to_target``: also the times to the lowest final test accuracy of the runs."""
@@ -148,7 +132,8 @@ def analyse(runs: dict[str, Run], workers: int, models: dict[str, tuple[TimeMode
            "steps": full.steps, "timed_steps": full.timed_steps, "methods": {}}
     if t_c is not None:
         out["comm_compute_ratio"] = (full.step_s - t_c) / t_c
-        out["comm_compute_ratio_model"] = models["model"][0].round_s(full.bytes_per_round, workers, arrays[0]) / t_c
+        model_round = timemodel.allreduce_time(full.bytes_per_round, workers, models["model"][0], arrays[0])
+        out["comm_compute_ratio_model"] = model_round / t_c
     for method, run in runs.items():
         k = arrays[0] if method == "allreduce" else arrays[1]
         row = out["methods"][method] = {
@@ -162,14 +147,14 @@ def analyse(runs: dict[str, Run], workers: int, models: dict[str, tuple[TimeMode
         for name, (lockstep, after_local) in models.items():
             if t_c is None:
                 continue
-            model = lockstep if method == "allreduce" else after_local
-            sync = model.round_s(run.bytes_per_round, workers, k)
+            link = lockstep if method == "allreduce" else after_local
+            sync = timemodel.allreduce_time(run.bytes_per_round, workers, link, k)
             row[f"{name}_sync_s"] = sync
-            row[f"{name}_s"] = model.run_s(run, t_c, workers, k)
+            row[f"{name}_s"] = predicted_s(link, run, t_c, workers, k)
             if to_target:
                 row[f"{name}_to_target_s"] = (step - 2) * t_c + run.syncs_to(step) * sync
             if method == "allreduce":
-                row[f"{name}_overlap_s"] = model.run_s(run, t_c, workers, k, overlap=True)
+                row[f"{name}_overlap_s"] = predicted_s(link, run, t_c, workers, k, overlap=True)
     return out
 
 
@@ -180,29 +165,28 @@ def beyond_compute(run: Run, t_compute: float) -> float:
 
 def calibrate(runs: dict[str, Run], t_compute: float, workers: int, rate_Bps: float,
               arrays: tuple[int, int]) -> tuple[float, float]:
-    """(lambda_c of a full-sync step, lambda_c of an averaging sync): gloo's fixed cost per array
+    """(lambda_a of a full-sync step, lambda_a of an averaging sync): gloo's fixed cost per array
     and ring step, from runs on a link of ``rate_Bps``. Per round, what the run took beyond its
-    compute = arrays * 2(N - 1) * lambda_c + 2(N - 1)/N * B / rate."""
-    from adpsgd_jax import comm
-
+    compute = arrays * 2(N - 1) * lambda_a + 2(N - 1)/N * B / rate."""
     def per_array(run: Run, k: int) -> float:
-        wire = comm.allreduce_time(run.bytes_per_round, workers, rate_Bps)
+        wire = timemodel.allreduce_time(run.bytes_per_round, workers, Link(rate_Bps))
         return max(0.0, beyond_compute(run, t_compute) - wire) / (k * 2 * (workers - 1))
 
     averaging = [per_array(r, arrays[1]) for m, r in runs.items() if m != "allreduce"]
     return per_array(runs["allreduce"], arrays[0]), statistics.fmean(averaging)
 
 
-def models_for(record: dict, per_array_s: Optional[tuple[float, float]]) -> dict[str, tuple[TimeModel, TimeModel]]:
-    """name -> (model of a full-sync step, model of an averaging sync) on the record's link:
-    ALGORITHM.md's, and model+gloo when calibrated (``calibrate``)."""
+def models_for(record: dict, per_array_s: Optional[tuple[float, float]]) -> dict[str, tuple[Link, Link]]:
+    """name -> (link of a full-sync step, link of an averaging sync) as each model sees the record's
+    link: the time model as written (one latency per round), and model+gloo when calibrated
+    (``calibrate``: a latency per array instead)."""
     rate, probe = record["rate_mbit"], record["probe"]
     nominal = probe["goodput_Bps"] if rate is None else rate * 1e6 / 8
-    model = TimeModel(nominal, probe["rtt_s"] / 2, per_array=False)
+    model = Link(nominal, probe["rtt_s"] / 2)
     models = {"model": (model, model)}
     if per_array_s is not None:
         payload = probe["goodput_Bps"] if rate is None else netns.payload_rate(rate, record["mtu"])
-        models["gloo"] = tuple(TimeModel(payload, lam, per_array=True) for lam in per_array_s)
+        models["gloo"] = tuple(Link(payload, 0.0, per_array_latency=lam) for lam in per_array_s)
     return models
 
 

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from adpsgd_jax import comm
+from adpsgd_jax import timemodel
 from experiments import netmodel, netns
 
 
@@ -54,7 +54,7 @@ def test_step_durations_follow_the_clock_of_the_cpu_client(tmp_path):
 def launch(folder, rate_bps, t_compute, lam_full, lam_avg, arrays, nbytes, steps=48, period=8):
     """Full sync and a constant-period averaging run whose rounds cost exactly model+gloo's formula."""
     def round_s(lam, k):
-        return k * 2 * lam + comm.allreduce_time(nbytes, 2, rate_bps)
+        return k * 2 * lam + timemodel.allreduce_time(nbytes, 2, timemodel.Link(rate_bps))
 
     full = [None] + [t_compute + round_s(lam_full, arrays[0])] * steps
     synced = [s % period == 0 for s in range(1, steps + 1)]
@@ -84,6 +84,6 @@ def test_model_gloo_fits_on_the_unshaped_link_and_predicts_a_shaped_one(tmp_path
     assert shaped["disagreement_gloo_pct"] == pytest.approx(0.0, abs=1e-6)
     full_step = t_c + 4 * 2 * lam_full + nbytes / shaped_rate
     assert shaped["comm_compute_ratio"] == pytest.approx((full_step - t_c) / t_c)
-    # ... while ALGORITHM.md's model, one wire latency per round at the nominal rate, misses by far more.
+    # ... while the model as written, one wire latency per round at the nominal rate, misses by far more.
     assert abs(shaped["disagreement_pct"]) > 15
     assert shaped["comm_compute_ratio_model"] == pytest.approx((2 * 10e-6 + nbytes / 12.5e6) / t_c)
