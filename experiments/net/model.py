@@ -1,9 +1,10 @@
-"""Measured run times against the time model, for ``experiments.netbench``.
+"""Measured run times against the time model, for ``python -m experiments.net``.
 
 A ``Run`` reads one finished run of a multi-process launch: its result
-files and the per-step loop times every process recorded (``TIMING``). The
-analysis sets the measured wall-clock against two predictions of
-``adpsgd_jax.timemodel`` (docs/algorithm.md, "Time model"):
+files and the step clock every process recorded (``STEP_TIMES``, written by
+``experiments/net/worker.py``). The analysis sets the measured wall-clock
+against two predictions of ``adpsgd_jax.timemodel`` (docs/algorithm.md,
+"Time model"):
 
     predicted = T * t_compute + sum over rounds of t_round
 
@@ -23,7 +24,7 @@ analysis sets the measured wall-clock against two predictions of
   with ``Link(beta_eff, 0, lambda_a)``: lambda_a calibrated on an unshaped
   link, once from the full-sync run and once from the averaging runs
   (``calibrate``; the shaped links are then predicted, not fitted), and
-  beta_eff the TCP payload rate of the link (``netns.payload_rate``).
+  beta_eff the TCP payload rate of the link (``ns.payload_rate``).
 * comm/compute: per full-sync step, measured (step - t_compute) / t_compute,
   and the model's t_allreduce / t_compute.
 """
@@ -36,9 +37,12 @@ from typing import Optional
 
 from adpsgd_jax import timemodel
 from adpsgd_jax.timemodel import Link
-from experiments import netns, report, results
+from experiments import report, results
+from experiments.net import ns
 
-TIMING = "timing{}.json"  # per-step loop times of a run by process i, beside summary.json
+# Beside summary.json: per process, one row per step, {"step": s, "time_s": t}, t on that process's
+# perf_counter clock when step s's metrics row was written, from the first row (after a barrier).
+STEP_TIMES = "step_times-{}.jsonl"
 
 
 def link_label(rate_mbit: Optional[float]) -> str:
@@ -48,20 +52,30 @@ def link_label(rate_mbit: Optional[float]) -> str:
 
 
 class Run:
-    """One finished run: counts from its result files, loop times from its TIMING files."""
+    """One finished run: counts from its result files, loop times from its step clocks.
+
+    Entry t of a clock is taken when step t's metrics reach the host: on the
+    CPU client that copy waits for the step dispatched after it, so entry t
+    marks the end of step t + 1, except at an epoch's last step, whose
+    metrics are read before anything else is dispatched. ``loop_s[i]`` is
+    process i's clock with the evaluations (after each epoch's last entry)
+    taken out; see ``_without_evaluations``.
+    """
 
     def __init__(self, folder: str, processes: int):
         self.result = results.Run(folder)
         summary, metrics = self.result.summary, self.result.metrics
         self.evals = [(r["step"], r["test_accuracy"]) for r in self.result.evals]
-        self.loop_s = [results.read_json(os.path.join(folder, TIMING.format(i)))["loop_s"] for i in range(processes)]
         self.synced = [bool(r["synced"]) for r in metrics]
         self.syncs_upto = [r["syncs"] for r in metrics]
         self.steps, self.syncs = summary["steps"], summary["syncs"]
         self.steps_per_epoch = summary["steps_per_epoch"]
         self.bytes_per_round = summary["bytes"] / max(self.syncs, 1)
-        if any(len(loop) != self.steps for loop in self.loop_s) or len(self.synced) != self.steps:
-            raise RuntimeError(f"{folder}: {[len(x) for x in self.loop_s]} timed steps, {self.steps} expected")
+        clocks = [results.read_jsonl(os.path.join(folder, STEP_TIMES.format(i))) for i in range(processes)]
+        if any([r["step"] for r in c] != list(range(1, self.steps + 1)) for c in clocks) \
+                or len(self.synced) != self.steps:
+            raise RuntimeError(f"{folder}: {[len(c) for c in clocks]} timed steps, {self.steps} expected")
+        self.loop_s = [self._without_evaluations([r["time_s"] for r in c]) for c in clocks]
 
     # The clocks start at the end of step 2 (step 1 compiles): measurements and
     # predictions both cover steps 3 to T (to a target: steps 3 to its step).
@@ -97,12 +111,36 @@ class Run:
     def _epoch_end(self, step: int) -> bool:
         return step % self.steps_per_epoch == 0 or step == self.steps
 
-    def durations(self, process: int, synced: bool) -> list[float]:
-        """Durations of the steps with both ends on the clock: step s ends at entry s - 1
-        (index s - 2) unless step s - 1 ended an epoch."""
-        e = self.loop_s[process]
-        return [e[s - 2] - e[s - 3] for s in range(3, self.steps + 1)
+    def _durations(self, clock: list[float], synced: bool) -> list[float]:
+        """Durations of the steps with both ends on ``clock`` and no evaluation between them:
+        step s ends at entry s - 1 (index s - 2) unless step s - 1 ended an epoch."""
+        return [clock[s - 2] - clock[s - 3] for s in range(3, self.steps + 1)
                 if not self._epoch_end(s - 1) and not self._epoch_end(s - 2) and self.synced[s - 1] == synced]
+
+    def durations(self, process: int, synced: bool) -> list[float]:
+        """Durations of process ``process``'s steps with (``synced``) or without a sync, as measured."""
+        return self._durations(self.loop_s[process], synced)
+
+    def _without_evaluations(self, clock: list[float]) -> list[float]:
+        """The loop clock less the evaluations: from entry 1, the sum of the intervals between entries.
+
+        After an epoch's last entry t the process evaluates, so the interval
+        to entry t + 1, which ends step t + 1 (t + 2 unless t + 1 ends an
+        epoch too), is replaced by the mean durations of those steps' kinds
+        (with or without a sync; the mean of all steps where a kind has none)
+        of this clock: the hook that records the clock sees no evaluation end.
+        """
+        kinds = {synced: self._durations(clock, synced) for synced in (True, False)}
+        every = kinds[True] + kinds[False]
+        mean = {k: statistics.fmean(d or every) for k, d in kinds.items()} if every else {}
+        out = [0.0]
+        for s in range(2, self.steps + 1):
+            interval = clock[s - 1] - clock[s - 2]
+            if self._epoch_end(s - 1) and mean:
+                ended = range(s, s + 1 if self._epoch_end(s) else s + 2)  # steps ended between entries s - 1, s
+                interval = sum(mean[self.synced[c - 1]] for c in ended)
+            out.append(out[-1] + interval)
+        return out
 
     def first_reaching(self, accuracy: float) -> Optional[int]:
         return report.first_step_reaching(self.result, accuracy)
@@ -185,7 +223,7 @@ def models_for(record: dict, per_array_s: Optional[tuple[float, float]]) -> dict
     model = Link(nominal, probe["rtt_s"] / 2)
     models = {"model": (model, model)}
     if per_array_s is not None:
-        payload = probe["goodput_Bps"] if rate is None else netns.payload_rate(rate, record["mtu"])
+        payload = probe["goodput_Bps"] if rate is None else ns.payload_rate(rate, record["mtu"])
         models["gloo"] = tuple(Link(payload, 0.0, per_array_latency=lam) for lam in per_array_s)
     return models
 
