@@ -134,7 +134,7 @@ def qsgd_mean(grads: Any, key: jax.Array, levels: int, axis_name, bucket_size: O
     Each worker quantises its floating leaves, the signed levels (int8/int16)
     and norms are all-gathered, and every worker dequantises and averages the
     N messages: (1/N) sum_i Q(g_i). Quantised values cannot be summed in a
-    ring, hence the all-gather (``comm.allgather_time`` models its cost).
+    ring, hence the all-gather (``timemodel.allgather_time`` models its cost).
     """
     leaves, treedef = jax.tree.flatten(grads)
     keys = jax.random.split(key, len(leaves))

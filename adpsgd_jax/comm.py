@@ -1,8 +1,9 @@
-"""Communication accounting: bytes per round and the ring all-reduce time model.
+"""Communication accounting: the bytes each strategy sends per round, and an
+exact in-jit counter of them.
 
-Byte counts are the payload one worker contributes to a collective (B in the
-time model), not the traffic the ring moves; ``allreduce_time`` turns B into
-seconds (ALGORITHM.md, "Communication cost model").
+Byte counts are the payload one worker contributes to a collective (B of the
+time model, docs/algorithm.md, "Time model"), not the traffic the ring moves;
+``adpsgd_jax.timemodel`` turns B and the counted rounds into seconds.
 
 What each strategy sends per communication round:
 
@@ -14,13 +15,13 @@ What each strategy sends per communication round:
 * ``qsgd``: per bucket of ``bucket_size`` coordinates, a 32-bit norm and
   ``1 + ceil(log2(s + 1))`` bits per coordinate, rounded up to whole bytes
   per leaf; plus the model state. These are the bit-packed sizes of
-  ALGORITHM.md; the collective itself moves int8 (or int16) levels with
+  docs/algorithm.md; the collective itself moves int8 (or int16) levels with
   signs, which equals the packed size for s = 127.
 
 Two-level averaging counts two streams: the every-step mean of gradients and
 model state inside a group (``TrainState.group_comm``, on fast links) and the
-averaging across groups (``TrainState.comm``, on slow links).
-``two_level_wall_clock`` times both on a cluster of H hosts of L devices.
+averaging across groups (``TrainState.comm``, on slow links);
+``timemodel.two_level_wall_clock`` times both.
 """
 
 from __future__ import annotations
@@ -58,29 +59,6 @@ def qsgd_bytes(tree: Any, levels: int, bucket_size: Optional[int] = None) -> int
     )
 
 
-def allreduce_time(nbytes: float, num_workers: int, bandwidth: float, latency: float = 0.0) -> float:
-    """Ring all-reduce time: t = 2(N - 1) * latency + 2 (N - 1) / N * B / bandwidth.
-
-    Args:
-      nbytes: B, the payload per worker in bytes.
-      num_workers: N.
-      bandwidth: link bandwidth beta in bytes per second.
-      latency: per-message latency lambda in seconds.
-    """
-    n = num_workers
-    return 2 * (n - 1) * latency + 2 * (n - 1) / n * nbytes / bandwidth
-
-
-def allgather_time(nbytes: float, num_workers: int, bandwidth: float, latency: float = 0.0) -> float:
-    """Ring all-gather time: t = (N - 1) * latency + (N - 1) * B / bandwidth.
-
-    QSGD's quantised messages cannot be summed in the ring, so each worker
-    receives all N - 1 others (the model this library's ``qsgd`` strategy runs).
-    """
-    n = num_workers
-    return (n - 1) * latency + (n - 1) * nbytes / bandwidth
-
-
 class CommCounter(NamedTuple):
     """Cumulative communication, exact in int32 arithmetic.
 
@@ -116,137 +94,3 @@ def total_bytes(counter: CommCounter) -> int:
         return int(np.asarray(x).reshape(-1)[0])
 
     return (first(counter.gib) << _LOW_BITS) + first(counter.low)
-
-
-def simulated_wall_clock(
-    compute_s: float,
-    rounds: int,
-    nbytes_per_round: float,
-    num_workers: int,
-    bandwidth: float,
-    latency: float = 0.0,
-    steps: Optional[int] = None,
-    overlap: bool = False,
-    gather: bool = False,
-) -> float:
-    """Simulated run time = sum of compute + sum over rounds of the collective time.
-
-    Args:
-      compute_s: total measured compute time of the run (all steps).
-      rounds: number of communication rounds.
-      nbytes_per_round: payload per worker per round.
-      steps: number of steps (needed with ``overlap``).
-      overlap: ideal overlap of communication with the backward pass, for a
-        strategy that communicates every step: each step costs
-        max(t_compute, t_comm) instead of their sum.
-      gather: use the all-gather model (QSGD) instead of all-reduce.
-    """
-    per_round = (allgather_time if gather else allreduce_time)(nbytes_per_round, num_workers, bandwidth, latency)
-    return _total(compute_s, rounds, per_round, steps, overlap)
-
-
-def _total(compute_s: float, rounds: int, per_round: float, steps: Optional[int], overlap: bool) -> float:
-    """compute + rounds * per_round, or with ideal overlap steps * max(compute / step, per_round)."""
-    if not overlap:
-        return compute_s + rounds * per_round
-    if not steps or rounds != steps:
-        raise ValueError("overlap applies to strategies that communicate every step (rounds == steps)")
-    return steps * max(compute_s / steps, per_round)
-
-
-def hierarchical_allreduce_time(nbytes: float, hosts: int, per_host: int, intra_bandwidth: float, inter_bandwidth: float,
-                                intra_latency: float = 0.0, inter_latency: float = 0.0) -> float:
-    """All-reduce of B bytes per worker over H hosts x L devices on a two-level network.
-
-    Reduce-scatter inside each host (fast links beta_f, lambda_f), then L
-    rings across hosts, one per shard of B / L, sharing each host's link
-    (beta_s, lambda_s; the host's link carries 2(H - 1)/H * B in all), then
-    all-gather inside the host:
-
-        t = 2(L - 1) lambda_f + 2(L - 1)/L * B/beta_f + 2(H - 1) lambda_s + 2(H - 1)/H * B/beta_s
-          = allreduce_time(B, L, beta_f, lambda_f) + allreduce_time(B, H, beta_s, lambda_s)
-
-    Full sync's gradient mean and flat averaging (all N = H L replicas differ)
-    pay this per round.
-    """
-    return (allreduce_time(nbytes, per_host, intra_bandwidth, intra_latency)
-            + allreduce_time(nbytes, hosts, inter_bandwidth, inter_latency))
-
-
-def hierarchical_allgather_time(nbytes: float, hosts: int, per_host: int, intra_bandwidth: float, inter_bandwidth: float,
-                                intra_latency: float = 0.0, inter_latency: float = 0.0) -> float:
-    """All-gather of B bytes per worker over H hosts x L devices (QSGD's messages):
-    gather inside the host, then hosts exchange their L messages:
-
-        t = allgather_time(B, L, beta_f, lambda_f) + allgather_time(L B, H, beta_s, lambda_s)
-
-    (the copies of the other hosts' messages inside a host, at the fast rate,
-    are left out).
-    """
-    return (allgather_time(nbytes, per_host, intra_bandwidth, intra_latency)
-            + allgather_time(per_host * nbytes, hosts, inter_bandwidth, inter_latency))
-
-
-def group_average_time(nbytes: float, hosts: int, per_host: int, intra_bandwidth: float, inter_bandwidth: float,
-                       intra_latency: float = 0.0, inter_latency: float = 0.0) -> float:
-    """Averaging B bytes across H hosts whose L devices hold identical copies
-    (a two-level sync, groups = hosts).
-
-    No reduction inside a host is needed: each device all-reduces one shard
-    of B / L with its counterparts on the other hosts (L rings sharing the
-    host's link), then the host all-gathers the averaged shards:
-
-        t = allreduce_time(B, H, beta_s, lambda_s) + allgather_time(B / L, L, beta_f, lambda_f)
-          = 2(H - 1) lambda_s + 2(H - 1)/H * B/beta_s + (L - 1) lambda_f + (L - 1)/L * B/beta_f
-    """
-    return (allreduce_time(nbytes, hosts, inter_bandwidth, inter_latency)
-            + allgather_time(nbytes / per_host, per_host, intra_bandwidth, intra_latency))
-
-
-def two_level_wall_clock(
-    compute_s: float,
-    rounds: int,
-    nbytes_per_round: float,
-    hosts: int,
-    per_host: int,
-    intra_bandwidth: float,
-    inter_bandwidth: float,
-    intra_latency: float = 0.0,
-    inter_latency: float = 0.0,
-    *,
-    group_rounds: int = 0,
-    group_nbytes_per_round: float = 0.0,
-    grouped: bool = False,
-    steps: Optional[int] = None,
-    overlap: bool = False,
-    gather: bool = False,
-) -> float:
-    """Simulated run time on H = ``hosts`` hosts of L = ``per_host`` devices:
-    fast links inside a host (``intra_*``), slow ones between hosts (``inter_*``).
-
-    A flat run (``grouped`` False: every replica differs) pays a hierarchical
-    all-reduce (all-gather with ``gather``) per round:
-
-        time = compute + rounds * hierarchical_allreduce_time(B, H, L)
-
-    A two-level run (``grouped``: its groups are the hosts) pays the
-    every-step mean inside the host and the averaging across hosts:
-
-        time = compute + group_rounds * allreduce_time(B_g, L, beta_f, lambda_f)
-                       + rounds * group_average_time(B, H, L)
-
-    Args:
-      compute_s: total measured compute time (all steps).
-      rounds, nbytes_per_round: rounds and payload per worker per round of
-        ``TrainState.comm`` (across groups for a two-level run).
-      group_rounds, group_nbytes_per_round: the same for ``group_comm``.
-      steps, overlap: ideal overlap of a flat every-step strategy's
-        communication with its compute, as in ``simulated_wall_clock``.
-    """
-    links = (intra_bandwidth, inter_bandwidth, intra_latency, inter_latency)
-    if grouped:
-        inside = allreduce_time(group_nbytes_per_round, per_host, intra_bandwidth, intra_latency)
-        across = group_average_time(nbytes_per_round, hosts, per_host, *links)
-        return compute_s + group_rounds * inside + rounds * across
-    collective = hierarchical_allgather_time if gather else hierarchical_allreduce_time
-    return _total(compute_s, rounds, collective(nbytes_per_round, hosts, per_host, *links), steps, overlap)

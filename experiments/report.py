@@ -2,8 +2,8 @@
 
 The table has one row per method (mean ± standard deviation over seeds):
 final training loss and test accuracy of the averaged model, syncs, bytes
-sent per worker, and the simulated wall-clock of ALGORITHM.md's time model
-at 10 and 100 Gbps for ``--predict-workers`` workers:
+sent per worker, and the simulated wall-clock of the time model
+at 10 and 100 Gbps for ``--predict-workers`` workers (docs/algorithm.md, "Time model"):
 
     time = sum_steps t_compute + sum_rounds t_comm(B, N)
 
@@ -21,7 +21,7 @@ groups and its averaging across them, every link at the one bandwidth.
 
 A second table predicts the same runs on a two-level cluster
 (``--hosts`` H x ``--devices-per-host`` L, ``--intra-gbps`` inside a host,
-10 and 100 Gbps between hosts; ``comm.two_level_wall_clock``): rounds of
+10 and 100 Gbps between hosts; ``timemodel.two_level_wall_clock``): rounds of
 flat runs are hierarchical all-reduces (all-gathers for QSGD); a two-level
 run's groups become the hosts, its every-step mean runs on the fast links
 and only its syncs cross hosts. Counts and compute come from the runs as
@@ -41,11 +41,11 @@ from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
-from adpsgd_jax import comm
+from adpsgd_jax import timemodel
+from adpsgd_jax.timemodel import Link
 from experiments import results
+from experiments.names import BANDWIDTHS_GBPS, GBPS
 
-GBPS = 1e9 / 8  # bytes per second in one gigabit per second
-BANDWIDTHS = (10, 100)
 # The two-level prediction: NVLink-class 300 GB/s inside a host; payload and compute per step as measured
 # unless given (a what-if for a larger model: its parameter bytes and an assumed compute time per step).
 CLUSTER = dict(hosts=4, per_host=8, intra_gbps=2400.0, payload_bytes=None, step_s=None)
@@ -80,30 +80,31 @@ def _counts(run: results.Run, upto_step: Optional[int], payload_bytes: Optional[
 def simulated_time(run: results.Run, workers: int, gbps: float, latency: float = 10e-6, upto_step: Optional[int] = None,
                    overlap: bool = False) -> float:
     """Simulated seconds of ``run`` up to ``upto_step`` (default: the whole run),
-    by ``comm.simulated_wall_clock`` with the run's own compute time per step;
-    a two-level run by ``comm.two_level_wall_clock`` with every link at ``gbps``."""
-    c = _counts(run, upto_step)
+    by ``timemodel.simulated_wall_clock`` with the run's own compute time per step;
+    a two-level run by ``timemodel.two_level_wall_clock`` with every link at ``gbps``."""
+    c, link = _counts(run, upto_step), Link(gbps * GBPS, latency)
     if run.group_size > 1:
-        bw, size = gbps * GBPS, run.group_size
-        return comm.two_level_wall_clock(c.compute_s, c.rounds, c.per_round, max(1, workers // size), size, bw, bw,
-                                         latency, latency, group_rounds=c.group_rounds,
-                                         group_nbytes_per_round=c.group_per_round, grouped=True)
-    return comm.simulated_wall_clock(c.compute_s, c.rounds, c.per_round, workers, gbps * GBPS, latency,
-                                     steps=c.steps, overlap=overlap, gather=run.method == "qsgd")
+        size = run.group_size
+        return timemodel.two_level_wall_clock(c.compute_s, c.rounds, c.per_round, max(1, workers // size), size,
+                                              link, link, group_rounds=c.group_rounds,
+                                              group_nbytes_per_round=c.group_per_round, grouped=True)
+    return timemodel.simulated_wall_clock(c.compute_s, c.rounds, c.per_round, workers, link, steps=c.steps,
+                                          overlap=overlap, gather=run.method == "qsgd")
 
 
 def cluster_time(run: results.Run, hosts: int, per_host: int, intra_gbps: float, gbps: float,
                  latency: float = 10e-6, upto_step: Optional[int] = None, overlap: bool = False,
                  payload_bytes: Optional[float] = None, step_s: Optional[float] = None) -> float:
     """Simulated seconds of ``run`` on ``hosts`` x ``per_host`` devices, ``intra_gbps``
-    inside a host and ``gbps`` between hosts (``comm.two_level_wall_clock``;
+    inside a host and ``gbps`` between hosts (``timemodel.two_level_wall_clock``;
     ``latency`` per message on both levels). ``payload_bytes`` / ``step_s``:
     a what-if with another model's parameter bytes and compute per step."""
     c = _counts(run, upto_step, payload_bytes, step_s)
-    return comm.two_level_wall_clock(c.compute_s, c.rounds, c.per_round, hosts, per_host, intra_gbps * GBPS,
-                                     gbps * GBPS, latency, latency, group_rounds=c.group_rounds,
-                                     group_nbytes_per_round=c.group_per_round, grouped=run.group_size > 1,
-                                     steps=c.steps, overlap=overlap, gather=run.method == "qsgd")
+    return timemodel.two_level_wall_clock(c.compute_s, c.rounds, c.per_round, hosts, per_host,
+                                          Link(intra_gbps * GBPS, latency), Link(gbps * GBPS, latency),
+                                          group_rounds=c.group_rounds, group_nbytes_per_round=c.group_per_round,
+                                          grouped=run.group_size > 1, steps=c.steps, overlap=overlap,
+                                          gather=run.method == "qsgd")
 
 
 def first_step_reaching(run: results.Run, accuracy: float) -> Optional[int]:
@@ -166,14 +167,14 @@ def table(runs: list[results.Run], workers: Optional[int] = None, latency: float
 
     def time_cols(rs, overlap=False):
         cols = []
-        for gbps in BANDWIDTHS:
+        for gbps in BANDWIDTHS_GBPS:
             timer = lambda r, upto, ov: simulated_time(r, workers, gbps, latency, upto, ov)  # noqa: E731
             cols += [_seconds(t) for t in _times(rs, timer, target, overlap)]
         return cols
 
     header = ["method", "seeds", "final train loss", "test accuracy", "syncs", "MB sent / worker", "bytes vs allreduce",
               "MB in group / worker", "compute s"]
-    header += [f"{k} @{g} Gbps (s)" for g in BANDWIDTHS for k in ("time", "to target")]
+    header += [f"{k} @{g} Gbps (s)" for g in BANDWIDTHS_GBPS for k in ("time", "to target")]
     lines = [_row(header), "|" + "---|" * len(header)]
     for label, rs in groups.items():
         sent = _mean_of(rs, "bytes")
@@ -208,11 +209,12 @@ def cluster_table(runs: list[results.Run], hosts: int = CLUSTER["hosts"], per_ho
         return lambda r, upto, ov: cluster_time(r, hosts, per_host, intra_gbps, gbps, latency, upto, ov,
                                                 payload_bytes, step_s)
 
-    bases = {g: _times(groups["allreduce"], timer_at(g), target) for g in BANDWIDTHS} if "allreduce" in groups else {}
+    bases = ({g: _times(groups["allreduce"], timer_at(g), target) for g in BANDWIDTHS_GBPS}
+             if "allreduce" in groups else {})
 
     def time_cols(rs, overlap=False):
         cols = []
-        for gbps in BANDWIDTHS:
+        for gbps in BANDWIDTHS_GBPS:
             total, to_target = _times(rs, timer_at(gbps), target, overlap)
             base = bases.get(gbps)
             cols += [_seconds(total), f"{base[0] / total:.2f}x" if base else "n/a",
@@ -220,7 +222,8 @@ def cluster_table(runs: list[results.Run], hosts: int = CLUSTER["hosts"], per_ho
         return cols
 
     header = ["method", "seeds", "syncs across hosts", "MB across hosts / worker", "MB inside host / worker"] + [
-        f"{k} @{g} Gbps" for g in BANDWIDTHS for k in ("time (s)", "speedup", "to target (s)", "speedup to target")]
+        f"{k} @{g} Gbps" for g in BANDWIDTHS_GBPS
+        for k in ("time (s)", "speedup", "to target (s)", "speedup to target")]
     lines = [_row(header), "|" + "---|" * len(header)]
     def megabytes(rs, key):  # per worker, scaled like the messages in a what-if
         return np.mean([r.summary.get(key, 0) * (payload_bytes / r.summary["param_bytes"] if payload_bytes else 1)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adpsgd_jax import comm
+from adpsgd_jax import timemodel
 from experiments import cifar, config as cfg, methods, report, results, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -195,8 +195,9 @@ def test_two_level_time_models_match_the_formulas(two_level_dir):
     hierarchical = 2 * 7 * lat + 2 * 7 / 8 * per_round / fast + 2 * 3 * lat + 2 * 3 / 4 * per_round / slow
     assert report.cluster_time(full, 4, 8, 2400, 10, lat) == pytest.approx(f["compute_s"] + f["syncs"] * hierarchical)
     # One bandwidth everywhere (the first table): the run's 2 groups of 4.
-    flat_links = (s["compute_s"] + s["steps"] * comm.allreduce_time(s["param_bytes"], 4, slow, lat)
-                  + s["syncs"] * comm.group_average_time(s["param_bytes"] + 8, 2, 4, slow, slow, lat, lat))
+    link = timemodel.Link(slow, lat)
+    flat_links = (s["compute_s"] + s["steps"] * timemodel.allreduce_time(s["param_bytes"], 4, link)
+                  + s["syncs"] * timemodel.group_average_time(s["param_bytes"] + 8, 2, 4, link, link))
     assert report.simulated_time(run, 8, 10, lat) == pytest.approx(flat_links)
     text = report.build(str(two_level_dir), plots=False)
     assert "| cpsgd+nesterov-group4 | 1 |" in text and "Predicted on 4 hosts x 8 devices" in text

@@ -1,28 +1,29 @@
-"""experiments.netmodel: per-step times from the clock entries, the model+gloo fit and its predictions.
+"""experiments.net.model: per-step times from the step clocks, the model+gloo fit and its predictions.
 
-Synthetic run folders, as a 2-process launch of experiments.netbench leaves them."""
+Synthetic run folders, as a 2-process launch of ``python -m experiments.net`` leaves them."""
 
 import json
 import os
 
 import pytest
 
-from adpsgd_jax import comm
-from experiments import netmodel, netns
+from adpsgd_jax import timemodel
+from experiments.net import model, ns
 
 
-def clock(durations, steps_per_epoch):
-    """The clock entries of a run whose step s lasts durations[s] (s = 1..T): entry t marks
-    the end of step t + 1, or of step t at an epoch's end; the clock starts at the end of step 2."""
+def step_clock(durations, steps_per_epoch, eval_s):
+    """The step clock of a run whose step s lasts durations[s] (s = 1..T) and whose evaluation after
+    each epoch's last step lasts ``eval_s``: entry t is taken at the end of step t + 1, or of step t
+    at an epoch's end, in seconds from entry 1 (the end of step 2)."""
     steps = len(durations) - 1
     ends, t = {2: 0.0}, 0.0
     for s in range(3, steps + 1):
-        t += durations[s]
+        t += durations[s] + (eval_s if (s - 1) % steps_per_epoch == 0 else 0.0)
         ends[s] = t
     return [ends[s] if s % steps_per_epoch == 0 or s == steps else ends[s + 1] for s in range(1, steps + 1)]
 
 
-def write_run(folder, steps_per_epoch, synced, durations, nbytes=100):
+def write_run(folder, steps_per_epoch, synced, durations, nbytes=100, eval_s=0.7):
     os.makedirs(folder)
     steps = len(synced)
     with open(os.path.join(folder, "summary.json"), "w") as f:
@@ -35,26 +36,39 @@ def write_run(folder, steps_per_epoch, synced, durations, nbytes=100):
         for e in range(steps // steps_per_epoch):
             f.write(json.dumps({"step": (e + 1) * steps_per_epoch, "test_accuracy": 0.5 + 0.1 * e}) + "\n")
     for i in range(2):
-        with open(os.path.join(folder, netmodel.TIMING.format(i)), "w") as f:
-            json.dump({"loop_s": clock(durations, steps_per_epoch)}, f)
-    return netmodel.Run(str(folder), 2)
+        with open(os.path.join(folder, model.STEP_TIMES.format(i)), "w") as f:
+            for s, t in enumerate(step_clock(durations, steps_per_epoch, eval_s), 1):
+                f.write(json.dumps({"step": s, "time_s": t}) + "\n")
+    return model.Run(str(folder), 2)
 
 
 def test_step_durations_follow_the_clock_of_the_cpu_client(tmp_path):
-    """2 epochs of 6 steps, local steps of 1 s, syncs (steps 4 and 10) of 5 s."""
-    durations = [None] + [5.0 if s in (4, 10) else 1.0 for s in range(1, 13)]
-    run = write_run(tmp_path / "r", 6, [s in (4, 10) for s in range(1, 13)], durations)
-    assert run.durations(0, synced=True) == [5.0, 5.0]
+    """2 epochs of 6 steps, local steps of 1 s, syncs (steps 4, 7 and 10) of 5 s, evaluations of 0.7 s."""
+    sync_steps = (4, 7, 10)
+    durations = [None] + [5.0 if s in sync_steps else 1.0 for s in range(1, 13)]
+    run = write_run(tmp_path / "r", 6, [s in sync_steps for s in range(1, 13)], durations)
+    assert run.durations(0, synced=True) == [5.0, 5.0]  # steps 4 and 10; 7 follows an evaluation
     assert run.durations(0, synced=False) == [1.0] * 6  # steps 3, 5, 6, 9, 11, 12: both ends on the clock
+    # The evaluation after step 6 is taken out: steps 7 and 8 count as a sync and a local step.
+    assert run.measured_s == pytest.approx(sum(durations[3:]))
     assert run.step_s == pytest.approx(sum(durations[3:]) / 10)
     assert run.time_to(6) == pytest.approx(sum(durations[3:7]))  # from the end of step 2
+    assert run.time_to(12) == pytest.approx(sum(durations[3:]))
     assert run.first_reaching(0.55) == 12
+
+
+def test_a_missing_step_is_refused(tmp_path):
+    write_run(tmp_path / "r", 6, [False] * 12, [None] + [1.0] * 12)
+    path = tmp_path / "r" / model.STEP_TIMES.format(1)
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[:-1]))
+    with pytest.raises(RuntimeError, match="timed steps, 12 expected"):
+        model.Run(str(tmp_path / "r"), 2)
 
 
 def launch(folder, rate_bps, t_compute, lam_full, lam_avg, arrays, nbytes, steps=48, period=8):
     """Full sync and a constant-period averaging run whose rounds cost exactly model+gloo's formula."""
     def round_s(lam, k):
-        return k * 2 * lam + comm.allreduce_time(nbytes, 2, rate_bps)
+        return k * 2 * lam + timemodel.allreduce_time(nbytes, 2, timemodel.Link(rate_bps))
 
     full = [None] + [t_compute + round_s(lam_full, arrays[0])] * steps
     synced = [s % period == 0 for s in range(1, steps + 1)]
@@ -66,7 +80,7 @@ def launch(folder, rate_bps, t_compute, lam_full, lam_avg, arrays, nbytes, steps
 def test_model_gloo_fits_on_the_unshaped_link_and_predicts_a_shaped_one(tmp_path):
     t_c, lam_full, lam_avg, arrays, nbytes = 1.3e-3, 0.3e-3, 0.4e-3, (4, 5), 40_000
     unshaped_rate = 800e6
-    shaped_rate = netns.payload_rate(100, 1500)
+    shaped_rate = ns.payload_rate(100, 1500)
     records = [
         {"workload": "w", "rate_mbit": None, "mtu": 9000, "probe": {"rtt_s": 20e-6, "goodput_Bps": unshaped_rate},
          "arrays": arrays, "to_target": True,
@@ -75,7 +89,7 @@ def test_model_gloo_fits_on_the_unshaped_link_and_predicts_a_shaped_one(tmp_path
          "arrays": arrays, "to_target": True,
          "runs": launch(tmp_path / "s", shaped_rate, t_c, lam_full, lam_avg, arrays, nbytes)},
     ]
-    links, rows = netmodel.summarise(records, 2)
+    links, rows = model.summarise(records, 2)
     assert links[0]["gloo_per_array_s"] == pytest.approx((lam_full, lam_avg))
     assert links[1]["compute_s_per_step"] == pytest.approx(t_c)
     shaped = rows[1]
@@ -84,6 +98,6 @@ def test_model_gloo_fits_on_the_unshaped_link_and_predicts_a_shaped_one(tmp_path
     assert shaped["disagreement_gloo_pct"] == pytest.approx(0.0, abs=1e-6)
     full_step = t_c + 4 * 2 * lam_full + nbytes / shaped_rate
     assert shaped["comm_compute_ratio"] == pytest.approx((full_step - t_c) / t_c)
-    # ... while ALGORITHM.md's model, one wire latency per round at the nominal rate, misses by far more.
+    # ... while the model as written, one wire latency per round at the nominal rate, misses by far more.
     assert abs(shaped["disagreement_pct"]) > 15
     assert shaped["comm_compute_ratio_model"] == pytest.approx((2 * 10e-6 + nbytes / 12.5e6) / t_c)

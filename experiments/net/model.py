@@ -1,27 +1,30 @@
-"""Measured run times against the time model, for ``experiments.netbench``.
+"""Measured run times against the time model, for ``python -m experiments.net``.
 
 A ``Run`` reads one finished run of a multi-process launch: its result
-files and the per-step loop times every process recorded (``TIMING``). The
-analysis sets the measured wall-clock against two predictions:
+files and the step clock every process recorded (``STEP_TIMES``, written by
+``experiments/net/worker.py``). The analysis sets the measured wall-clock
+against two predictions of ``adpsgd_jax.timemodel`` (docs/algorithm.md,
+"Time model"):
 
     predicted = T * t_compute + sum over rounds of t_round
 
 * t_compute: the mean duration of the steps without a sync in the averaging
   runs of the same launch, of the slowest process (the others wait for it
   at each sync).
-* ``model``: ALGORITHM.md's model as written (``comm.simulated_wall_clock``,
+* ``model``: the time model as written (``timemodel.simulated_wall_clock``,
   no overlap, as the measured runs have none; full sync with ideal overlap is
-  given beside it): t_round = t_allreduce(B, N, beta, lambda) with beta the
-  link rate and lambda half the measured round trip of a 1-byte message.
+  given beside it): t_round = t_allreduce(B, N, Link(beta, lambda)) with beta
+  the link rate and lambda half the measured round trip of a 1-byte message.
 * ``model+gloo`` (``gloo``): what the measurements showed the model misses.
   gloo runs one ring all-reduce per array (XLA's CPU all-reduce thunk loops
   over the operands of its combined all-reduce), each with a fixed cost far
   above the wire's latency, and that cost differs between a sync after local
   steps and a full-sync step in lock-step. So a round of k arrays costs
-  k * 2(N - 1) * lambda_c + 2(N - 1)/N * B / beta_eff, lambda_c calibrated on
-  an unshaped link, once from the full-sync run and once from the averaging
-  runs (``calibrate``; the shaped links are then predicted, not fitted), and
-  beta_eff the TCP payload rate of the link (``netns.payload_rate``).
+  k * 2(N - 1) * lambda_a + 2(N - 1)/N * B / beta_eff, the same function
+  with ``Link(beta_eff, 0, lambda_a)``: lambda_a calibrated on an unshaped
+  link, once from the full-sync run and once from the averaging runs
+  (``calibrate``; the shaped links are then predicted, not fitted), and
+  beta_eff the TCP payload rate of the link (``ns.payload_rate``).
 * comm/compute: per full-sync step, measured (step - t_compute) / t_compute,
   and the model's t_allreduce / t_compute.
 """
@@ -30,11 +33,16 @@ from __future__ import annotations
 
 import os
 import statistics
-from typing import NamedTuple, Optional
+from typing import Optional
 
-from experiments import netns
+from adpsgd_jax import timemodel
+from adpsgd_jax.timemodel import Link
+from experiments import report, results
+from experiments.net import ns
 
-TIMING = "timing{}.json"  # per-step loop times of a run by process i, beside summary.json
+# Beside summary.json: per process, one row per step, {"step": s, "time_s": t}, t on that process's
+# perf_counter clock when step s's metrics row was written, from the first row (after a barrier).
+STEP_TIMES = "step_times-{}.jsonl"
 
 
 def link_label(rate_mbit: Optional[float]) -> str:
@@ -44,22 +52,30 @@ def link_label(rate_mbit: Optional[float]) -> str:
 
 
 class Run:
-    """One finished run: counts from its result files, loop times from its TIMING files."""
+    """One finished run: counts from its result files, loop times from its step clocks.
+
+    Entry t of a clock is taken when step t's metrics reach the host: on the
+    CPU client that copy waits for the step dispatched after it, so entry t
+    marks the end of step t + 1, except at an epoch's last step, whose
+    metrics are read before anything else is dispatched. ``loop_s[i]`` is
+    process i's clock with the evaluations (after each epoch's last entry)
+    taken out; see ``_without_evaluations``.
+    """
 
     def __init__(self, folder: str, processes: int):
-        from experiments import results
-
         self.result = results.Run(folder)
         summary, metrics = self.result.summary, self.result.metrics
         self.evals = [(r["step"], r["test_accuracy"]) for r in self.result.evals]
-        self.loop_s = [results.read_json(os.path.join(folder, TIMING.format(i)))["loop_s"] for i in range(processes)]
         self.synced = [bool(r["synced"]) for r in metrics]
         self.syncs_upto = [r["syncs"] for r in metrics]
         self.steps, self.syncs = summary["steps"], summary["syncs"]
         self.steps_per_epoch = summary["steps_per_epoch"]
         self.bytes_per_round = summary["bytes"] / max(self.syncs, 1)
-        if any(len(loop) != self.steps for loop in self.loop_s) or len(self.synced) != self.steps:
-            raise RuntimeError(f"{folder}: {[len(x) for x in self.loop_s]} timed steps, {self.steps} expected")
+        clocks = [results.read_jsonl(os.path.join(folder, STEP_TIMES.format(i))) for i in range(processes)]
+        if any([r["step"] for r in c] != list(range(1, self.steps + 1)) for c in clocks) \
+                or len(self.synced) != self.steps:
+            raise RuntimeError(f"{folder}: {[len(c) for c in clocks]} timed steps, {self.steps} expected")
+        self.loop_s = [self._without_evaluations([r["time_s"] for r in c]) for c in clocks]
 
     # The clocks start at the end of step 2 (step 1 compiles): measurements and
     # predictions both cover steps 3 to T (to a target: steps 3 to its step).
@@ -95,39 +111,45 @@ class Run:
     def _epoch_end(self, step: int) -> bool:
         return step % self.steps_per_epoch == 0 or step == self.steps
 
-    def durations(self, process: int, synced: bool) -> list[float]:
-        """Durations of the steps with both ends on the clock: step s ends at entry s - 1
-        (index s - 2) unless step s - 1 ended an epoch."""
-        e = self.loop_s[process]
-        return [e[s - 2] - e[s - 3] for s in range(3, self.steps + 1)
+    def _durations(self, clock: list[float], synced: bool) -> list[float]:
+        """Durations of the steps with both ends on ``clock`` and no evaluation between them:
+        step s ends at entry s - 1 (index s - 2) unless step s - 1 ended an epoch."""
+        return [clock[s - 2] - clock[s - 3] for s in range(3, self.steps + 1)
                 if not self._epoch_end(s - 1) and not self._epoch_end(s - 2) and self.synced[s - 1] == synced]
 
-    def first_reaching(self, accuracy: float) -> Optional[int]:
-        from experiments import report
+    def durations(self, process: int, synced: bool) -> list[float]:
+        """Durations of process ``process``'s steps with (``synced``) or without a sync, as measured."""
+        return self._durations(self.loop_s[process], synced)
 
+    def _without_evaluations(self, clock: list[float]) -> list[float]:
+        """The loop clock less the evaluations: from entry 1, the sum of the intervals between entries.
+
+        After an epoch's last entry t the process evaluates, so the interval
+        to entry t + 1, which ends step t + 1 (t + 2 unless t + 1 ends an
+        epoch too), is replaced by the mean durations of those steps' kinds
+        (with or without a sync; the mean of all steps where a kind has none)
+        of this clock: the hook that records the clock sees no evaluation end.
+        """
+        kinds = {synced: self._durations(clock, synced) for synced in (True, False)}
+        every = kinds[True] + kinds[False]
+        mean = {k: statistics.fmean(d or every) for k, d in kinds.items()} if every else {}
+        out = [0.0]
+        for s in range(2, self.steps + 1):
+            interval = clock[s - 1] - clock[s - 2]
+            if self._epoch_end(s - 1) and mean:
+                ended = range(s, s + 1 if self._epoch_end(s) else s + 2)  # steps ended between entries s - 1, s
+                interval = sum(mean[self.synced[c - 1]] for c in ended)
+            out.append(out[-1] + interval)
+        return out
+
+    def first_reaching(self, accuracy: float) -> Optional[int]:
         return report.first_step_reaching(self.result, accuracy)
 
 
-class TimeModel(NamedTuple):
-    """Time of one round of B bytes per worker: ``comm.allreduce_time(B, N, rate, latency x arrays)``."""
-
-    rate_Bps: float
-    latency_s: float
-    per_array: bool  # latency paid once per all-reduced array (gloo) rather than once per round
-
-    def round_s(self, nbytes: float, workers: int, arrays: int) -> float:
-        from adpsgd_jax import comm
-
-        return comm.allreduce_time(nbytes, workers, self.rate_Bps, self._latency(arrays))
-
-    def run_s(self, run: Run, t_compute: float, workers: int, arrays: int, overlap: bool = False) -> float:
-        from adpsgd_jax import comm
-
-        return comm.simulated_wall_clock(run.timed_steps * t_compute, run.timed_syncs, run.bytes_per_round, workers,
-                                         self.rate_Bps, self._latency(arrays), steps=run.timed_steps, overlap=overlap)
-
-    def _latency(self, arrays: int) -> float:
-        return self.latency_s * (arrays if self.per_array else 1)
+def predicted_s(link: Link, run: Run, t_compute: float, workers: int, arrays: int, overlap: bool = False) -> float:
+    """The timed steps of ``run`` by ``timemodel.simulated_wall_clock``, ``t_compute`` per step."""
+    return timemodel.simulated_wall_clock(run.timed_steps * t_compute, run.timed_syncs, run.bytes_per_round, workers,
+                                          link, arrays, steps=run.timed_steps, overlap=overlap)
 
 
 def compute_step_s(runs: dict[str, Run], processes: int) -> Optional[float]:
@@ -138,7 +160,7 @@ def compute_step_s(runs: dict[str, Run], processes: int) -> Optional[float]:
     return max(statistics.fmean(x) for x in local) if local[0] else None
 
 
-def analyse(runs: dict[str, Run], workers: int, models: dict[str, tuple[TimeModel, TimeModel]],
+def analyse(runs: dict[str, Run], workers: int, models: dict[str, tuple[Link, Link]],
             arrays: tuple[int, int], to_target: bool = True) -> dict:
     """Measured and predicted times of one launch; predictions need an averaging run (for t_compute).
     ``to_target``: also the times to the lowest final test accuracy of the runs."""
@@ -148,7 +170,8 @@ def analyse(runs: dict[str, Run], workers: int, models: dict[str, tuple[TimeMode
            "steps": full.steps, "timed_steps": full.timed_steps, "methods": {}}
     if t_c is not None:
         out["comm_compute_ratio"] = (full.step_s - t_c) / t_c
-        out["comm_compute_ratio_model"] = models["model"][0].round_s(full.bytes_per_round, workers, arrays[0]) / t_c
+        model_round = timemodel.allreduce_time(full.bytes_per_round, workers, models["model"][0], arrays[0])
+        out["comm_compute_ratio_model"] = model_round / t_c
     for method, run in runs.items():
         k = arrays[0] if method == "allreduce" else arrays[1]
         row = out["methods"][method] = {
@@ -162,14 +185,14 @@ def analyse(runs: dict[str, Run], workers: int, models: dict[str, tuple[TimeMode
         for name, (lockstep, after_local) in models.items():
             if t_c is None:
                 continue
-            model = lockstep if method == "allreduce" else after_local
-            sync = model.round_s(run.bytes_per_round, workers, k)
+            link = lockstep if method == "allreduce" else after_local
+            sync = timemodel.allreduce_time(run.bytes_per_round, workers, link, k)
             row[f"{name}_sync_s"] = sync
-            row[f"{name}_s"] = model.run_s(run, t_c, workers, k)
+            row[f"{name}_s"] = predicted_s(link, run, t_c, workers, k)
             if to_target:
                 row[f"{name}_to_target_s"] = (step - 2) * t_c + run.syncs_to(step) * sync
             if method == "allreduce":
-                row[f"{name}_overlap_s"] = model.run_s(run, t_c, workers, k, overlap=True)
+                row[f"{name}_overlap_s"] = predicted_s(link, run, t_c, workers, k, overlap=True)
     return out
 
 
@@ -180,29 +203,28 @@ def beyond_compute(run: Run, t_compute: float) -> float:
 
 def calibrate(runs: dict[str, Run], t_compute: float, workers: int, rate_Bps: float,
               arrays: tuple[int, int]) -> tuple[float, float]:
-    """(lambda_c of a full-sync step, lambda_c of an averaging sync): gloo's fixed cost per array
+    """(lambda_a of a full-sync step, lambda_a of an averaging sync): gloo's fixed cost per array
     and ring step, from runs on a link of ``rate_Bps``. Per round, what the run took beyond its
-    compute = arrays * 2(N - 1) * lambda_c + 2(N - 1)/N * B / rate."""
-    from adpsgd_jax import comm
-
+    compute = arrays * 2(N - 1) * lambda_a + 2(N - 1)/N * B / rate."""
     def per_array(run: Run, k: int) -> float:
-        wire = comm.allreduce_time(run.bytes_per_round, workers, rate_Bps)
+        wire = timemodel.allreduce_time(run.bytes_per_round, workers, Link(rate_Bps))
         return max(0.0, beyond_compute(run, t_compute) - wire) / (k * 2 * (workers - 1))
 
     averaging = [per_array(r, arrays[1]) for m, r in runs.items() if m != "allreduce"]
     return per_array(runs["allreduce"], arrays[0]), statistics.fmean(averaging)
 
 
-def models_for(record: dict, per_array_s: Optional[tuple[float, float]]) -> dict[str, tuple[TimeModel, TimeModel]]:
-    """name -> (model of a full-sync step, model of an averaging sync) on the record's link:
-    ALGORITHM.md's, and model+gloo when calibrated (``calibrate``)."""
+def models_for(record: dict, per_array_s: Optional[tuple[float, float]]) -> dict[str, tuple[Link, Link]]:
+    """name -> (link of a full-sync step, link of an averaging sync) as each model sees the record's
+    link: the time model as written (one latency per round), and model+gloo when calibrated
+    (``calibrate``: a latency per array instead)."""
     rate, probe = record["rate_mbit"], record["probe"]
     nominal = probe["goodput_Bps"] if rate is None else rate * 1e6 / 8
-    model = TimeModel(nominal, probe["rtt_s"] / 2, per_array=False)
+    model = Link(nominal, probe["rtt_s"] / 2)
     models = {"model": (model, model)}
     if per_array_s is not None:
-        payload = probe["goodput_Bps"] if rate is None else netns.payload_rate(rate, record["mtu"])
-        models["gloo"] = tuple(TimeModel(payload, lam, per_array=True) for lam in per_array_s)
+        payload = probe["goodput_Bps"] if rate is None else ns.payload_rate(rate, record["mtu"])
+        models["gloo"] = tuple(Link(payload, 0.0, per_array_latency=lam) for lam in per_array_s)
     return models
 
 

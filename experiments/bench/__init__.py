@@ -1,0 +1,40 @@
+"""Performance benchmarks: ``python -m experiments.bench [--quick] [--out FILE]``.
+
+Every figure is measured in this one process, on the machine it runs on,
+after warm-up, as the median over ``--repeats`` repetitions of
+``--steps-per-repeat`` steps each, ending with ``jax.block_until_ready``.
+The two sides of a ratio are timed in alternation (A, B, A, B, ...) so that
+drift of the machine falls on both. Items:
+
+1. gate overhead: a local (non-sync) step of the gated ``average`` step over
+   the same local step compiled with no collective and no gate. Target <= 1.02.
+2. sync cost: a step that averages (schedule ``constant(1)``) over a
+   full-sync ``allreduce`` step of the same model. Target <= 1.05.
+3. compilations of the train step over a whole run of every method, counted
+   from jax's backend-compile events while the run's steps execute. Target 1.
+4. throughput, images/s/device: ADPSGD's local step, the full-sync step and
+   a plain single-device flax loop (``flax.training.train_state``, jitted,
+   state donated). Target: ADPSGD local >= 0.98x the plain loop. The host
+   input pipeline's rate is measured on its own to show whether it could be
+   the bottleneck (the training loop prefetches it in a thread).
+5. device memory of the compiled step versus the plain loop, from XLA's
+   compiled memory analysis (arguments + outputs - aliased + temporaries),
+   which every backend reports; extra memory is given in parameter copies.
+6. syncs, bytes and predicted time to a target test accuracy on digits for
+   each strategy, from real training runs; predicted wall-clock for
+   ``--predict-workers`` workers at 10 and 100 Gbps by the time model
+   (docs/algorithm.md, "Time model") with measured compute time, and the
+   speedup over full sync.
+7. claim C2: bytes of ADPSGD versus QSGD at 8 bits (s = 127) and 4 bits
+   (s = 7) to reach the same training loss.
+
+On CPU, items 1-2 use every (virtual) device, and items 4-5 a single device:
+virtual CPU devices share the same cores, so a per-device rate measured on
+several of them would measure the sharing, not the step.
+
+Modules: ``__main__`` (the command line and the order of the items),
+``harness`` (alternating timing, compile counting, compiled memory),
+``references`` (the task and the programs the step is measured against),
+``steps`` (items 1, 2, 4, 5), ``runs`` (items 3, 6, 7: real training runs)
+and ``render`` (the Markdown table).
+"""

@@ -1,0 +1,127 @@
+"""Performance benchmarks: ``python -m experiments.bench [--quick] [--out FILE]``.
+
+The command line: flags, their checks (before jax starts), the defaults
+that ``--quick`` changes, and the order of the items (see the package
+docstring for what each measures). Writes the results as JSON to ``--out``
+and the Markdown table beside it (.md), and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any
+
+from experiments import cifar, config as cfg, names, results  # none imports jax
+from experiments.bench import render, runs, steps
+
+BENCH_DATASETS = [d for d in names.DATASETS if d != "synthetic"]  # items 6-7: labels a model can learn
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m experiments.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="small model, few repetitions, one short training run "
+                                                        "per method (the CI smoke test)")
+    p.add_argument("--out", default="results/bench.json", help="JSON results; the Markdown table goes beside it (.md)")
+    p.add_argument("--model", help=f"model of items 1, 2, 4, 5: one of {', '.join(names.MODELS)} "
+                                   "(default resnet18; cnn with --quick)")
+    p.add_argument("--batch-size", type=int, help="per-device batch of items 1, 2, 4, 5 (default 128; 16 with --quick; "
+                                                  "32 for ResNet-18 / VGG-16 on CPU)")
+    p.add_argument("--repeats", type=int, help="timed repetitions per variant (default 20; 5 with --quick)")
+    p.add_argument("--steps-per-repeat", type=int, help="steps per repetition (default 5; 2 with --quick)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant after compiling")
+    p.add_argument("--dataset", default="digits", help=f"data of items 6-7: one of {', '.join(BENCH_DATASETS)}")
+    p.add_argument("--data-dir", help="tfds data directory for CIFAR (items 6-7)")
+    p.add_argument("--epochs", type=int, help="training epochs of items 6-7 (default: the dataset's; 3 with --quick)")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds of items 6-7 (default 0,1,2; 0 with --quick)")
+    p.add_argument("--avg-period", type=int, default=8, help="communication budget of CPSGD / ADPSGD (items 6-7)")
+    p.add_argument("--predict-workers", type=int, default=16, help="worker count of the time model (item 6)")
+    p.add_argument("--latency-us", type=float, default=10.0, help="per-message latency of the time model (item 6)")
+    p.add_argument("--skip-training", action="store_true", help="skip items 6 and 7")
+    return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse bad values before jax starts (one line naming the flag)."""
+    def need(ok, message):
+        if not ok:
+            raise ValueError(message)
+
+    need(args.model is None or args.model in names.MODELS, f"--model {args.model!r} is unknown; accepted values: "
+                                                           f"{', '.join(names.MODELS)}")
+    need(args.dataset in BENCH_DATASETS, f"--dataset {args.dataset!r} is unknown; accepted values: "
+                                         f"{', '.join(BENCH_DATASETS)}")
+    for flag in ("batch_size", "repeats", "steps_per_repeat", "epochs"):
+        value = getattr(args, flag)
+        need(value is None or value >= 1, f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    need(args.warmup >= 1, f"--warmup must be >= 1 (the first step compiles), got {args.warmup}")
+    need(args.avg_period >= 1, f"--avg-period must be >= 1, got {args.avg_period}")
+    need(args.predict_workers >= 2, f"--predict-workers must be >= 2, got {args.predict_workers}")
+    need(args.latency_us >= 0, f"--latency-us must be >= 0, got {args.latency_us}")
+    if args.seeds is not None:
+        try:
+            seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        except ValueError:
+            seeds = []
+        need(seeds and len(set(seeds)) == len(seeds), f"--seeds takes distinct comma-separated integers, "
+                                                      f"got {args.seeds!r}")
+    need(not os.path.isdir(args.out), f"--out {args.out!r} is a folder; give a file name such as bench.json")
+    cfg.check_writable(os.path.dirname(os.path.abspath(args.out)))  # ConfigError, a ValueError
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        check_args(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    cifar.set_virtual_devices(8)  # when jax runs on the CPU
+    import jax
+
+    devices = jax.devices()
+    cpu = devices[0].platform == "cpu"
+    model = args.model or ("cnn" if args.quick else "resnet18")
+    big = model in ("resnet18", "vgg16")
+    batch = args.batch_size or (16 if args.quick else (32 if cpu and big else 128))
+    repeats = args.repeats or (5 if args.quick else 20)
+    per_repeat = args.steps_per_repeat or (2 if args.quick else 5)
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else ([0] if args.quick else [0, 1, 2])
+    epochs = args.epochs or (3 if args.quick else None)
+
+    kind = f"CPU, {os.cpu_count()} cores" if cpu else devices[0].device_kind
+    res: dict[str, Any] = {"device": f"{kind} x {len(devices)}" + (" (virtual devices)" if cpu else ""),
+                           "platform": devices[0].platform,
+                           "num_devices": len(devices), "jax_version": jax.__version__, "model": model,
+                           "batch_size": batch, "repeats": repeats, "steps_per_repeat": per_repeat, "quick": args.quick}
+    started = time.perf_counter()
+    res["steps"] = steps.step_benchmarks(model, batch, repeats, per_repeat, args.warmup)
+    for key in render.TARGETS:
+        res[key] = res["steps"][key]
+    runs_dir = os.path.splitext(args.out)[0] + "_runs"
+    compile_epochs = 2 if args.quick else 3
+    compile_runs = runs.compilation_counts(list(names.METHODS), compile_epochs, os.path.join(runs_dir, "compile"))
+    res["compilation_runs"] = compile_runs
+    res["compilations"] = {k: v["compilations"] for k, v in compile_runs.items()}
+    if not args.skip_training and len(devices) >= 2:
+        acc = runs.training_comparison(args, seeds, epochs, runs_dir)
+        finished = acc.pop("runs")
+        res["accuracy"] = acc
+        res["projection"] = runs.projection(acc, res["steps"], args.latency_us * 1e-6)
+        res["qsgd"] = runs.qsgd_comparison(finished)
+    elif not args.skip_training:
+        res["accuracy_skipped"] = f"items 6-7 need >= 2 devices; {len(devices)} visible"
+    res["benchmark_s"] = time.perf_counter() - started
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    text = render.markdown(res)
+    results.write_json_atomic(args.out, res)
+    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
+        f.write(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

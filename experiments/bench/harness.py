@@ -1,0 +1,72 @@
+"""The benchmark's measuring tools: alternating timing, compile counting, compiled memory."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any, Callable
+
+
+def time_alternating(variants: dict[str, tuple[Callable, Any]], batches: dict[str, Any], repeats: int, steps: int,
+                     warmup: int) -> dict[str, list[float]]:
+    """Seconds per step of each variant: ``repeats`` samples of ``steps`` steps each.
+
+    ``variants`` maps a name to ``(step_fn, state)``; ``step_fn(state, batch)
+    -> (state, metrics)`` may donate ``state``. Variants are timed in turn
+    within every repetition, each ending with ``block_until_ready``.
+    """
+    import jax
+
+    states = {name: state for name, (_, state) in variants.items()}
+
+    def run(name, n):
+        fn, state = variants[name][0], states[name]
+        start = time.perf_counter()
+        for _ in range(n):
+            state, metrics = fn(state, batches[name])
+        jax.block_until_ready((state, metrics))
+        states[name] = state
+        return (time.perf_counter() - start) / n
+
+    for name in variants:
+        run(name, warmup)
+    samples = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name in variants:
+            samples[name].append(run(name, steps))
+    return samples
+
+
+@contextlib.contextmanager
+def counting_compiles():
+    """Collect jax's backend compilations (one event per XLA executable built)."""
+    import jax
+    from jax._src import dispatch
+
+    events: list[str] = []
+
+    def listener(event, duration, **kwargs):
+        if event == dispatch.BACKEND_COMPILE_EVENT:
+            events.append(kwargs.get("fun_name", "?"))
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield events
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def compiled_memory(step_fn, state, batch) -> dict:
+    """XLA's memory analysis of the compiled step, per device, in bytes."""
+    compiled = getattr(step_fn, "compiled", step_fn)
+    try:
+        stats = compiled.lower(state, batch).compile().memory_analysis()
+    except Exception as err:  # a backend without memory analysis
+        return {"total": None, "error": f"{type(err).__name__}: {err}"[:200]}
+    if stats is None:
+        return {"total": None}
+    fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
+              "generated_code_size_in_bytes")
+    row = {f.replace("_size_in_bytes", ""): int(getattr(stats, f)) for f in fields}
+    row["total"] = row["argument"] + row["output"] - row["alias"] + row["temp"]
+    return row

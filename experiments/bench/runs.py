@@ -1,0 +1,161 @@
+"""Items 3, 6 and 7, from real training runs (``train.train_and_evaluate``): compilations of
+the step over a run, time to a target accuracy (and its projection onto the benchmark model),
+and bytes of ADPSGD against QSGD to the same training loss."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from adpsgd_jax import timemodel
+from adpsgd_jax.timemodel import Link
+from experiments import config as cfg
+from experiments.bench import harness
+from experiments.names import BANDWIDTHS_GBPS, GBPS
+
+
+def compilation_counts(methods: list[str], epochs: int, runs_dir: str) -> dict[str, dict]:
+    """Compilations of the train step over a whole digits run of each method.
+
+    Each run is a real ``train_and_evaluate`` run; jax's backend-compile
+    events are counted while it executes, by the name of the step function
+    (``shard_map_step`` names the program after the step). ``all`` counts
+    every XLA program the run built (evaluation, finiteness check, ...).
+    """
+    import jax
+    import optax
+
+    import adpsgd_jax as A
+    from experiments import data, train
+
+    dataset = data.load("digits")
+    os.makedirs(runs_dir, exist_ok=True)
+    counts = {}
+    for method in methods:
+        c = cfg.Config(method=method, dataset="digits", model="mlp", workers=min(8, len(jax.devices())),
+                       batch_size=16, epochs=epochs, lr=0.1, momentum=0.0, weight_decay=0.0, avg_period=4)
+        options = cfg.RunOptions(out=runs_dir, checkpoint_every=0, keep_checkpoints=1, progress=False, plots=False)
+        setup = train.prepare(c, dataset, options)
+        name = A.make_train_step(lambda *a: None, optax.identity(), setup.schedule, strategy=setup.strategy).__name__
+        with harness.counting_compiles() as events:
+            summary = train.train_and_evaluate(setup, options)
+        counts[method] = {"compilations": sum(e == f"jit({name})" for e in events), "all": len(events),
+                          "steps": summary["steps"], "syncs": summary["syncs"]}
+    return counts
+
+
+def training_comparison(args, seeds: list[int], epochs: Optional[int], runs_dir: str) -> dict:
+    """Train every strategy on ``args.dataset`` and measure syncs / bytes / time to targets."""
+    import jax
+
+    from experiments import data, report, results, train
+
+    defaults = cfg.DATASET_DEFAULTS[args.dataset]
+    base = cfg.Config(dataset=args.dataset, data_dir=args.data_dir, model=defaults["model"],
+                      workers=min(8, len(jax.devices())), batch_size=defaults["batch_size"],
+                      epochs=epochs or defaults["epochs"], lr=defaults["lr"], momentum=defaults["momentum"],
+                      weight_decay=defaults["weight_decay"], avg_period=args.avg_period)
+    variants = {"allreduce": base.replace(method="allreduce"), "cpsgd": base.replace(method="cpsgd"),
+                "adpsgd": base.replace(method="adpsgd"), "qsgd_8bit": base.replace(method="qsgd", qsgd_levels=127),
+                "qsgd_4bit": base.replace(method="qsgd", qsgd_levels=7)}
+    dataset = data.load(args.dataset, args.data_dir)
+    runs: dict[str, list] = {}
+    for label, config in variants.items():
+        options = cfg.RunOptions(out=os.path.join(runs_dir, label), checkpoint_every=0, keep_checkpoints=1,
+                                 progress=False, plots=False)
+        os.makedirs(options.out, exist_ok=True)
+        for seed in seeds:
+            train.train_and_evaluate(train.prepare(config.replace(seed=seed), dataset, options), options)
+        runs[label] = list(results.finished_runs(options.out))
+
+    target_acc = min(r.summary["test_accuracy"] for rs in runs.values() for r in rs)
+    latency = args.latency_us * 1e-6
+    n = args.predict_workers
+    accuracy = {}
+    for label, rs in runs.items():
+        reach = [report.first_step_reaching(r, target_acc) for r in rs]
+        row = {"steps": _mean(reach),
+               "syncs": _mean([r.metrics[s - 1]["syncs"] for r, s in zip(rs, reach)]),
+               "bytes": _mean([r.metrics[s - 1]["bytes"] for r, s in zip(rs, reach)]),
+               "final_test_accuracy": _mean([r.summary["test_accuracy"] for r in rs]),
+               "compute_s_per_step": _mean([r.summary["compute_s"] / r.summary["steps"] for r in rs])}
+        for gbps in BANDWIDTHS_GBPS:
+            row[f"time_to_target_s_{gbps}gbps"] = _mean(
+                [report.simulated_time(r, n, gbps, latency, s) for r, s in zip(rs, reach)])
+            if label == "allreduce":
+                row[f"time_to_target_s_{gbps}gbps_ideal_overlap"] = _mean(
+                    [report.simulated_time(r, n, gbps, latency, s, overlap=True) for r, s in zip(rs, reach)])
+        accuracy[label] = row
+    for label, row in accuracy.items():
+        for gbps in BANDWIDTHS_GBPS:
+            row[f"speedup_{gbps}gbps"] = accuracy["allreduce"][f"time_to_target_s_{gbps}gbps"] / \
+                row[f"time_to_target_s_{gbps}gbps"]
+    c = runs["adpsgd"][0].summary
+    return {"dataset": args.dataset, "model": c["config"]["model"], "workers": c["config"]["workers"],
+            "epochs": c["config"]["epochs"], "seeds": seeds, "avg_period": args.avg_period,
+            "target_test_accuracy": target_acc, "predict_workers": n, "latency_s": latency,
+            "device_kind": c["device_kind"], "to_target": accuracy, "runs": runs}
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return float(sum(values) / len(values)) if values else float("nan")
+
+
+def projection(acc: dict, step: dict, latency: float) -> dict:
+    """Item 6 for the benchmark model: the digits runs' steps and syncs to the
+    target, with the benchmark model's bytes per round and measured step time,
+    by ``timemodel.simulated_wall_clock`` (as ``report.simulated_time`` times a run):
+
+    time = steps * t_step + syncs * t_allreduce(param_bytes, N)   (full sync: every step)
+    """
+    n, t_step, nbytes = acc["predict_workers"], step["step_compute_s"], step["param_bytes"]
+    links = {gbps: Link(gbps * GBPS, latency) for gbps in BANDWIDTHS_GBPS}
+    rows = {}
+    for label in ("allreduce", "cpsgd", "adpsgd"):
+        r, row = acc["to_target"][label], {}
+        for gbps, link in links.items():
+            row[f"time_s_{gbps}gbps"] = timemodel.simulated_wall_clock(r["steps"] * t_step, r["syncs"], nbytes, n, link)
+            if label == "allreduce":
+                row[f"time_s_{gbps}gbps_ideal_overlap"] = timemodel.simulated_wall_clock(
+                    r["steps"] * t_step, r["steps"], nbytes, n, link, steps=r["steps"], overlap=True)
+        rows[label] = row
+    full, slowest = rows["allreduce"], BANDWIDTHS_GBPS[0]
+    for row in rows.values():
+        for gbps in links:
+            row[f"speedup_{gbps}gbps"] = full[f"time_s_{gbps}gbps"] / row[f"time_s_{gbps}gbps"]
+            row[f"speedup_{gbps}gbps_vs_ideal_overlap"] = \
+                full[f"time_s_{gbps}gbps_ideal_overlap"] / row[f"time_s_{gbps}gbps"]
+        per_step_comm = timemodel.allreduce_time(nbytes, n, links[slowest])
+        row[f"comm_over_compute_full_sync_{slowest}gbps"] = per_step_comm / t_step
+    return rows
+
+
+def qsgd_comparison(runs: dict) -> dict:
+    """Bytes of ADPSGD and QSGD (8 and 4 bits) to the same training loss.
+
+    The loss of a run at an epoch is the mean minibatch loss over that epoch;
+    the target is the highest final-epoch loss of the compared runs, so each
+    reaches it; bytes are read at the end of the first epoch at or below it.
+    """
+    import numpy as np
+
+    labels = ("adpsgd", "qsgd_8bit", "qsgd_4bit")
+
+    def epoch_losses(run):
+        spe = run.summary["steps_per_epoch"]
+        losses = np.array([row["loss"] for row in run.metrics])
+        return losses[: len(losses) // spe * spe].reshape(-1, spe).mean(axis=1), spe
+
+    target = max(epoch_losses(r)[0][-1] for label in labels for r in runs[label])
+    out = {"target_train_loss": float(target)}
+    for label in labels:
+        sent = []
+        for r in runs[label]:
+            losses, spe = epoch_losses(r)
+            epoch = int(np.argmax(losses <= target + 1e-12))
+            sent.append(r.metrics[(epoch + 1) * spe - 1]["bytes"])
+        out[label] = {"bytes_to_target": _mean(sent)}
+    for label in ("qsgd_8bit", "qsgd_4bit"):
+        out[f"adpsgd_over_{label}_bytes"] = out["adpsgd"]["bytes_to_target"] / out[label]["bytes_to_target"]
+    return out
