@@ -62,6 +62,16 @@ def _start_distributed(options) -> Optional[str]:
     return None
 
 
+def request_cpu_devices(config, options) -> None:
+    """On CPU the devices are virtual: ask for this process's share of the
+    run's devices before jax's first operation (a test or a notebook that
+    started jax already keeps its own devices)."""
+    from adpsgd_jax import distributed  # imports jax, starts nothing
+    from experiments import config as cfg
+
+    distributed.set_cpu_devices(cfg.cpu_devices_per_process(config, options.num_processes or 1))
+
+
 def main(argv=None) -> int:
     from experiments import config as cfg
 
@@ -72,11 +82,7 @@ def main(argv=None) -> int:
     except cfg.ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from adpsgd_jax import distributed  # imports jax, starts nothing
-
-    # On CPU the devices are virtual: ask for them before jax's first operation
-    # (a test or a notebook that started jax already keeps its own devices).
-    distributed.set_cpu_devices(cfg.cpu_devices_per_process(configs[0], options.num_processes or 1))
+    request_cpu_devices(configs[0], options)
     if options.distributed:
         failure = _start_distributed(options)
         if failure:

@@ -78,7 +78,9 @@ def main(argv=None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    cifar.set_virtual_devices(8)  # when jax runs on the CPU
+    from adpsgd_jax import distributed
+
+    distributed.set_cpu_devices(8)  # when jax runs on the CPU (unless it has started already)
     import jax
 
     devices = jax.devices()

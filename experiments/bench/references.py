@@ -30,7 +30,7 @@ def image_task(model_name: str, per_device_batch: int, num_devices: int):
 def local_only_step(loss_fn, optimizer):
     """The local step with no gate and no collective: the reference of item 1.
 
-    Same gradient, optimizer update and step counter as ``make_train_step``'s
+    Same gradient, optimizer update and step counter as ``local_sgd``'s
     local path; no ``should_sync``, no ``lax.cond``, no byte counter.
     """
     import jax

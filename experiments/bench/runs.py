@@ -23,10 +23,8 @@ def compilation_counts(methods: list[str], epochs: int, runs_dir: str) -> dict[s
     every XLA program the run built (evaluation, finiteness check, ...).
     """
     import jax
-    import optax
 
-    import adpsgd_jax as A
-    from experiments import data, train
+    from experiments import data, methods, train
 
     dataset = data.load("digits")
     os.makedirs(runs_dir, exist_ok=True)
@@ -36,7 +34,8 @@ def compilation_counts(methods: list[str], epochs: int, runs_dir: str) -> dict[s
                        batch_size=16, epochs=epochs, lr=0.1, momentum=0.0, weight_decay=0.0, avg_period=4)
         options = cfg.RunOptions(out=runs_dir, checkpoint_every=0, keep_checkpoints=1, progress=False, plots=False)
         setup = train.prepare(c, dataset, options)
-        name = A.make_train_step(lambda *a: None, optax.identity(), setup.schedule, strategy=setup.strategy).__name__
+        # The step's program name, read from the strategy the run builds (jax names the program after it).
+        name = methods.make_strategy(c, None, setup.lr_fn, setup.schedule, setup.layout).step.__name__
         with harness.counting_compiles() as events:
             summary = train.train_and_evaluate(setup, options)
         counts[method] = {"compilations": sum(e == f"jit({name})" for e in events), "all": len(events),

@@ -24,17 +24,17 @@ def step_benchmarks(model_name: str, batch_size: int, repeats: int, steps: int, 
     return out
 
 
-def _built(devs, step_fn, schedule, optimizer, params, model_state, images):
-    """(compiled step, replicated state, sharded batch) of a step on a worker mesh of ``devs``."""
+def _built(devs, strategy, params, model_state, images, step_fn=None):
+    """(compiled step, replicated state, sharded batch) of ``strategy`` (or of
+    ``step_fn`` on the strategy's state) with one worker on each of ``devs``."""
     import jax
 
-    import adpsgd_jax as A
     from adpsgd_jax import distributed
 
-    mesh = distributed.worker_mesh("batch", devs)
-    state = A.TrainState.create(params, model_state, optimizer, schedule, jax.random.PRNGKey(0))
-    return distributed.shard_map_step(step_fn, mesh), distributed.replicate(state, mesh), \
-        distributed.shard_batch(images, mesh)
+    layout = distributed.workers(devices=devs)
+    state = strategy.init(params, model_state, jax.random.PRNGKey(0))
+    return distributed.shard_map_step(step_fn or strategy.step, layout), distributed.replicate(state, layout), \
+        distributed.shard_batch(images, layout)
 
 
 def gate_and_sync(model_name: str, batch_size: int, devices: list, repeats: int, steps: int, warmup: int) -> dict:
@@ -48,16 +48,16 @@ def gate_and_sync(model_name: str, batch_size: int, devices: list, repeats: int,
 
     model, params, model_state, loss_fn, optimizer, batch, stats = references.image_task(model_name, batch_size,
                                                                                          len(devices))
-    never = schedules.constant(10**9)  # gated, and the gate stays shut for the whole benchmark
+    gated = A.local_sgd(loss_fn, optimizer, schedules.constant(10**9))  # the gate stays shut throughout
     variants, batches = {}, {}
-    for name, fn, schedule in [
-        ("local_gated", A.make_train_step(loss_fn, optimizer, never), never),
-        ("local_plain", references.local_only_step(loss_fn, optimizer), never),
-        ("sync", A.make_train_step(loss_fn, optimizer, schedules.constant(1)), schedules.constant(1)),
-        ("allreduce", A.make_train_step(loss_fn, optimizer, None, strategy="allreduce"), None),
+    for name, strategy, step_fn in [
+        ("local_gated", gated, None),
+        ("local_plain", gated, references.local_only_step(loss_fn, optimizer)),
+        ("sync", A.local_sgd(loss_fn, optimizer, schedules.constant(1)), None),
+        ("allreduce", A.allreduce(loss_fn, optimizer), None),
     ]:
-        step_fn, state, b = _built(devices, fn, schedule, optimizer, params, model_state, batch)
-        variants[name], batches[name] = (step_fn, state), b
+        step, state, b = _built(devices, strategy, params, model_state, batch, step_fn)
+        variants[name], batches[name] = (step, state), b
     pairs = (("local_gated", "local_plain"), ("sync", "allreduce"))
     times = {}
     for a, b in pairs:
@@ -87,12 +87,10 @@ def throughput_and_memory(model_name: str, batch_size: int, tdevs: list, repeats
                                                                                          len(tdevs))
     adp = schedules.adpsgd(10**6, 10**5, lr_schedule=lambda t: 0.1)  # first sync far beyond the benchmark
     runs, batches = {}, {}
-    for name, fn, schedule in [
-        ("adpsgd_local", A.make_train_step(loss_fn, optimizer, adp), adp),
-        ("allreduce", A.make_train_step(loss_fn, optimizer, None, strategy="allreduce"), None),
-    ]:
-        step_fn, state, b = _built(tdevs, fn, schedule, optimizer, params, model_state, batch)
-        runs[name], batches[name] = (step_fn, state), b
+    for name, strategy in [("adpsgd_local", A.local_sgd(loss_fn, optimizer, adp)),
+                           ("allreduce", A.allreduce(loss_fn, optimizer))]:
+        step, state, b = _built(tdevs, strategy, params, model_state, batch)
+        runs[name], batches[name] = (step, state), b
     plain_step, plain_state = references.plain_flax_loop(model, params, model_state, optimizer, stats)
     batches["plain"] = jax.device_put(jax.tree.map(lambda x: x[0], batch), tdevs[0])
     # A copy of its own: the donated plain state must not share buffers with ``params``.

@@ -53,7 +53,7 @@ def main(argv: list[str]) -> int:
     except cfg.ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    cifar.set_virtual_devices(configs[0].workers // (options.num_processes or 1))
+    cifar.request_cpu_devices(configs[0], options)
     failure = cifar._start_distributed(options)  # the launch always gives --coordinator
     if failure:
         print(f"error: {failure}", file=sys.stderr)
