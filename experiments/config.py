@@ -19,11 +19,18 @@ from experiments.names import (DATASETS, DEFAULT_COMPARE, DTYPES, LR_SCHEDULES, 
 # Per-dataset defaults: the usual CIFAR ResNet recipe, and the digits setting
 # of ALGORITHM.md's prototype (MLP, plain SGD, batch 16 per worker, 30 epochs).
 DATASET_DEFAULTS = {
-    "cifar10": dict(model="resnet18", epochs=200, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4),
-    "cifar100": dict(model="resnet18", epochs=200, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4),
-    "digits": dict(model="mlp", epochs=30, batch_size=16, lr=0.1, momentum=0.0, weight_decay=0.0),
-    "synthetic": dict(model="resnet18", epochs=1, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4),
+    "cifar10": dict(model="resnet18", epochs=200, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4,
+                    augment="crop-flip"),
+    "cifar100": dict(model="resnet18", epochs=200, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4,
+                     augment="crop-flip"),
+    "digits": dict(model="mlp", epochs=30, batch_size=16, lr=0.1, momentum=0.0, weight_decay=0.0, augment="none"),
+    "synthetic": dict(model="resnet18", epochs=1, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4,
+                      augment="none"),
 }
+# --augment: random crops (zero padding of an eighth of the shorter side, 4
+# pixels on 32x32) and / or horizontal flips of the training batches.
+AUGMENT_MODES = ("crop-flip", "crop", "flip", "none")
+AUGMENTATIONS = ("auto", *AUGMENT_MODES)
 
 
 # Config fields that may differ on --resume without changing results.
@@ -63,6 +70,7 @@ class Config:
     seed: int = 0
     dtype: str = "float32"
     synthetic_size: int = 10_000
+    augment: str = "auto"  # from AUGMENTATIONS; from_args stores the dataset's choice for auto
 
     def replace(self, **kw) -> "Config":
         return dataclasses.replace(self, **kw)
@@ -106,8 +114,13 @@ class RunOptions:
 
 
 def config_differences(saved: dict, current: Config) -> list[str]:
-    """The result-changing fields where a saved run's config differs from ``current``."""
+    """The result-changing fields where a saved run's config differs from ``current``.
+
+    A field missing from ``saved`` (a run saved before the field existed) counts
+    as its default, and ``augment`` is compared after resolving ``auto``.
+    """
     now = current.to_dict()
+    saved = {**{k: v for k, v in Config().to_dict().items() if k != "dataset"}, **saved}
     diffs = []
     for key in sorted(set(saved) | set(now)):
         if key in HARMLESS_ON_RESUME:
@@ -115,6 +128,8 @@ def config_differences(saved: dict, current: Config) -> list[str]:
         old, new = saved.get(key), now.get(key)
         if isinstance(old, list):
             old = tuple(old)
+        if key == "augment":
+            old, new = augmentation(saved.get("dataset"), old), augmentation(current.dataset, new)
         if old != new:
             diffs.append(f"{key}: {old!r} -> {new!r}")
     return diffs
@@ -123,6 +138,13 @@ def config_differences(saved: dict, current: Config) -> list[str]:
 def from_saved(saved: dict) -> Config:
     """The Config a summary or config.json recorded."""
     return Config(**{**saved, "lr_decay_epochs": tuple(saved.get("lr_decay_epochs", ()))})
+
+
+def augmentation(dataset: Optional[str], augment: Optional[str]) -> Optional[str]:
+    """The augmentation ``augment`` means on ``dataset``: ``auto`` (or None) is the dataset's default."""
+    if augment in (None, "auto"):
+        return DATASET_DEFAULTS.get(dataset, {}).get("augment", "none")
+    return augment
 
 
 def _ints(text: str, flag: str) -> tuple:
@@ -139,7 +161,15 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dataset", choices=None, help=f"one of {', '.join(DATASETS)} (default cifar10)")
     p.add_argument("--data-dir", help="tfds data directory holding a prepared cifar10 / cifar100")
-    p.add_argument("--model", help=f"one of {', '.join(MODELS)} (default: resnet18 for CIFAR, mlp for digits)")
+    p.add_argument("--model",
+                   help=f"one of {', '.join(MODELS)} (default: resnet18 for CIFAR, mlp for digits). Every model takes "
+                        "any image size and channel count: resnet18 and vgg16 (built for 32x32) pool any size down to "
+                        "one 512-vector; cnn and mlp flatten the image, so their first dense layer grows with height x "
+                        "width (fine up to about 64x64)")
+    p.add_argument("--augment", default="auto",
+                   help=f"one of {', '.join(AUGMENTATIONS)}: random crops of the zero-padded training images (padding "
+                        "an eighth of the shorter side, 4 pixels on 32x32) and / or horizontal flips. auto: crop-flip "
+                        "for cifar10 / cifar100, none for the rest")
     p.add_argument("--strategy", help=f"one of {', '.join(STRATEGIES)} (default average)")
     p.add_argument("--schedule", help=f"averaging schedule for --strategy average: one of {', '.join(SCHEDULES)} "
                                       "(constant is CPSGD; default adpsgd)")
@@ -210,6 +240,8 @@ def from_args(args: argparse.Namespace) -> tuple[list[Config], RunOptions]:
     dataset = args.dataset or "cifar10"
     if dataset not in DATASETS:
         raise ConfigError(f"--dataset {dataset!r} is unknown; accepted values: {', '.join(DATASETS)}")
+    if args.augment not in AUGMENTATIONS:
+        raise ConfigError(f"--augment {args.augment!r} is unknown; accepted values: {', '.join(AUGMENTATIONS)}")
     defaults = DATASET_DEFAULTS[dataset]
     if args.compare is not None:
         if args.strategy or args.schedule:
@@ -249,6 +281,7 @@ def from_args(args: argparse.Namespace) -> tuple[list[Config], RunOptions]:
         **outer,
         dtype=args.dtype,
         synthetic_size=args.synthetic_size,
+        augment=augmentation(dataset, args.augment),
     )
     validate(base)
     check_writable(args.out)
@@ -325,6 +358,7 @@ def validate(c: Config) -> None:
         if not ok:
             raise ConfigError(message)
 
+    need(c.augment in AUGMENTATIONS, f"--augment {c.augment!r} is unknown; accepted values: {', '.join(AUGMENTATIONS)}")
     need(c.method in METHODS, f"method {c.method!r} is unknown; accepted values: {', '.join(METHODS)}")
     need(c.model in MODELS, f"--model {c.model!r} is unknown; accepted values: {', '.join(MODELS)}")
     need(c.lr_schedule in LR_SCHEDULES, f"--lr-schedule {c.lr_schedule!r} is unknown; accepted values: {', '.join(LR_SCHEDULES)}")

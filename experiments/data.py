@@ -28,8 +28,10 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.config import AUGMENT_MODES, AUGMENTATIONS, augmentation
+
 DATASETS = ("cifar10", "cifar100", "digits", "synthetic")
-CIFAR_PAD = 4  # Zero padding (pixels per side) of the random-crop augmentation.
+CIFAR_PAD = 4  # Zero padding (pixels per side) of the random crops on 32x32 images: an eighth of the side.
 _TFDS_NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
 _READ_CHUNK = 4096  # Examples per ``__getitems__`` call when reading tfds.
 _SYNTHETIC_SEED = 0
@@ -48,8 +50,10 @@ class Dataset:
 
     Images are uint8 [N, H, W, C]; labels int32 [N] in [0, num_classes).
     ``mean`` / ``std`` are float32 [C] per-channel statistics of the train
-    images in 0..255 pixel units. ``augment`` says whether training batches
-    get random crops (``CIFAR_PAD`` zero padding) and horizontal flips.
+    images in 0..255 pixel units. ``augment`` is what training batches get:
+    ``crop-flip`` (random crops of the image zero-padded by ``crop_pad``
+    pixels, and horizontal flips), ``crop``, ``flip`` or ``none`` (True and
+    False, as older callers pass, mean crop-flip and none).
     """
 
     name: str
@@ -60,13 +64,25 @@ class Dataset:
     num_classes: int
     mean: np.ndarray
     std: np.ndarray
-    augment: bool
+    augment: str = "none"
+
+    def __post_init__(self):
+        if isinstance(self.augment, (bool, np.bool_)):
+            object.__setattr__(self, "augment", "crop-flip" if self.augment else "none")
+        if self.augment not in AUGMENT_MODES:
+            raise ValueError(f"--augment {self.augment!r} is unknown; accepted values: {', '.join(AUGMENT_MODES)}")
+
+    @property
+    def image_shape(self) -> tuple:
+        """(H, W, C) of one image."""
+        return tuple(self.train_images.shape[1:])
 
 
-def load(name: str, data_dir: str | None = None, *, download: bool = False, synthetic_size: int = 50_000) -> Dataset:
+def load(name: str, data_dir: str | None = None, *, download: bool = False, synthetic_size: int = 50_000,
+         augment: str = "auto") -> Dataset:
     """Load dataset ``name`` into host memory.
 
-    * ``cifar10`` / ``cifar100``: 32x32x3, 50000 train / 10000 test, augmented.
+    * ``cifar10`` / ``cifar100``: 32x32x3, 50000 train / 10000 test.
       Read with ``tfds.data_source`` from ``data_dir`` (tfds' default when
       None), which must hold the dataset prepared in array_record format.
       With ``download=False`` (default) a missing dataset raises
@@ -74,21 +90,26 @@ def load(name: str, data_dir: str | None = None, *, download: bool = False, synt
       to download and build it (needs internet and TensorFlow).
     * ``digits``: scikit-learn's 8x8x1 digits, values 0..16 rescaled to uint8
       0..255; a stratified 80/20 train/test split with
-      ``train_test_split(random_state=0)`` (1437 / 360 examples). Not augmented.
+      ``train_test_split(random_state=0)`` (1437 / 360 examples).
     * ``synthetic``: uniform random uint8 32x32x3 images with random labels in
       10 classes, ``synthetic_size`` train and ``max(1, synthetic_size // 5)``
       test examples, always the same (fixed seed); for throughput runs.
 
+    ``augment``: one of ``config.AUGMENTATIONS``; ``auto`` is crop-flip for
+    CIFAR and none for the rest.
+
     Returns a ``Dataset`` (uint8 images, int32 labels, float32 [C] mean/std).
-    Raises ValueError for an unknown ``name`` and ``DataUnavailableError``
-    when CIFAR cannot be read.
+    Raises ValueError for an unknown ``name`` or ``augment`` and
+    ``DataUnavailableError`` when CIFAR cannot be read.
     """
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"--augment {augment!r} is unknown; accepted values: {', '.join(AUGMENTATIONS)}")
     if name in _TFDS_NUM_CLASSES:
         (x_train, y_train), (x_test, y_test) = _load_tfds(name, data_dir, download)
-        num_classes, augment = _TFDS_NUM_CLASSES[name], True
+        num_classes = _TFDS_NUM_CLASSES[name]
     elif name == "digits":
         (x_train, y_train), (x_test, y_test) = _load_digits()
-        num_classes, augment = 10, False
+        num_classes = 10
     elif name == "synthetic":
         if synthetic_size < 1:
             raise ValueError(f"synthetic_size must be >= 1, got {synthetic_size}")
@@ -98,11 +119,11 @@ def load(name: str, data_dir: str | None = None, *, download: bool = False, synt
         y_train = rng.integers(0, 10, synthetic_size).astype(np.int32)
         x_test = rng.integers(0, 256, (n_test, 32, 32, 3), dtype=np.uint8)
         y_test = rng.integers(0, 10, n_test).astype(np.int32)
-        num_classes, augment = 10, False
+        num_classes = 10
     else:
         raise ValueError(f"--dataset: unknown dataset {name!r}; accepted values: {', '.join(DATASETS)}")
     mean, std = channel_stats(x_train)
-    return Dataset(name, x_train, y_train, x_test, y_test, num_classes, mean, std, augment)
+    return Dataset(name, x_train, y_train, x_test, y_test, num_classes, mean, std, augmentation(name, augment))
 
 
 def _load_tfds(name: str, data_dir: str | None, download: bool):
@@ -277,6 +298,12 @@ def random_crop_flip(images: np.ndarray, rng: np.random.Generator, pad: int = CI
     return crop_flip(images, offsets, flips, pad)
 
 
+def crop_pad(image_shape: Sequence[int]) -> int:
+    """Zero padding per side of the random crops of (H, W, C) images: an eighth of the shorter
+    side, at least 1 (``CIFAR_PAD`` = 4 on 32x32, 3 on 28x28, 1 on 8x8)."""
+    return max(1, min(image_shape[0], image_shape[1]) // 8)
+
+
 def draw_crop_flip(rng: np.random.Generator, n: int, pad: int = CIFAR_PAD) -> tuple[np.ndarray, np.ndarray]:
     """The random part of ``random_crop_flip``: offsets int [n, 2] in 0..2*pad, flips bool [n]."""
     offsets = rng.integers(0, 2 * pad + 1, size=(n, 2))
@@ -341,19 +368,27 @@ class TrainLoader:
         """Batch ``index`` of ``epoch``: (images uint8 [W, B, H, W', C], labels int32 [W, B]),
         W = len(self.workers).
 
-        Augmented (crop + flip) when ``dataset.augment``, seeded by (seed,
-        epoch, index); the same arguments always give the same arrays, and a
-        subset of workers gets exactly its rows of the full batch.
+        Augmented as ``dataset.augment`` says (crops of ``crop_pad`` padding
+        and / or flips), seeded by (seed, epoch, index); the same arguments
+        always give the same arrays, and a subset of workers gets exactly its
+        rows of the full batch. crop and flip use the draws of crop-flip, with
+        the flips or the offsets left out.
         """
         idx = self.indices(epoch, index)
         images = self.dataset.train_images[idx]
         labels = self.dataset.train_labels[idx]
-        if self.dataset.augment:
+        mode = self.dataset.augment
+        if mode != "none":
+            pad = crop_pad(self.dataset.image_shape)
             rng = np.random.default_rng([self.seed, _AUG_STREAM, epoch, index])
-            offsets, flips = draw_crop_flip(rng, self.num_workers * self.batch_size)  # drawn for every worker
+            offsets, flips = draw_crop_flip(rng, self.num_workers * self.batch_size, pad)  # drawn for every worker
+            if mode == "flip":
+                offsets = np.full_like(offsets, pad)  # (pad, pad): the uncropped image
+            elif mode == "crop":
+                flips = np.zeros_like(flips)
             rows = (np.asarray(self.workers)[:, None] * self.batch_size + np.arange(self.batch_size)).ravel()
             flat = images.reshape(-1, *images.shape[2:])
-            images = crop_flip(flat, offsets[rows], flips[rows]).reshape(images.shape)
+            images = crop_flip(flat, offsets[rows], flips[rows], pad).reshape(images.shape)
         return images, labels
 
     def iterate(self, start_step: int = 0) -> Iterator[tuple[int, int, tuple[np.ndarray, np.ndarray]]]:
