@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import math
 import os
+import re
 from typing import Optional, Union
 
 from experiments.names import (CPU_DEVICES, DATASETS, DEFAULT_COMPARE, DTYPES, LR_SCHEDULES, MAX_QSGD_LEVELS, METHODS,  # noqa: F401
@@ -19,11 +20,24 @@ from experiments.names import (CPU_DEVICES, DATASETS, DEFAULT_COMPARE, DTYPES, L
 # Per-dataset defaults: the usual CIFAR ResNet recipe, and the digits setting
 # of ALGORITHM.md's prototype (MLP, plain SGD, batch 16 per worker, 30 epochs).
 DATASET_DEFAULTS = {
-    "cifar10": dict(model="resnet18", epochs=200, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4),
-    "cifar100": dict(model="resnet18", epochs=200, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4),
-    "digits": dict(model="mlp", epochs=30, batch_size=16, lr=0.1, momentum=0.0, weight_decay=0.0),
-    "synthetic": dict(model="resnet18", epochs=1, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4),
+    "cifar10": dict(model="resnet18", epochs=200, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4,
+                    augment="crop-flip"),
+    "cifar100": dict(model="resnet18", epochs=200, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4,
+                     augment="crop-flip"),
+    "digits": dict(model="mlp", epochs=30, batch_size=16, lr=0.1, momentum=0.0, weight_decay=0.0, augment="none"),
+    "synthetic": dict(model="resnet18", epochs=1, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4,
+                      augment="none"),
 }
+# Any other tfds image-classification dataset (``tfds:NAME``; tfds:cifar10 and
+# tfds:cifar100 take CIFAR's defaults). Not augmented by default: many are
+# digits or characters, which a mirror image turns into another class.
+TFDS_PREFIX = "tfds:"
+TFDS_DEFAULTS = dict(model="cnn", epochs=20, batch_size=64, lr=0.05, momentum=0.9, weight_decay=5e-4, augment="none")
+_TFDS_NAME = re.compile(r"[a-z0-9_]+(/[A-Za-z0-9_.-]+)?(:[0-9]+\.[0-9]+\.[0-9]+)?")
+# --augment: random crops (zero padding of an eighth of the shorter side, 4
+# pixels on 32x32) and / or horizontal flips of the training batches.
+AUGMENT_MODES = ("crop-flip", "crop", "flip", "none")
+AUGMENTATIONS = ("auto", *AUGMENT_MODES)
 
 
 # Config fields that may differ on --resume without changing results.
@@ -64,6 +78,7 @@ class Config:
     seed: int = 0
     dtype: str = "float32"
     synthetic_size: int = 10_000
+    augment: str = "auto"  # from AUGMENTATIONS; from_args stores the dataset's choice for auto
 
     def replace(self, **kw) -> "Config":
         return dataclasses.replace(self, **kw)
@@ -118,8 +133,13 @@ def cpu_devices_per_process(config: "Config", processes: int = 1) -> int:
 
 
 def config_differences(saved: dict, current: Config) -> list[str]:
-    """The result-changing fields where a saved run's config differs from ``current``."""
+    """The result-changing fields where a saved run's config differs from ``current``.
+
+    A field missing from ``saved`` (a run saved before the field existed) counts
+    as its default, and ``augment`` is compared after resolving ``auto``.
+    """
     now = current.to_dict()
+    saved = {**{k: v for k, v in Config().to_dict().items() if k != "dataset"}, **saved}
     diffs = []
     for key in sorted(set(saved) | set(now)):
         if key in HARMLESS_ON_RESUME:
@@ -127,6 +147,8 @@ def config_differences(saved: dict, current: Config) -> list[str]:
         old, new = saved.get(key), now.get(key)
         if isinstance(old, list):
             old = tuple(old)
+        if key == "augment":
+            old, new = augmentation(saved.get("dataset"), old), augmentation(current.dataset, new)
         if old != new:
             diffs.append(f"{key}: {old!r} -> {new!r}")
     return diffs
@@ -135,6 +157,25 @@ def config_differences(saved: dict, current: Config) -> list[str]:
 def from_saved(saved: dict) -> Config:
     """The Config a summary or config.json recorded."""
     return Config(**{**saved, "lr_decay_epochs": tuple(saved.get("lr_decay_epochs", ()))})
+
+
+def is_tfds(dataset: str) -> bool:
+    """Whether ``dataset`` names a tfds dataset: ``tfds:NAME`` (NAME may carry ``/CONFIG`` and ``:VERSION``)."""
+    return dataset.startswith(TFDS_PREFIX) and bool(_TFDS_NAME.fullmatch(dataset[len(TFDS_PREFIX):]))
+
+
+def dataset_defaults(dataset: str) -> dict:
+    """The per-dataset flag defaults of ``dataset`` (a ``--dataset`` value)."""
+    if dataset in DATASET_DEFAULTS:
+        return DATASET_DEFAULTS[dataset]
+    return DATASET_DEFAULTS.get(dataset[len(TFDS_PREFIX):], TFDS_DEFAULTS) if is_tfds(dataset) else TFDS_DEFAULTS
+
+
+def augmentation(dataset: Optional[str], augment: Optional[str]) -> Optional[str]:
+    """The augmentation ``augment`` means on ``dataset``: ``auto`` (or None) is the dataset's default."""
+    if augment in (None, "auto"):
+        return dataset_defaults(dataset or "")["augment"]
+    return augment
 
 
 def _ints(text: str, flag: str) -> tuple:
@@ -149,9 +190,25 @@ def parser() -> argparse.ArgumentParser:
         prog="python -m experiments.cifar",
         description="Train with ADPSGD or a baseline on CIFAR-10/100 or digits; compare methods.",
     )
-    p.add_argument("--dataset", choices=None, help=f"one of {', '.join(DATASETS)} (default cifar10)")
-    p.add_argument("--data-dir", help="tfds data directory holding a prepared cifar10 / cifar100")
-    p.add_argument("--model", help=f"one of {', '.join(MODELS)} (default: resnet18 for CIFAR, mlp for digits)")
+    p.add_argument("--dataset", choices=None,
+                   help=f"one of {', '.join(DATASETS)} (default cifar10), or tfds:NAME for any tfds image-classification "
+                        "dataset with images of one size (e.g. tfds:mnist, tfds:fashion_mnist, tfds:svhn_cropped); "
+                        "its image shape and class count come from the dataset's metadata")
+    p.add_argument("--data-dir",
+                   help="where the data is. cifar10 / cifar100: a folder holding CIFAR's python release "
+                        "(cifar-10-python.tar.gz / cifar-100-python.tar.gz, or their extracted cifar-10-batches-py / "
+                        "cifar-100-python, as torchvision and keras leave them), that folder or tarball itself, or a "
+                        "tfds data directory; tfds:NAME: a tfds data directory. tfds builds in array_record are read "
+                        "without TensorFlow, tfrecord builds need it (default: ~/tensorflow_datasets or $TFDS_DATA_DIR)")
+    p.add_argument("--model",
+                   help=f"one of {', '.join(MODELS)} (default: resnet18 for CIFAR, mlp for digits, cnn for other "
+                        "tfds:NAME). Every model takes any image size and channel count: resnet18 and vgg16 (built for "
+                        "32x32) pool any size down to one 512-vector; cnn and mlp flatten the image, so their first "
+                        "dense layer grows with height x width (fine up to about 64x64)")
+    p.add_argument("--augment", default="auto",
+                   help=f"one of {', '.join(AUGMENTATIONS)}: random crops of the zero-padded training images (padding "
+                        "an eighth of the shorter side, 4 pixels on 32x32) and / or horizontal flips. auto: crop-flip "
+                        "for cifar10 / cifar100 (and tfds:cifar10 / tfds:cifar100), none for the rest")
     p.add_argument("--strategy", help=f"one of {', '.join(STRATEGIES)} (default average)")
     p.add_argument("--schedule", help=f"averaging schedule for --strategy average: one of {', '.join(SCHEDULES)} "
                                       "(constant is CPSGD; default adpsgd)")
@@ -224,9 +281,12 @@ def from_args(args: argparse.Namespace) -> tuple[list[Config], RunOptions]:
     """Turn parsed flags into the list of run configs (methods x seeds) and the
     run options. Raises ConfigError for any bad value, before jax starts."""
     dataset = args.dataset or "cifar10"
-    if dataset not in DATASETS:
-        raise ConfigError(f"--dataset {dataset!r} is unknown; accepted values: {', '.join(DATASETS)}")
-    defaults = DATASET_DEFAULTS[dataset]
+    if dataset not in DATASETS and not is_tfds(dataset):
+        raise ConfigError(f"--dataset {dataset!r} is unknown; accepted values: {', '.join(DATASETS)}, or tfds:NAME "
+                          "for a tfds image-classification dataset (e.g. tfds:mnist)")
+    if args.augment not in AUGMENTATIONS:
+        raise ConfigError(f"--augment {args.augment!r} is unknown; accepted values: {', '.join(AUGMENTATIONS)}")
+    defaults = dataset_defaults(dataset)
     if args.compare is not None:
         if args.strategy or args.schedule:
             raise ConfigError("--compare takes the methods itself; drop --strategy / --schedule")
@@ -266,6 +326,7 @@ def from_args(args: argparse.Namespace) -> tuple[list[Config], RunOptions]:
         **outer,
         dtype=args.dtype,
         synthetic_size=args.synthetic_size,
+        augment=augmentation(dataset, args.augment),
     )
     validate(base)
     check_writable(args.out)
@@ -345,6 +406,9 @@ def validate(c: Config) -> None:
         if not ok:
             raise ConfigError(message)
 
+    need(c.dataset in DATASETS or is_tfds(c.dataset),
+         f"--dataset {c.dataset!r} is unknown; accepted values: {', '.join(DATASETS)}, or tfds:NAME")
+    need(c.augment in AUGMENTATIONS, f"--augment {c.augment!r} is unknown; accepted values: {', '.join(AUGMENTATIONS)}")
     need(c.method in METHODS, f"method {c.method!r} is unknown; accepted values: {', '.join(METHODS)}")
     need(c.model in MODELS, f"--model {c.model!r} is unknown; accepted values: {', '.join(MODELS)}")
     need(c.lr_schedule in LR_SCHEDULES, f"--lr-schedule {c.lr_schedule!r} is unknown; accepted values: {', '.join(LR_SCHEDULES)}")

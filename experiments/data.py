@@ -1,8 +1,10 @@
 """Data for data-parallel workers: datasets, worker shards and resumable loaders.
 
-* ``load`` returns a ``Dataset`` of uint8 images held in host memory
-  (CIFAR-10/100 through ``tfds.data_source``, which reads prepared
-  array_record files without TensorFlow; scikit-learn digits; synthetic).
+* ``load`` returns a ``Dataset`` of uint8 images held in host memory, read
+  by ``experiments/cifar_release.py`` (CIFAR's own python release) or
+  ``experiments/sources.py`` (tfds builds of CIFAR or of any tfds image
+  dataset, ``tfds:NAME``; scikit-learn digits; synthetic), with the
+  augmentation ``--augment`` chose.
 * ``partition`` splits the training examples among W workers (``iid`` or
   label-skewed ``dirichlet:ALPHA``).
 * ``TrainLoader.batch(epoch, index)`` is a pure function of (seed, epoch,
@@ -28,18 +30,15 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-DATASETS = ("cifar10", "cifar100", "digits", "synthetic")
-CIFAR_PAD = 4  # Zero padding (pixels per side) of the random-crop augmentation.
-_TFDS_NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
-_READ_CHUNK = 4096  # Examples per ``__getitems__`` call when reading tfds.
-_SYNTHETIC_SEED = 0
+from experiments import cifar_release, sources
+from experiments.config import AUGMENT_MODES, AUGMENTATIONS, TFDS_PREFIX, augmentation, is_tfds
+from experiments.names import DATASETS
+from experiments.sources import DataUnavailableError  # noqa: F401  (raised by load; callers catch data.DataUnavailableError)
+
+CIFAR_PAD = 4  # Zero padding (pixels per side) of the random crops on 32x32 images: an eighth of the side.
 _MAX_DIRICHLET_DRAWS = 100
 # Tags keeping the permutation and augmentation random streams apart.
 _PERM_STREAM, _AUG_STREAM = 0, 1
-
-
-class DataUnavailableError(RuntimeError):
-    """The requested dataset is not prepared locally and could not be obtained."""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -48,8 +47,11 @@ class Dataset:
 
     Images are uint8 [N, H, W, C]; labels int32 [N] in [0, num_classes).
     ``mean`` / ``std`` are float32 [C] per-channel statistics of the train
-    images in 0..255 pixel units. ``augment`` says whether training batches
-    get random crops (``CIFAR_PAD`` zero padding) and horizontal flips.
+    images in 0..255 pixel units. ``augment`` is what training batches get:
+    ``crop-flip`` (random crops of the image zero-padded by ``crop_pad``
+    pixels, and horizontal flips), ``crop``, ``flip`` or ``none`` (True and
+    False, as older callers pass, mean crop-flip and none). ``source`` says
+    what was read, e.g. ``cifar python release: /data/cifar-10-batches-py``.
     """
 
     name: str
@@ -60,106 +62,78 @@ class Dataset:
     num_classes: int
     mean: np.ndarray
     std: np.ndarray
-    augment: bool
+    augment: str = "none"
+    source: str = ""
+
+    def __post_init__(self):
+        if isinstance(self.augment, (bool, np.bool_)):
+            object.__setattr__(self, "augment", "crop-flip" if self.augment else "none")
+        if self.augment not in AUGMENT_MODES:
+            raise ValueError(f"--augment {self.augment!r} is unknown; accepted values: {', '.join(AUGMENT_MODES)}")
+
+    @property
+    def num_train(self) -> int:
+        return len(self.train_labels)
+
+    @property
+    def num_test(self) -> int:
+        return len(self.test_labels)
+
+    @property
+    def image_shape(self) -> tuple:
+        """(H, W, C) of one image."""
+        return tuple(self.train_images.shape[1:])
 
 
-def load(name: str, data_dir: str | None = None, *, download: bool = False, synthetic_size: int = 50_000) -> Dataset:
-    """Load dataset ``name`` into host memory.
+def load(name: str, data_dir: str | None = None, *, download: bool = False, synthetic_size: int = 50_000,
+         augment: str = "auto") -> Dataset:
+    """Load dataset ``name`` (a ``--dataset`` value) into host memory.
 
-    * ``cifar10`` / ``cifar100``: 32x32x3, 50000 train / 10000 test, augmented.
-      Read with ``tfds.data_source`` from ``data_dir`` (tfds' default when
-      None), which must hold the dataset prepared in array_record format.
-      With ``download=False`` (default) a missing dataset raises
-      ``DataUnavailableError`` at once; with ``download=True`` tfds first tries
-      to download and build it (needs internet and TensorFlow).
+    * ``cifar10`` / ``cifar100``: 32x32x3, 50000 train / 10000 test. From
+      CIFAR's python release when ``data_dir`` is, or holds, its tarball or
+      extracted folder (``cifar_release.locate``; a tfds build in
+      ``data_dir/name`` comes first); otherwise from the tfds build in
+      ``data_dir`` (tfds' default when None), as ``tfds:NAME`` below.
+    * ``tfds:NAME``: any tfds image-classification dataset with images of one
+      size (``NAME[/CONFIG][:VERSION]``, e.g. ``tfds:mnist``); shape and class
+      count from its metadata; test split ``test`` (else ``validation``).
+      array_record builds are read without TensorFlow, tfrecord builds need
+      it. With ``download=False`` (default) a missing build raises
+      ``DataUnavailableError`` at once; ``download=True`` lets tfds try to
+      download and build it (needs internet and TensorFlow).
     * ``digits``: scikit-learn's 8x8x1 digits, values 0..16 rescaled to uint8
       0..255; a stratified 80/20 train/test split with
-      ``train_test_split(random_state=0)`` (1437 / 360 examples). Not augmented.
+      ``train_test_split(random_state=0)`` (1437 / 360 examples).
     * ``synthetic``: uniform random uint8 32x32x3 images with random labels in
       10 classes, ``synthetic_size`` train and ``max(1, synthetic_size // 5)``
       test examples, always the same (fixed seed); for throughput runs.
 
+    ``augment``: one of ``config.AUGMENTATIONS``; ``auto`` is crop-flip for
+    CIFAR (also through tfds) and none for the rest.
+
     Returns a ``Dataset`` (uint8 images, int32 labels, float32 [C] mean/std).
-    Raises ValueError for an unknown ``name`` and ``DataUnavailableError``
-    when CIFAR cannot be read.
+    Raises ValueError for an unknown ``name`` or ``augment`` and
+    ``DataUnavailableError`` (one line) when the data cannot be read.
     """
-    if name in _TFDS_NUM_CLASSES:
-        (x_train, y_train), (x_test, y_test) = _load_tfds(name, data_dir, download)
-        num_classes, augment = _TFDS_NUM_CLASSES[name], True
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"--augment {augment!r} is unknown; accepted values: {', '.join(AUGMENTATIONS)}")
+    if name in cifar_release.LAYOUTS:
+        release = cifar_release.locate(name, data_dir)
+        if release is not None:
+            arrays = cifar_release.read(name, release)
+        else:
+            arrays = sources.read_tfds(name, data_dir, download, dataset=name, hint=cifar_release.hint(name))
+    elif is_tfds(name):
+        arrays = sources.read_tfds(name[len(TFDS_PREFIX):], data_dir, download)
     elif name == "digits":
-        (x_train, y_train), (x_test, y_test) = _load_digits()
-        num_classes, augment = 10, False
+        arrays = sources.read_digits()
     elif name == "synthetic":
-        if synthetic_size < 1:
-            raise ValueError(f"synthetic_size must be >= 1, got {synthetic_size}")
-        rng = np.random.default_rng(_SYNTHETIC_SEED)
-        n_test = max(1, synthetic_size // 5)
-        x_train = rng.integers(0, 256, (synthetic_size, 32, 32, 3), dtype=np.uint8)
-        y_train = rng.integers(0, 10, synthetic_size).astype(np.int32)
-        x_test = rng.integers(0, 256, (n_test, 32, 32, 3), dtype=np.uint8)
-        y_test = rng.integers(0, 10, n_test).astype(np.int32)
-        num_classes, augment = 10, False
+        arrays = sources.read_synthetic(synthetic_size)
     else:
-        raise ValueError(f"--dataset: unknown dataset {name!r}; accepted values: {', '.join(DATASETS)}")
+        raise ValueError(f"--dataset: unknown dataset {name!r}; accepted values: {', '.join(DATASETS)}, tfds:NAME")
+    x_train, y_train, x_test, y_test, num_classes, source = sources.check(arrays, name)
     mean, std = channel_stats(x_train)
-    return Dataset(name, x_train, y_train, x_test, y_test, num_classes, mean, std, augment)
-
-
-def _load_tfds(name: str, data_dir: str | None, download: bool):
-    """Read the train and test splits of a tfds image dataset into numpy."""
-    import tensorflow_datasets as tfds  # Imported lazily: only CIFAR needs it.
-
-    def unavailable(err: Exception) -> DataUnavailableError:
-        where = repr(data_dir) if data_dir else "the default tfds data_dir (~/tensorflow_datasets or $TFDS_DATA_DIR)"
-        failed = " and could not be downloaded and built" if download else ""
-        return DataUnavailableError(
-            f"Dataset {name!r} is not prepared in {where}{failed} (tfds: {type(err).__name__}: "
-            f"{(str(err).splitlines() or [''])[0]}). Building CIFAR needs internet access and TensorFlow: on such a "
-            f"machine run `tfds build {name} --file_format=array_record --data_dir DIR`, copy DIR here and pass "
-            f"`--data-dir DIR` (reading it needs tensorflow-datasets only, not TensorFlow). To run without CIFAR, "
-            f"use `--dataset digits` (or `--dataset synthetic` for throughput runs)."
-        )
-
-    kwargs = dict(split=["train", "test"], data_dir=data_dir, builder_kwargs={"file_format": "array_record"})
-    try:  # download=False never touches the network: missing files fail in milliseconds.
-        sources = tfds.data_source(name, download=False, **kwargs)
-    except Exception as err:
-        if not download:
-            raise unavailable(err) from err
-        try:
-            sources = tfds.data_source(name, download=True, **kwargs)
-        except Exception as err2:
-            raise unavailable(err2) from err2
-    return tuple(_read_source(source) for source in sources)
-
-
-def _read_source(source) -> tuple[np.ndarray, np.ndarray]:
-    """All examples of a tfds data source -> (uint8 [N, H, W, C], int32 [N])."""
-    n = len(source)
-    if n == 0:
-        raise DataUnavailableError(f"tfds data source {source!r} is empty")
-    images = labels = None
-    for start in range(0, n, _READ_CHUNK):
-        keys = list(range(start, min(n, start + _READ_CHUNK)))
-        examples = source.__getitems__(keys)
-        chunk = np.stack([np.asarray(ex["image"], dtype=np.uint8) for ex in examples])
-        if images is None:
-            images = np.empty((n, *chunk.shape[1:]), np.uint8)
-            labels = np.empty((n,), np.int32)
-        images[start : start + len(keys)] = chunk
-        labels[start : start + len(keys)] = [int(ex["label"]) for ex in examples]
-    return images, labels
-
-
-def _load_digits():
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
-    labels = digits.target.astype(np.int32)
-    train, test = map(np.sort, train_test_split(np.arange(len(labels)), test_size=0.2, stratify=labels, random_state=0))
-    return (images[train], labels[train]), (images[test], labels[test])
+    return Dataset(name, x_train, y_train, x_test, y_test, num_classes, mean, std, augmentation(name, augment), source)
 
 
 def channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
@@ -277,6 +251,12 @@ def random_crop_flip(images: np.ndarray, rng: np.random.Generator, pad: int = CI
     return crop_flip(images, offsets, flips, pad)
 
 
+def crop_pad(image_shape: Sequence[int]) -> int:
+    """Zero padding per side of the random crops of (H, W, C) images: an eighth of the shorter
+    side, at least 1 (``CIFAR_PAD`` = 4 on 32x32, 3 on 28x28, 1 on 8x8)."""
+    return max(1, min(image_shape[0], image_shape[1]) // 8)
+
+
 def draw_crop_flip(rng: np.random.Generator, n: int, pad: int = CIFAR_PAD) -> tuple[np.ndarray, np.ndarray]:
     """The random part of ``random_crop_flip``: offsets int [n, 2] in 0..2*pad, flips bool [n]."""
     offsets = rng.integers(0, 2 * pad + 1, size=(n, 2))
@@ -341,19 +321,27 @@ class TrainLoader:
         """Batch ``index`` of ``epoch``: (images uint8 [W, B, H, W', C], labels int32 [W, B]),
         W = len(self.workers).
 
-        Augmented (crop + flip) when ``dataset.augment``, seeded by (seed,
-        epoch, index); the same arguments always give the same arrays, and a
-        subset of workers gets exactly its rows of the full batch.
+        Augmented as ``dataset.augment`` says (crops of ``crop_pad`` padding
+        and / or flips), seeded by (seed, epoch, index); the same arguments
+        always give the same arrays, and a subset of workers gets exactly its
+        rows of the full batch. crop and flip use the draws of crop-flip, with
+        the flips or the offsets left out.
         """
         idx = self.indices(epoch, index)
         images = self.dataset.train_images[idx]
         labels = self.dataset.train_labels[idx]
-        if self.dataset.augment:
+        mode = self.dataset.augment
+        if mode != "none":
+            pad = crop_pad(self.dataset.image_shape)
             rng = np.random.default_rng([self.seed, _AUG_STREAM, epoch, index])
-            offsets, flips = draw_crop_flip(rng, self.num_workers * self.batch_size)  # drawn for every worker
+            offsets, flips = draw_crop_flip(rng, self.num_workers * self.batch_size, pad)  # drawn for every worker
+            if mode == "flip":
+                offsets = np.full_like(offsets, pad)  # (pad, pad): the uncropped image
+            elif mode == "crop":
+                flips = np.zeros_like(flips)
             rows = (np.asarray(self.workers)[:, None] * self.batch_size + np.arange(self.batch_size)).ravel()
             flat = images.reshape(-1, *images.shape[2:])
-            images = crop_flip(flat, offsets[rows], flips[rows]).reshape(images.shape)
+            images = crop_flip(flat, offsets[rows], flips[rows], pad).reshape(images.shape)
         return images, labels
 
     def iterate(self, start_step: int = 0) -> Iterator[tuple[int, int, tuple[np.ndarray, np.ndarray]]]:

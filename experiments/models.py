@@ -11,11 +11,16 @@ separate pytrees, which is what a pure-functional training step needs.
 cast to ``dtype`` (e.g. ``jnp.bfloat16`` on GPU). Logits are always returned
 as float32 so that the loss is computed in full precision.
 
-Models:
-  * ``ResNet18``: CIFAR ResNet-18 (3x3 stem, no max-pool), input [N, 32, 32, 3].
-  * ``VGG16``: CIFAR VGG-16 (configuration D) with batch norm, input [N, 32, 32, 3].
-  * ``SmallCNN``: two 3x3 convs + two dense layers, for 8x8x1 digits.
-  * ``MLP``: flattens its input, then dense layers with ReLU.
+Models (every one takes images [N, H, W, C] of any size and channel count):
+  * ``ResNet18``: CIFAR ResNet-18 (3x3 stem, no max-pool), built for [N, 32, 32, 3];
+    global average pooling makes it take any H, W (28x28x1 MNIST included).
+  * ``VGG16``: CIFAR VGG-16 (configuration D) with batch norm, built for
+    [N, 32, 32, 3]; a max-pool is skipped once a side is down to 1 pixel, so
+    smaller images pass too, and larger ones end as a larger flattened map.
+  * ``SmallCNN``: two 3x3 convs + two dense layers, for 8x8x1 digits; any H, W, C.
+  * ``MLP``: flattens its input, then dense layers with ReLU; any shape.
+The dense layer after the flattening in VGG16, SmallCNN and MLP grows with
+H x W: it is what limits them to small images.
 """
 
 from __future__ import annotations
@@ -30,6 +35,13 @@ Dtype = Any
 
 # He (Kaiming) normal init over fan-out, as customary for ReLU conv nets.
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def _pool(pool: Callable, x: jax.Array) -> jax.Array:
+    """A 2x2 stride-2 pool, skipped when a spatial side is below 2 (so any image size passes)."""
+    if min(x.shape[1], x.shape[2]) < 2:
+        return x
+    return pool(x, (2, 2), strides=(2, 2))
 
 
 def _batch_norm(train: bool, dtype: Dtype, name: str | None = None) -> nn.BatchNorm:
@@ -69,7 +81,8 @@ class ResNet18(nn.Module):
 
     3x3 stride-1 64-channel stem (no max-pool), BasicBlocks [2, 2, 2, 2] with
     widths 64, 128, 256, 512 (stride 2 at the start of stages 2-4), global
-    average pool, Dense. 11,173,962 parameters for 10 classes.
+    average pool, Dense. 11,173,962 parameters for 10 classes. Takes any
+    H, W, C (SAME padding, global pool): a C-channel stem has 9 x C x 64 weights.
     """
 
     num_classes: int
@@ -104,7 +117,9 @@ class VGG16(nn.Module):
     ``[N, 32, 32, 3]`` -> logits ``[N, num_classes]`` (float32). Thirteen 3x3
     convs (with bias) each followed by BN and ReLU, five 2x2 max-pools (so a
     32x32 input ends as 1x1x512), then a single Dense 512 -> num_classes.
-    14,728,266 parameters for 10 classes.
+    14,728,266 parameters for 10 classes. Other sizes: a pool is skipped
+    once a side is 1 pixel (28x28 ends as 1x1x512 too); a larger input
+    ends as (H/32)x(W/32)x512 and the Dense layer grows with it.
     """
 
     num_classes: int
@@ -116,7 +131,7 @@ class VGG16(nn.Module):
         i = 0
         for item in _VGG16_CFG:
             if item == "M":
-                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+                x = _pool(nn.max_pool, x)
                 continue
             i += 1
             x = nn.Conv(item, (3, 3), padding="SAME", kernel_init=_conv_init,
@@ -132,7 +147,8 @@ class SmallCNN(nn.Module):
 
     conv3x3(32) - ReLU - conv3x3(64) - ReLU - 2x2 avg-pool - flatten -
     Dense(128) - ReLU - Dense(num_classes). No batch norm (empty model state).
-    Works for any input H, W (the Dense layer adapts to the flattened size).
+    Works for any input H, W, C: the Dense layer adapts to the flattened size
+    (H/2 x W/2 x 64 inputs; the pool is skipped on a 1-pixel side).
     """
 
     num_classes: int
@@ -144,7 +160,7 @@ class SmallCNN(nn.Module):
         x = x.astype(self.dtype)
         x = nn.relu(nn.Conv(32, (3, 3), padding="SAME", dtype=self.dtype, name="conv1")(x))
         x = nn.relu(nn.Conv(64, (3, 3), padding="SAME", dtype=self.dtype, name="conv2")(x))
-        x = nn.avg_pool(x, (2, 2), strides=(2, 2))
+        x = _pool(nn.avg_pool, x)
         x = x.reshape((x.shape[0], -1))
         x = nn.relu(nn.Dense(128, dtype=self.dtype, name="fc1")(x))
         x = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)

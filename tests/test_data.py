@@ -1,9 +1,8 @@
-"""Tests for experiments/data.py: loading, worker shards, loaders, prefetch."""
+"""Tests for experiments/data.py: datasets and their augmentation, worker shards, loaders,
+prefetch. Reading the data is tested in test_sources.py and test_cifar_release.py."""
 
-import importlib
-import io
-import os
-import sys
+import dataclasses
+import hashlib
 import threading
 import time
 
@@ -12,7 +11,8 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from experiments import data
+from experiments import cifar, data, results
+from experiments import config as cfg
 
 
 def make_dataset(n=240, hw=8, channels=3, augment=False, seed=0):
@@ -31,150 +31,6 @@ def padded_crop_reference(image, dy, dx, flip, pad):
     padded[pad : pad + h, pad : pad + w] = image
     window = padded[dy : dy + h, dx : dx + w]
     return window[:, ::-1] if flip else window
-
-
-# ----------------------------------------------------------------------------- loading
-
-
-@pytest.fixture
-def fixed_mock_getitems(monkeypatch):
-    """tfds 4.9.10's mock sets ``__getitems__`` to a functools.partial on a MagicMock, which is
-    not bound like the magic ``__getitem__`` is, so it is called without ``self``; shim that."""
-    mocking = importlib.import_module("tensorflow_datasets.testing.mocking")
-    original = mocking._getitems
-
-    def getitems(*args, generator, serialized=False):
-        return original(None, args[-1], generator=generator, serialized=serialized)
-
-    monkeypatch.setattr(mocking, "_getitems", getitems)
-
-
-@pytest.mark.parametrize("name,num_classes", [("cifar10", 10), ("cifar100", 100)])
-def test_load_cifar_through_tfds_mock(name, num_classes, fixed_mock_getitems, monkeypatch, tmp_path):
-    import tensorflow_datasets as tfds
-
-    monkeypatch.setattr(data, "_READ_CHUNK", 8)  # 37 examples: 5 chunks, the last partial.
-    with tfds.testing.mock_data(num_examples=37, policy=tfds.testing.MockPolicy.USE_CODE):
-        ds = data.load(name, data_dir=str(tmp_path))
-        source = tfds.data_source(name, split="train", data_dir=str(tmp_path), download=False)
-        expected = np.stack([source[i]["image"] for i in range(37)])
-        expected_labels = np.array([source[i]["label"] for i in range(37)])
-    assert ds.name == name and ds.num_classes == num_classes and ds.augment
-    assert ds.train_images.shape == (37, 32, 32, 3) and ds.test_images.shape == (37, 32, 32, 3)
-    assert ds.train_images.dtype == np.uint8 and ds.test_images.dtype == np.uint8
-    assert ds.train_labels.dtype == np.int32 and ds.test_labels.dtype == np.int32
-    assert ds.train_labels.min() >= 0 and ds.train_labels.max() < num_classes
-    np.testing.assert_array_equal(ds.train_images, expected)  # Order survives chunked reads.
-    np.testing.assert_array_equal(ds.train_labels, expected_labels)
-    assert ds.mean.shape == (3,) and ds.std.shape == (3,)
-    assert ds.mean.dtype == np.float32 and ds.std.dtype == np.float32
-    pixels = ds.train_images.reshape(-1, 3).astype(np.float64)
-    np.testing.assert_allclose(ds.mean, pixels.mean(0), rtol=1e-5)
-    np.testing.assert_allclose(ds.std, pixels.std(0), rtol=1e-4)
-    # Mock pixels are uniform on 0..255: mean ~127.5, std ~73.9.
-    assert np.all(np.abs(ds.mean - 127.5) < 5) and np.all(np.abs(ds.std - 73.9) < 5)
-
-
-def test_load_cifar10_from_real_array_record_files(monkeypatch, tmp_path):
-    """Build a tiny real cifar10 in array_record format (without TensorFlow, by patching the
-    three TF-only steps of generation) and read it back through the real tfds file reader."""
-    import tensorflow_datasets as tfds
-
-    try:
-        importlib.import_module("importlib_resources")
-    except ImportError:
-        monkeypatch.setitem(sys.modules, "importlib_resources", importlib.import_module("importlib.resources"))
-    from PIL import Image
-    from tensorflow_datasets.core.features import image_feature
-    from tensorflow_datasets.image_classification import cifar
-
-    raw_dir = tmp_path / "raw" / "cifar-10-batches-bin"
-    raw_dir.mkdir(parents=True)
-    rng = np.random.default_rng(1)
-    written = {}
-    for fname, n in [(f"data_batch_{i}.bin", 4) for i in range(1, 6)] + [("test_batch.bin", 6)]:
-        records = rng.integers(0, 256, (n, 3073), dtype=np.uint8)
-        records[:, 0] %= 10
-        records.tofile(raw_dir / fname)
-        written[fname] = records
-    (raw_dir / "batches.meta.txt").write_text("\n".join(f"class{i}" for i in range(10)))
-
-    def read_binary(path, num_labels):
-        for r in np.fromfile(path, np.uint8).reshape(-1, 3073):
-            yield [int(r[0])], r[1:].reshape(3, 32, 32).transpose(1, 2, 0)
-
-    def encode_png(self, array):
-        buf = io.BytesIO()
-        Image.fromarray(np.asarray(array)).save(buf, format="PNG")
-        return buf.getvalue()
-
-    data_dir = str(tmp_path / "tfds")
-    try:
-        with monkeypatch.context() as m:
-            m.setattr(tfds.download.DownloadManager, "download_and_extract", lambda self, url: str(raw_dir.parent))
-            m.setattr(cifar, "_load_data", read_binary)
-            m.setattr(image_feature.Image, "encode_example", encode_png)
-            builder = tfds.builder("cifar10", data_dir=data_dir, file_format="array_record")
-            builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-    except Exception as err:  # Depends on tfds internals; the mock test above covers the rest.
-        pytest.skip(f"cannot build a fake cifar10 with this tfds: {err!r}")
-
-    ds = data.load("cifar10", data_dir=data_dir)
-
-    def as_set(images, labels):
-        return sorted((int(y), x.tobytes()) for x, y in zip(images, labels))
-
-    def raw_set(files):
-        recs = np.concatenate([written[f] for f in files])
-        return as_set(recs[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), recs[:, 0])
-
-    assert ds.train_images.shape == (20, 32, 32, 3) and ds.test_images.shape == (6, 32, 32, 3)
-    assert as_set(ds.train_images, ds.train_labels) == raw_set([f"data_batch_{i}.bin" for i in range(1, 6)])
-    assert as_set(ds.test_images, ds.test_labels) == raw_set(["test_batch.bin"])
-
-
-@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
-def test_cifar_missing_raises_quickly(name, tmp_path):
-    for data_dir in (tmp_path, tmp_path / "does-not-exist"):
-        start = time.monotonic()
-        with pytest.raises(data.DataUnavailableError) as info:
-            data.load(name, data_dir=str(data_dir))
-        assert time.monotonic() - start < 30
-        message = str(info.value)
-        assert "--dataset digits" in message and "--data-dir" in message and f"tfds build {name}" in message
-        assert isinstance(info.value, RuntimeError)
-    assert not (tmp_path / "does-not-exist").exists()  # Nothing was written.
-
-
-def test_load_digits():
-    ds = data.load("digits")
-    again = data.load("digits")
-    assert ds.train_images.shape == (1437, 8, 8, 1) and ds.test_images.shape == (360, 8, 8, 1)
-    assert ds.train_images.dtype == np.uint8 and ds.train_labels.dtype == np.int32
-    assert ds.train_images.max() == 255 and ds.train_images.min() == 0  # 0..16 rescaled.
-    assert ds.num_classes == 10 and not ds.augment
-    np.testing.assert_array_equal(ds.train_images, again.train_images)
-    np.testing.assert_array_equal(ds.test_labels, again.test_labels)
-    # Stratified: every class has ~20% of its examples in the test split.
-    for c in range(10):
-        share = np.sum(ds.test_labels == c) / (np.sum(ds.test_labels == c) + np.sum(ds.train_labels == c))
-        assert 0.17 < share < 0.23
-    np.testing.assert_allclose(ds.mean, [ds.train_images.astype(np.float64).mean()], rtol=1e-5)
-
-
-def test_load_synthetic():
-    ds = data.load("synthetic", synthetic_size=100)
-    again = data.load("synthetic", synthetic_size=100)
-    assert ds.train_images.shape == (100, 32, 32, 3) and ds.test_images.shape == (20, 32, 32, 3)
-    assert ds.train_images.dtype == np.uint8 and ds.train_labels.dtype == np.int32
-    assert ds.num_classes == 10 and not ds.augment and set(np.unique(ds.train_labels)) <= set(range(10))
-    np.testing.assert_array_equal(ds.train_images, again.train_images)
-    np.testing.assert_array_equal(ds.train_labels, again.train_labels)
-
-
-def test_load_unknown_name():
-    with pytest.raises(ValueError, match="--dataset.*cifar10, cifar100, digits, synthetic"):
-        data.load("mnist")
 
 
 # ----------------------------------------------------------------------------- partitions
@@ -280,7 +136,9 @@ def test_loader_batch_is_pure_and_matches_resumed_iterate():
 
 
 def test_augmentation_deterministic_and_real_crops():
-    ds = make_dataset(n=240, augment=True)
+    ds = make_dataset(n=240, hw=16, augment=True)
+    pad = data.crop_pad(ds.image_shape)
+    assert pad == 2
     loader = data.TrainLoader(ds, data.partition(ds.train_labels, 4, "iid", 0), batch_size=8, seed=5)
     images, labels = loader.batch(0, 1)
     again, _ = loader.batch(0, 1)
@@ -289,19 +147,19 @@ def test_augmentation_deterministic_and_real_crops():
     # Every output image is some padded crop (optionally flipped) of its own source image,
     # and the batch uses several different crops/flips.
     used = set()
-    for img, label in zip(images.reshape(-1, 8, 8, 3), labels.ravel()):
+    for img, label in zip(images.reshape(-1, 16, 16, 3), labels.ravel()):
         matches = [
             (dy, dx, flip)
-            for dy in range(9)
-            for dx in range(9)
+            for dy in range(2 * pad + 1)
+            for dx in range(2 * pad + 1)
             for flip in (False, True)
-            if np.array_equal(img, padded_crop_reference(ds.train_images[label], dy, dx, flip, 4))
+            if np.array_equal(img, padded_crop_reference(ds.train_images[label], dy, dx, flip, pad))
         ]
         assert matches
         used.add(matches[0])
     assert len(used) > 5
     # Same (epoch, index) but the images themselves differ from the raw ones for most examples.
-    assert np.mean([not np.array_equal(a, ds.train_images[y]) for a, y in zip(images.reshape(-1, 8, 8, 3), labels.ravel())]) > 0.5
+    assert np.mean([not np.array_equal(a, ds.train_images[y]) for a, y in zip(images.reshape(-1, 16, 16, 3), labels.ravel())]) > 0.5
 
 
 def test_augmentation_differs_across_index_and_epoch_for_identical_images():
@@ -470,3 +328,98 @@ def test_loader_worker_subset_gets_exactly_its_rows_of_the_augmented_batch():
     assert not np.array_equal(images[1], ds.train_images[full.indices(2, 5)[1]])  # augmented for real
     with pytest.raises(ValueError, match="workers"):
         data.TrainLoader(ds, shards, 8, seed=3, workers=[4])
+
+
+# ----------------------------------------------------------------------------- augmentation modes
+
+
+def test_crop_pad_is_an_eighth_of_the_shorter_side():
+    assert data.crop_pad((32, 32, 3)) == data.CIFAR_PAD == 4
+    assert [data.crop_pad(s) for s in [(28, 28, 1), (8, 8, 1), (2, 2, 1), (64, 48, 3), (96, 96, 3)]] == [3, 1, 1, 6, 12]
+
+
+def test_crop_and_flip_modes_use_the_draws_of_crop_flip():
+    base = make_dataset(n=240, hw=16)
+    shards = data.partition(base.train_labels, 4, "iid", 0)
+    batches = {mode: data.TrainLoader(dataclasses.replace(base, augment=mode), shards, 8, seed=5).batch(1, 2)
+               for mode in ("crop-flip", "crop", "flip", "none")}
+    raw = base.train_images[batches["none"][1]].reshape(-1, 16, 16, 3)
+    np.testing.assert_array_equal(batches["none"][0].reshape(raw.shape), raw)
+    offsets, flips = data.draw_crop_flip(np.random.default_rng([5, data._AUG_STREAM, 1, 2]), 32, pad=2)
+    expected = {"crop-flip": data.crop_flip(raw, offsets, flips, 2),
+                "crop": data.crop_flip(raw, offsets, np.zeros(32, bool), 2),
+                "flip": data.crop_flip(raw, np.full((32, 2), 2), flips, 2)}
+    for mode, images in expected.items():
+        np.testing.assert_array_equal(batches[mode][0].reshape(raw.shape), images, err_msg=mode)
+        np.testing.assert_array_equal(batches[mode][1], batches["none"][1])  # same examples, whatever the mode
+    assert 0 < flips.sum() < 32 and not np.array_equal(expected["crop"], raw)
+
+
+def test_dataset_augment_values():
+    ds = make_dataset()
+    assert ds.augment == "none" and dataclasses.replace(ds, augment=True).augment == "crop-flip"  # older callers
+    assert make_dataset(augment=True).augment == "crop-flip" and dataclasses.replace(ds, augment=False).augment == "none"
+    assert (ds.num_train, ds.num_test, ds.image_shape, ds.source) == (240, 10, (8, 8, 3), "")
+    for bad in ("auto", "rotate"):
+        with pytest.raises(ValueError, match="--augment.*crop-flip, crop, flip, none"):
+            dataclasses.replace(ds, augment=bad)
+    assert data.load("digits").augment == "none" and data.load("digits", augment="flip").augment == "flip"
+    assert data.load("synthetic", synthetic_size=10, augment="auto").augment == "none"
+
+
+def batches_digest(loader, steps) -> str:
+    digest = hashlib.sha256()
+    for epoch, index in steps:
+        images, labels = loader.batch(epoch, index)
+        digest.update(images.tobytes())
+        digest.update(labels.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def test_default_batches_are_byte_identical_to_before_augment_became_a_flag():
+    """Digests of batches written by the loader before --augment existed (augment was a bool,
+    CIFAR-shaped data padded by CIFAR_PAD): CIFAR's crop-flip and digits' raw batches must not move."""
+    cifar_like = data.load("synthetic", synthetic_size=512, augment="crop-flip")
+    loader = data.TrainLoader(cifar_like, data.partition(cifar_like.train_labels, 4, "iid", 3), 8, seed=3)
+    assert batches_digest(loader, [(0, 0), (2, 5)]) == "c8afcba40960e7cf", "CIFAR's crop-flip batches changed"
+    digits = data.load("digits")
+    loader = data.TrainLoader(digits, data.partition(digits.train_labels, 8, "iid", 0), 16, seed=0)
+    assert batches_digest(loader, [(0, 0), (1, 3)]) == "6cc8b5826b6b1b35", "digits' batches changed"
+
+
+def flags(*argv):
+    return cfg.from_args(cfg.parser().parse_args([*argv, "--out", "/tmp/never-written"]))[0][0]
+
+
+def test_augment_flag_defaults_per_dataset_and_resume():
+    assert [flags("--dataset", d).augment for d in ("cifar10", "cifar100", "digits", "synthetic")] == [
+        "crop-flip", "crop-flip", "none", "none"]
+    mnist, tfds_cifar = flags("--dataset", "tfds:mnist"), flags("--dataset", "tfds:cifar10")
+    assert (mnist.augment, mnist.model, tfds_cifar.augment, tfds_cifar.model) == ("none", "cnn", "crop-flip", "resnet18")
+    assert flags("--dataset", "digits", "--augment", "crop").augment == "crop"
+    assert flags("--dataset", "tfds:svhn_cropped/x:1.0.0").dataset == "tfds:svhn_cropped/x:1.0.0"
+    with pytest.raises(cfg.ConfigError, match="--augment 'rotate' is unknown; accepted values: auto, crop-flip"):
+        flags("--dataset", "digits", "--augment", "rotate")
+    # A run saved before --augment existed resumes under the default, and only under it.
+    digits = flags("--dataset", "digits")
+    old = {k: v for k, v in digits.to_dict().items() if k != "augment"}
+    assert cfg.config_differences(old, digits) == []
+    assert cfg.config_differences(old, digits.replace(augment="flip")) == ["augment: 'none' -> 'flip'"]
+    cifar10 = flags("--dataset", "cifar10")
+    assert cfg.config_differences({**cifar10.to_dict(), "augment": "auto"}, cifar10) == []
+    assert cfg.from_saved(old).augment == "auto"
+
+
+@pytest.mark.xfail(strict=True, reason="cifar.main / train.prepare must pass config.augment to data.load "
+                                       "(experiments/cifar.py and train.py, being rewritten); then drop this mark")
+def test_augment_flag_reaches_the_training_batches(tmp_path):
+    def run(*extra):
+        out = tmp_path / "-".join(extra or ("default",))
+        argv = ["--dataset", "digits", "--epochs", "1", "--avg-period", "2", "--out", str(out), "--quiet", "--no-plots"]
+        assert cifar.main(argv + list(extra)) == 0
+        (r,) = results.finished_runs(str(out))
+        return [row["loss"] for row in r.metrics], r.summary["config"]["augment"]
+
+    default, flipped = run(), run("--augment", "flip")
+    assert default[1] == "none" and flipped[1] == "flip"
+    assert default[0] != flipped[0]

@@ -234,3 +234,29 @@ def test_create_and_registry():
     assert "resnet50" in msg
     for name in models.MODELS:
         assert name in msg
+
+
+MNIST = (28, 28, 1)
+
+
+@pytest.mark.parametrize("name", list(models.MODELS))
+@pytest.mark.parametrize("shape", [MNIST, (8, 8, 3), (48, 40, 3), (1, 1, 2)], ids=["28x28x1", "8x8x3", "48x40x3", "1x1x2"])
+def test_every_model_takes_any_image_size_and_channel_count(name, shape):
+    model = models.create(name, 7)
+    params, state = models.init(model, jax.random.key(0), shape)
+    x = batch(shape, n=3)
+    for train in (True, False):
+        logits, _ = models.apply(model, params, state, x, train)
+        assert logits.shape == (3, 7) and logits.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits)))
+
+
+def test_parameter_counts_on_other_image_shapes():
+    # resnet18 and vgg16 pool any image down to one 512-vector: only the first conv sees the channels.
+    stem = lambda c: 9 * c * 64  # noqa: E731
+    assert n_params(_abstract_params(models.ResNet18(10), MNIST)[0]) == _resnet18_count(10) - stem(3) + stem(1)
+    assert n_params(_abstract_params(models.VGG16(10), MNIST)[0]) == _vgg16_count(10) - stem(3) + stem(1)
+    # ...unless it is larger than 32x32: vgg16 then flattens a (H/32)x(W/32)x512 map.
+    assert n_params(_abstract_params(models.VGG16(10), (64, 32, 3))[0]) == _vgg16_count(10) + 512 * 10
+    # cnn and mlp flatten: the first dense layer grows with H x W.
+    assert n_params(_abstract_params(models.SmallCNN(10), MNIST)[0]) == 320 + 18_496 + 14 * 14 * 64 * 128 + 128 + 1_290
+    assert n_params(_abstract_params(models.MLP(10), MNIST)[0]) == 784 * 128 + 128 + 1_290
