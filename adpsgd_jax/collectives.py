@@ -60,7 +60,7 @@ def squared_distance(tree: Any, center: Any) -> jnp.ndarray:
 
 
 def parameter_variance(params: Any, params_avg: Any, axis_name: str) -> jnp.ndarray:
-    """V = (1/N) sum_i ||x_i - xbar||^2 over every parameter leaf (ALGORITHM.md).
+    """V = (1/N) sum_i ||x_i - xbar||^2 over every parameter leaf (docs/algorithm.md, "Parameter variance").
 
     Computed from the distance to the already-known mean, never as
     E[x^2] - E[x]^2 (which cancels in float32). One scalar all-reduce.
@@ -78,7 +78,7 @@ def _buckets(v: jnp.ndarray, bucket_size: Optional[int]) -> jnp.ndarray:
 
 
 def qsgd_quantize(v: jnp.ndarray, key: jax.Array, levels: int, bucket_size: Optional[int] = None):
-    """Stochastic s-level quantisation of one gradient leaf (QSGD, ALGORITHM.md).
+    """Stochastic s-level quantisation of one gradient leaf (docs/algorithm.md, "Strategies", qsgd).
 
     Per bucket of ``bucket_size`` coordinates (the whole leaf when None):
     Q(v)_j = ||v||_2 * sign(v_j) * xi_j / s, with xi_j = floor(s |v_j| / ||v|| + u_j),

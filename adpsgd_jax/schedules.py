@@ -15,7 +15,7 @@ Conventions shared by every schedule:
   t" averages the parameters produced by t + 1 local updates.
 * ``update`` is called only on steps where ``should_sync`` was true, with the
   pre-sync parameter variance V = (1/N) sum_i ||x_i - xbar||^2 and the
-  worker-mean training loss of that step (ALGORITHM.md, "Setting").
+  worker-mean training loss of that step (docs/algorithm.md, "Setting").
 * Every state has an int32 ``period`` field: the period in force, which the
   train step reports as a metric.
 
@@ -248,7 +248,7 @@ def adacomm(period: int, interval: int, min_period: int = 1) -> Schedule:
 
 
 class PlannedState(NamedTuple):
-    """State of ``adpsgd`` and ``lr_proportional`` (ALGORITHM.md, "ADPSGD")."""
+    """State of ``adpsgd`` and ``lr_proportional`` (docs/algorithm.md, "The ADPSGD controller")."""
 
     period: Array  # int32[]: current period p.
     next_sync: Array  # int32[]: position (step + 1) of the next sync.
@@ -367,7 +367,7 @@ def _planned(
         taken = jnp.maximum(position - state.last_sync, 1).astype(jnp.float32)
         # Growth per unit squared learning rate: V / p^alpha over the period's
         # mean gamma^2 (trapezoid of its first and last step), so that
-        # a(t) = a_hat * gamma(t)^2 is ALGORITHM.md's forecast and a learning-rate
+        # a(t) = a_hat * gamma(t)^2 is the forecast of docs/algorithm.md and a learning-rate
         # decay does not leave a stale estimate behind.
         lr_sq = 0.5 * (lr_at[state.last_sync] ** 2 + lr_at[position - 1] ** 2)
         growth = jnp.maximum(variance.astype(jnp.float32), 0.0) / taken**alpha / lr_sq
@@ -419,12 +419,12 @@ def adpsgd(
 ) -> Schedule:
     """ADPSGD: adaptive periodic averaging driven by the measured variance.
 
-    Implements ALGORITHM.md, "ADPSGD". With budget C syncs over T steps and
+    Implements docs/algorithm.md, "The ADPSGD controller". With budget C syncs over T steps and
     kappa = 2 / (alpha + 1):
 
     * at each sync after p local steps: a_hat <- EMA(V / (p^alpha g2)),
       g2 the period's mean squared learning rate, and the growth rate now is
-      a(u) = a_hat * gamma(u)^2 (ALGORITHM.md's forecast a ~ gamma^2; keeping
+      a(u) = a_hat * gamma(u)^2 (the forecast a ~ gamma^2; keeping
       a_hat per unit gamma^2 means a learning-rate decay changes a(u) at
       once instead of through the EMA's lag);
     * plan (first sync, every ``replan_every`` syncs, after a learning-rate
@@ -463,7 +463,7 @@ def lr_proportional(
     warmup_steps: int = 0,
 ) -> Schedule:
     """ADPSGD's open-loop plan without variance feedback: after every sync the
-    next period is p = W(u) / R (ALGORITHM.md, step 3), i.e. sync density
+    next period is p = W(u) / R (docs/algorithm.md, "The ADPSGD controller"), i.e. sync density
     proportional to gamma^kappa with the remaining budget spent exactly."""
     return _planned(total_steps, avg_period, num_syncs, lr_schedule, alpha, 0.5, 1, 1.5,
                     min_period, max_period, warmup_steps, feedback=False)

@@ -127,6 +127,12 @@ def _payload(nbytes: int, axes: tuple) -> int:
     return nbytes if _axis_size(axes) > 1 else 0
 
 
+def _check_loss(loss_fn) -> None:
+    if not callable(loss_fn):
+        raise ValueError(f"loss_fn must be callable as (params, model_state, batch, rng) -> (loss, (model_state, aux)), "
+                         f"got {type(loss_fn).__name__}")
+
+
 def _check_optimizer(name: str, optimizer) -> None:
     if not (callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))):
         raise ValueError(f"{name} must be an optax.GradientTransformation, got {type(optimizer).__name__}")
@@ -232,6 +238,7 @@ def local_sgd(
 
     All arguments are validated here, before anything is traced.
     """
+    _check_loss(loss_fn)
     _check_optimizer("optimizer", optimizer)
     if not isinstance(schedule, Schedule):
         raise ValueError(f"schedule must be an adpsgd_jax.schedules.Schedule (e.g. schedules.constant(8)), "
@@ -293,6 +300,7 @@ def local_sgd(
 def _full_sync(name: str, loss_fn: LossFn, optimizer, axis_name: AxisName, mean_grads: Callable) -> Strategy:
     """A strategy that communicates every step: ``mean_grads(grads, key) ->
     (mean gradient tree, bytes one worker sends)`` then one optimizer update."""
+    _check_loss(loss_fn)
     _check_optimizer("optimizer", optimizer)
     workers = _check_axes(axis_name)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)

@@ -94,11 +94,14 @@ def main(argv=None) -> int:
     from experiments import checkpoint, data, report, train
 
     try:
-        dataset = data.load(configs[0].dataset, configs[0].data_dir, synthetic_size=configs[0].synthetic_size)
+        first = configs[0]
+        dataset = data.load(first.dataset, first.data_dir, synthetic_size=first.synthetic_size, augment=first.augment)
         setups = [train.prepare(c, dataset, options) for c in configs]
     except (cfg.ConfigError, data.DataUnavailableError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if jax.process_index() == 0:
+        print(f"data: {dataset.source} ({dataset.num_train} train, {dataset.num_test} test examples)", flush=True)
     os.makedirs(options.out, exist_ok=True)
     for setup in setups:
         try:

@@ -18,7 +18,7 @@ from experiments.names import (CPU_DEVICES, DATASETS, DEFAULT_COMPARE, DTYPES, L
                                MODELS, OUTER_DEFAULTS, OUTER_OPTIMIZERS, SCHEDULES, STRATEGIES)
 
 # Per-dataset defaults: the usual CIFAR ResNet recipe, and the digits setting
-# of ALGORITHM.md's prototype (MLP, plain SGD, batch 16 per worker, 30 epochs).
+# of the prototype in docs/algorithm.md (MLP, plain SGD, batch 16 per worker, 30 epochs).
 DATASET_DEFAULTS = {
     "cifar10": dict(model="resnet18", epochs=200, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4,
                     augment="crop-flip"),
@@ -220,8 +220,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=8, help="number of workers N (any number: several may share a device)")
     p.add_argument("--devices", type=int,
                    help="devices that carry the workers, K = N / D each (must divide --workers). Default: all "
-                        "local accelerators on GPU/TPU (the most that divides --workers); on CPU 8 virtual devices, "
-                        "or the most that divides --workers (measured fastest for the digits demo here)")
+                        f"local accelerators on GPU/TPU (the most that divides --workers); on CPU {CPU_DEVICES} virtual "
+                        "device(s) per process, the count measured fastest for the digits demo on a 2-core machine "
+                        "(README, 'Many workers per device')")
     p.add_argument("--batch-size", type=int, help="per-worker batch size")
     p.add_argument("--epochs", type=int)
     p.add_argument("--lr", type=float)

@@ -188,7 +188,7 @@ class MLP(nn.Module):
         return x.astype(jnp.float32)
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {
+CONSTRUCTORS: dict[str, Callable[..., nn.Module]] = {  # keys: names.MODELS, in order
     "resnet18": ResNet18,
     "vgg16": VGG16,
     "cnn": SmallCNN,
@@ -200,13 +200,13 @@ def create(name: str, num_classes: int, dtype: Dtype = jnp.float32) -> nn.Module
     """Build the model registered under ``name`` (a ``--model`` value).
 
     Raises:
-      ValueError: if ``name`` is not a key of :data:`MODELS`.
+      ValueError: if ``name`` is not a key of :data:`CONSTRUCTORS`.
     """
-    if name not in MODELS:
+    if name not in CONSTRUCTORS:
         raise ValueError(
-            f"unknown --model {name!r}; accepted values: {', '.join(sorted(MODELS))}"
+            f"unknown --model {name!r}; accepted values: {', '.join(sorted(CONSTRUCTORS))}"
         )
-    return MODELS[name](num_classes=num_classes, dtype=dtype)
+    return CONSTRUCTORS[name](num_classes=num_classes, dtype=dtype)
 
 
 def init(model: nn.Module, rng: jax.Array, input_shape: Sequence[int]) -> tuple[Any, dict]:

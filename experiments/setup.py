@@ -108,7 +108,8 @@ def prepare(config: Config, dataset: Optional[data.Dataset] = None, options: Run
     except ValueError as err:
         raise ConfigError(str(err)) from None
     if dataset is None:
-        dataset = data.load(config.dataset, config.data_dir, synthetic_size=config.synthetic_size)
+        dataset = data.load(config.dataset, config.data_dir, synthetic_size=config.synthetic_size,
+                            augment=config.augment)
     try:
         shards = data.partition(dataset.train_labels, config.workers, scheme, config.seed, min_size=config.batch_size)
         loader = data.TrainLoader(dataset, shards, config.batch_size, config.seed,

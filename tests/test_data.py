@@ -410,8 +410,6 @@ def test_augment_flag_defaults_per_dataset_and_resume():
     assert cfg.from_saved(old).augment == "auto"
 
 
-@pytest.mark.xfail(strict=True, reason="cifar.main / train.prepare must pass config.augment to data.load "
-                                       "(experiments/cifar.py and train.py, being rewritten); then drop this mark")
 def test_augment_flag_reaches_the_training_batches(tmp_path):
     def run(*extra):
         out = tmp_path / "-".join(extra or ("default",))

@@ -13,7 +13,7 @@ import optax  # noqa: E402
 import pytest  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
-from experiments import models  # noqa: E402
+from experiments import models, names  # noqa: E402
 
 CIFAR = (32, 32, 3)
 DIGITS = (8, 8, 1)
@@ -224,7 +224,7 @@ def test_sgd_reduces_small_cnn_loss(built):
 
 
 def test_create_and_registry():
-    assert set(models.MODELS) == {"resnet18", "vgg16", "cnn", "mlp"}
+    assert tuple(models.CONSTRUCTORS) == names.MODELS == ("resnet18", "vgg16", "cnn", "mlp")
     m = models.create("vgg16", 100, dtype=jnp.bfloat16)
     assert isinstance(m, models.VGG16) and m.num_classes == 100 and m.dtype == jnp.bfloat16
     assert isinstance(models.create("mlp", 3), models.MLP)
@@ -232,14 +232,14 @@ def test_create_and_registry():
         models.create("resnet50", 10)
     msg = str(err.value)
     assert "resnet50" in msg
-    for name in models.MODELS:
+    for name in models.CONSTRUCTORS:
         assert name in msg
 
 
 MNIST = (28, 28, 1)
 
 
-@pytest.mark.parametrize("name", list(models.MODELS))
+@pytest.mark.parametrize("name", list(models.CONSTRUCTORS))
 @pytest.mark.parametrize("shape", [MNIST, (8, 8, 3), (48, 40, 3), (1, 1, 2)], ids=["28x28x1", "8x8x3", "48x40x3", "1x1x2"])
 def test_every_model_takes_any_image_size_and_channel_count(name, shape):
     model = models.create(name, 7)

@@ -2,7 +2,7 @@
 
 A schedule is driven here by ``simulate``: a jitted scan over T steps that
 feeds the schedule a synthetic pre-sync variance V = a(t) * tau^alpha, with
-growth a(t) proportional to the squared learning rate (ALGORITHM.md's model),
+growth a(t) proportional to the squared learning rate (docs/algorithm.md's model),
 optionally saturating. The train-step tests check the same properties with
 real replicas.
 """
@@ -149,8 +149,8 @@ def test_adpsgd_warmup_syncs_every_step_and_counts_in_budget():
 
 
 def test_adpsgd_feedback_shortens_periods_after_variance_rises():
-    # Between plans the period follows the measured growth (ALGORITHM.md,
-    # step 4): growth rising 16x (not announced by the lr schedule) shortens
+    # Between plans the period follows the measured growth (docs/algorithm.md,
+    # "The ADPSGD controller"): growth rising 16x (not announced by the lr schedule) shortens
     # the next periods about 4x (alpha = 1) until the next plan; the open-loop
     # plan does not react.
     growth = lambda s: jnp.where(s < T // 2, 1.0, 4.0)  # noqa: E731  (V ~ growth^2)

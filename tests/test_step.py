@@ -210,7 +210,7 @@ def test_no_retrace_over_a_whole_run(mesh, name):
 
 @pytest.mark.parametrize("lr_name", ["step", "cosine"])
 def test_adpsgd_budget_and_front_loading_with_real_replicas(mesh, lr_name):
-    # P1 and P2 of ALGORITHM.md on the regression with per-worker drift.
+    # P1 and P2 of docs/algorithm.md on the regression with per-worker drift.
     T, avg_period = 240, 6
     lr = {
         "step": optax.piecewise_constant_schedule(0.05, {T // 2: 0.1, 3 * T // 4: 0.1}),

@@ -28,7 +28,7 @@ def test_allgather_time_formula():
 
 def test_per_array_latency_is_the_gloo_aware_model_of_netbench():
     """experiments/netmodel.py's two models, as they were written before they moved to ``Link``:
-    ALGORITHM.md's, one latency per round, ``allreduce_time(B, N, rate, latency)``, and the
+    docs/algorithm.md's, one latency per round, ``allreduce_time(B, N, rate, latency)``, and the
     gloo-aware one, one ring per array, ``allreduce_time(B, N, rate, latency * arrays)``."""
     def old_allreduce_time(nbytes, n, bandwidth, latency):
         return 2 * (n - 1) * latency + 2 * (n - 1) / n * nbytes / bandwidth

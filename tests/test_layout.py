@@ -1,0 +1,69 @@
+"""Checks of the tree itself, which anyone can run: short functions in
+experiments/, each shared name defined once, and no reference to a Markdown
+file that the repository does not have."""
+
+import ast
+import pathlib
+import re
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PACKAGES = ("adpsgd_jax", "experiments")
+MAX_LINES = 80
+# Names shared by the CLI, the library, the benchmarks and the report: one definition each.
+SHARED = ("DATASETS", "MODELS", "STRATEGIES", "METHODS", "SCHEDULES", "LR_SCHEDULES", "DTYPES", "OUTER_OPTIMIZERS",
+          "OUTER_DEFAULTS", "MAX_QSGD_LEVELS", "BANDWIDTHS", "BANDWIDTHS_GBPS", "GBPS", "CPU_DEVICES",
+          "DEFAULT_COMPARE")
+
+
+def sources(*packages):
+    return sorted(p for pkg in packages for p in (ROOT / pkg).rglob("*.py"))
+
+
+def test_no_function_in_experiments_is_longer_than_80_lines_unless_it_says_why():
+    long = []
+    for path in sources("experiments"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                why = "lines because" in (ast.get_docstring(node) or "")
+                if lines > MAX_LINES and not why:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, long
+
+
+def test_each_shared_name_is_defined_once():
+    where = {}
+    for path in sources(*PACKAGES):
+        for node in ast.parse(path.read_text()).body:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] \
+                if isinstance(node, ast.AnnAssign) else []
+            for t in targets:
+                if isinstance(t, ast.Name) and t.id in SHARED:
+                    where.setdefault(t.id, []).append(str(path.relative_to(ROOT)))
+    twice = {name: files for name, files in where.items() if len(files) > 1}
+    assert not twice, twice
+    assert set(where) >= {"DATASETS", "MODELS", "STRATEGIES", "MAX_QSGD_LEVELS", "BANDWIDTHS_GBPS"}
+    literal = [str(p.relative_to(ROOT)) for p in sources(*PACKAGES) if re.search(r"\b32767\b", p.read_text())]
+    assert literal == ["adpsgd_jax/limits.py"], literal  # the QSGD level limit, written out once
+
+
+GENERATED = ("report.md", "bench.md")  # tables that the report and the benchmark write into results folders
+
+
+def markdown_references():
+    texts = [p for p in sources(*PACKAGES, "tests") if p.name != "test_layout.py"]
+    texts += [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "notebooks").glob("*"))]
+    for path in texts:
+        text = re.sub(r"https?://\S+", "", path.read_text())
+        for name in sorted(set(re.findall(r"[\w./-]*[\w-]\.md\b", text))):
+            if pathlib.PurePath(name).name not in GENERATED:
+                yield path, name
+
+
+@pytest.mark.parametrize("path,name", list(markdown_references()),
+                         ids=lambda v: str(v.relative_to(ROOT)) if isinstance(v, pathlib.Path) else v)
+def test_every_named_markdown_file_exists(path, name):
+    candidates = [ROOT / name, path.parent / name, *(ROOT / d / name for d in ("docs", "notebooks"))]
+    assert any(c.is_file() for c in candidates), f"{path.relative_to(ROOT)} names {name}, which is not in the repository"
