@@ -31,41 +31,20 @@ def tree_pmean(tree: Any, axis_name) -> Any:
     return jax.tree.map(lambda x: lax.pmean(x, axis_name) if _is_float(x) else x, tree)
 
 
-def to_varying(tree: Any, axis_name) -> Any:
-    """Mark every leaf as varying over ``axis_name`` (a name or a tuple of names).
-
-    Under ``shard_map`` the two branches of a ``lax.cond`` must agree on
-    which values vary across each axis; a ``pmean`` result is invariant while
-    the un-averaged parameters vary. Under ``pmap`` this is the identity.
-    """
-    names = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
-
-    def cast(x):
-        aval = jax.typeof(x)
-        manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.10; older releases call it vma.
-        varying = manual.varying if manual is not None else getattr(aval, "vma", frozenset())
-        missing = tuple(a for a in names if a not in varying)
-        return lax.pcast(x, missing, to="varying") if missing else x
-
-    return jax.tree.map(cast, tree)
-
-
 def squared_distance(tree: Any, center: Any) -> jnp.ndarray:
-    """sum over leaves of ||x - c||^2, accumulated in float32. Returns float32[]."""
+    """d_i = sum over leaves of ||x_i - c||^2, accumulated in float32. Returns float32[].
+
+    With c = xbar, the workers' mean of d_i is the parameter variance
+    V = (1/N) sum_i ||x_i - xbar||^2 (docs/algorithm.md, "Parameter variance"):
+    computed from the distance to the already-known mean, never as
+    E[x^2] - E[x]^2, which cancels in float32. The step fuses that mean with
+    the loss's into one scalar-pair all-reduce.
+    """
     parts = [
         jnp.sum(jnp.square(x.astype(jnp.float32) - c.astype(jnp.float32)))
         for x, c in zip(float_leaves(tree), float_leaves(center))
     ]
     return sum(parts, jnp.zeros((), jnp.float32))
-
-
-def parameter_variance(params: Any, params_avg: Any, axis_name: str) -> jnp.ndarray:
-    """V = (1/N) sum_i ||x_i - xbar||^2 over every parameter leaf (docs/algorithm.md, "Parameter variance").
-
-    Computed from the distance to the already-known mean, never as
-    E[x^2] - E[x]^2 (which cancels in float32). One scalar all-reduce.
-    """
-    return lax.pmean(squared_distance(params, params_avg), axis_name)
 
 
 def _buckets(v: jnp.ndarray, bucket_size: Optional[int]) -> jnp.ndarray:

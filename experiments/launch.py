@@ -44,7 +44,7 @@ def main(argv=None) -> int:
             print(f"error: the launcher sets {flag} itself; drop it from the experiments.cifar flags", file=sys.stderr)
             return 2
     coordinator = f"127.0.0.1:{args.port or free_port()}"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # each process sets its own device count
+    env = dict(os.environ)  # each process asks for its own CPU devices (jax_num_cpu_devices overrides XLA_FLAGS)
     env.setdefault("JAX_PLATFORMS", "cpu")
     procs = [
         subprocess.Popen([sys.executable, "-m", "experiments.cifar", *rest, "--coordinator", coordinator,

@@ -203,3 +203,15 @@ def test_two_level_time_models_match_the_formulas(two_level_dir):
     assert "| cpsgd+nesterov-group4 | 1 |" in text and "Predicted on 4 hosts x 8 devices" in text
     what_if = ["--hosts", "2", "--devices-per-host", "4", "--payload-mb", "44.7", "--step-ms", "50"]
     assert report.main([str(two_level_dir), "--no-plots", *what_if]) == 0
+
+
+def test_eight_workers_on_one_device_equal_eight_devices(tmp_path):
+    argv = ["--dataset", "digits", "--epochs", "3", "--compare", "adpsgd,qsgd", "--quiet", "--no-plots"]
+    for devices in ("1", "8"):
+        assert cifar.main(argv + ["--devices", devices, "--out", str(tmp_path / devices)]) == 0
+    for method in ("adpsgd", "qsgd"):
+        one, eight = (results.read_json(tmp_path / d / results.run_name(method, 0) / results.SUMMARY) for d in "18")
+        assert (one["num_workers"], one["num_devices"], one["workers_per_device"]) == (8, 1, 8)
+        assert (eight["num_workers"], eight["num_devices"], eight["workers_per_device"]) == (8, 8, 1)
+        np.testing.assert_allclose(one["final_train_loss"], eight["final_train_loss"], rtol=1e-5)
+        assert one["syncs"] == eight["syncs"] > 0 and one["bytes"] == eight["bytes"]

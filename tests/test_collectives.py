@@ -71,7 +71,7 @@ def test_tree_pmean_skips_integer_leaves_and_variance_is_exact():
 
     def f(t):
         avg = C.tree_pmean(t, "i")
-        return avg, C.parameter_variance({"x": t["x"]}, {"x": avg["x"]}, "i")
+        return avg, jax.lax.pmean(C.squared_distance({"x": t["x"]}, {"x": avg["x"]}), "i")
 
     avg, var = jax.pmap(f, axis_name="i")(tree)
     np.testing.assert_array_equal(avg["count"], 7)

@@ -22,9 +22,7 @@ RUN = ["--dataset", "digits", "--workers", "4", "--epochs", "3", "--quiet", "--n
 
 
 def env():
-    e = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    e.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-    return e
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}  # the CLI asks for its own devices
 
 
 def free_port():
@@ -45,13 +43,14 @@ def read_state(run_dir):
     return step, jax.tree.map(np.asarray, reader.restore(path, args=ocp.args.PyTreeRestore(restore_args=args)))
 
 
-def test_two_processes_of_two_devices_equal_one_process_of_four(tmp_path):
-    methods = ["--compare", "adpsgd,cpsgd"]
-    single = subprocess.run([sys.executable, "-m", "experiments.cifar", *RUN, *methods, "--out", str(tmp_path / "one")],
+def test_two_processes_of_one_device_and_4_workers_equal_one_process_of_8_devices(tmp_path):
+    methods = ["--compare", "adpsgd,cpsgd", "--workers", "8"]  # 11 steps per epoch: 33 steps
+    single = subprocess.run([sys.executable, "-m", "experiments.cifar", *RUN, *methods, "--devices", "8",
+                             "--out", str(tmp_path / "one")],
                             cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]
     launched = subprocess.run([sys.executable, "-m", "experiments.launch", "--num-processes", "2", "--", *RUN, *methods,
-                               "--out", str(tmp_path / "two")],
+                               "--devices", "2", "--out", str(tmp_path / "two")],
                               cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert launched.returncode == 0, launched.stderr[-3000:]
     assert "| adpsgd |" in launched.stdout  # process 0 printed the table
@@ -59,13 +58,14 @@ def test_two_processes_of_two_devices_equal_one_process_of_four(tmp_path):
         name = results.run_name(method, 0)
         step_a, a = read_state(tmp_path / "one" / name)
         step_b, b = read_state(tmp_path / "two" / name)
-        assert step_a == step_b == 66
-        assert a["params"]["fc1"]["kernel"].shape[0] == 4  # every worker's replica was saved
+        assert step_a == step_b == 33
+        assert a["params"]["fc1"]["kernel"].shape[0] == 8  # every worker's replica was saved
         jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a["params"], b["params"])
         sa = results.read_json(tmp_path / "one" / name / results.SUMMARY)
         sb = results.read_json(tmp_path / "two" / name / results.SUMMARY)
         assert sa["syncs"] == sb["syncs"] > 0 and sa["bytes"] == sb["bytes"]
-        assert sb["num_devices"] == 4
+        assert (sa["num_devices"], sa["workers_per_device"]) == (8, 1)
+        assert (sb["num_workers"], sb["num_devices"], sb["workers_per_device"]) == (8, 2, 4)
         np.testing.assert_allclose(sa["final_train_loss"], sb["final_train_loss"], rtol=1e-4)
     # Only process 0 wrote the shared files.
     assert sorted(os.listdir(tmp_path / "two")) == ["adpsgd-seed0", "cpsgd-seed0", "report.md"]

@@ -22,9 +22,7 @@ needs_namespaces = pytest.mark.skipif(REASON is not None, reason=f"cannot create
 
 
 def env():
-    e = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    e.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-    return e
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}  # the CLI asks for its own devices
 
 
 @needs_namespaces

@@ -54,7 +54,7 @@ def cpu_busy(seconds: float = 5.0) -> float:
 def launch(lab: ns.Lab, cifar_args: list[str], out: str, deadline: float) -> None:
     """Run ``experiments.net.worker`` as ``lab.workers`` processes, one per namespace;
     raise on failure or timeout."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # cifar sets one device per process
+    env = dict(os.environ)  # cifar asks for one CPU device per process
     env.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
     os.makedirs(out, exist_ok=True)
     procs, logs = [], []
