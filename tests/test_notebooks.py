@@ -2,9 +2,12 @@
 
 Every notebook in ``notebooks/`` is executed, cell by cell, in a fresh
 kernel of this virtualenv (nbclient, kernel ``python3`` started with this
-interpreter) on 8 virtual CPU devices with its small default settings. Any
-cell error fails the test. The executed copies are kept in pytest's temp
-folder; the stored notebooks carry no outputs.
+interpreter) with its small default settings. The kernel gets no jax or XLA
+device settings from the test: each notebook asks for the CPU and 8 virtual
+devices itself (``distributed.set_cpu_devices``, before jax's first
+operation), as it must in a plain Jupyter kernel. Any cell error fails the
+test. The executed copies are kept in pytest's temp folder; the stored
+notebooks carry no outputs.
 
 Checks beyond "no error": each notebook's plots arrive as image/png outputs,
 and the quickstart prints the CLI's comparison table (same header line as
@@ -14,6 +17,7 @@ and the quickstart prints the CLI's comparison table (same header line as
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -37,7 +41,10 @@ NOTEBOOKS = {
     "03_paper_reproduction.ipynb": len(report.PLOTS) + 1,  # report.build's PNGs, and the time-to-target bars
 }
 QUICKSTART_METHODS = ("allreduce", "cpsgd", "adpsgd")
-_PROBE = "# test_notebooks: which interpreter ran the kernel\nimport sys\nprint('KERNEL-PREFIX=' + sys.prefix)"
+_PROBE = ("# test_notebooks: which interpreter ran the kernel, on which devices\nimport sys\nimport jax\n"
+          "print('KERNEL-PREFIX=' + sys.prefix)\n"
+          "print(f'KERNEL-DEVICES={jax.devices()[0].platform}:{jax.device_count()}')")
+_JAX_USE = re.compile(r"(?<![\w.])(import jax|from jax|jax\.)")  # a cell that imports jax or calls it (not adpsgd_jax)
 
 
 def test_every_notebook_is_listed():
@@ -53,12 +60,18 @@ def test_stored_without_outputs(name):
     code = [c for c in nb.cells if c.cell_type == "code"]
     for cell in code:
         assert cell.outputs == [] and cell.execution_count is None, f"{name}: stored with outputs: {cell.source[:60]!r}"
-    # The virtual devices are set up before anything imports jax.
-    flag = next(i for i, c in enumerate(code) if "xla_force_host_platform_device_count" in c.source)
-    first_import = next(i for i, c in enumerate(code)
-                        if any(s in c.source for s in ("import jax", "import adpsgd_jax", "from adpsgd_jax")))
-    assert flag < first_import, name
-    assert any("%pip install" in c.source and "requirements" in c.source for c in code), f"{name}: no install cell"
+    assert not any("XLA_FLAGS" in c.source or "xla_force_host_platform_device_count" in c.source for c in code), (
+        f"{name}: sets XLA_FLAGS; use adpsgd_jax.distributed.set_cpu_devices")
+    install = next((i for i, c in enumerate(code) if "%pip install" in c.source and "requirements" in c.source), None)
+    assert install is not None, f"{name}: no install cell"
+    # The platform and the virtual devices are set in the first cell that touches jax, before anything else does.
+    devices = next(i for i, c in enumerate(code) if "set_cpu_devices(" in c.source)
+    first_jax = next(i for i, c in enumerate(code) if _JAX_USE.search(c.source))
+    assert install < devices == first_jax, name
+    source = code[devices].source
+    platform = source.index('jax.config.update("jax_platforms", "cpu")')
+    calls = [i for i in (source.find("jax.device", platform), source.find("jnp.", platform)) if i >= 0]
+    assert platform < source.index("set_cpu_devices(") < min(calls, default=len(source)), name
 
 
 def test_reproduction_notebook_has_a_parameters_cell():
@@ -84,12 +97,17 @@ def kernel_name():
 
 
 def _kernel_env() -> dict:
-    """The test's environment for the kernel: CPU, 8 virtual devices, matplotlib's inline backend."""
+    """The test's environment for the kernel, without jax's platform or device count (the notebooks set
+    both) and without a matplotlib backend."""
     env = dict(os.environ)
     env.pop("MPLBACKEND", None)  # ipykernel then picks the inline backend, as under a notebook server
-    env["JAX_PLATFORMS"] = "cpu"
+    env.pop("JAX_PLATFORMS", None)
+    env.pop("JAX_NUM_CPU_DEVICES", None)
     flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
-    env["XLA_FLAGS"] = " ".join(flags + ["--xla_force_host_platform_device_count=8"])
+    if flags:
+        env["XLA_FLAGS"] = " ".join(flags)
+    else:
+        env.pop("XLA_FLAGS", None)
     return env
 
 
@@ -133,6 +151,7 @@ def test_notebook_runs_top_to_bottom(name, executed, record_property):
     print(f"{name}: {seconds:.1f} s")
     assert not [o for o in _outputs(nb) if o.output_type == "error"]
     assert f"KERNEL-PREFIX={sys.prefix}\n" in _stdout(nb), "the kernel did not run this virtualenv's python"
+    assert "KERNEL-DEVICES=cpu:8\n" in _stdout(nb), f"{name}: the notebook did not set up 8 CPU devices"
     images = [o for o in _outputs(nb) if "image/png" in o.get("data", {})]
     assert len(images) >= NOTEBOOKS[name], f"{name}: {len(images)} PNG outputs, expected {NOTEBOOKS[name]}"
 
