@@ -64,12 +64,16 @@ def _start_distributed(options) -> Optional[str]:
 
 def request_cpu_devices(config, options) -> None:
     """On CPU the devices are virtual: ask for this process's share of the
-    run's devices before jax's first operation (a test or a notebook that
-    started jax already keeps its own devices)."""
-    from adpsgd_jax import distributed  # imports jax, starts nothing
+    run's devices before jax's first operation. A caller that chose the CPU
+    device count already (a test, a notebook: ``jax_num_cpu_devices`` set, or
+    jax started) keeps its own devices."""
+    import jax  # starts nothing
+
+    from adpsgd_jax import distributed
     from experiments import config as cfg
 
-    distributed.set_cpu_devices(cfg.cpu_devices_per_process(config, options.num_processes or 1))
+    if jax.config.jax_num_cpu_devices == -1:  # jax's "not chosen"
+        distributed.set_cpu_devices(cfg.cpu_devices_per_process(config, options.num_processes or 1))
 
 
 def main(argv=None) -> int:
