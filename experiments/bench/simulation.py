@@ -23,8 +23,8 @@ the CNN's convolutions, vmapped over per-worker weights, become grouped
 convolutions that XLA's CPU backend runs slowly (1.4 s per step of 8 workers x
 16 images here, against 0.56 s for one worker x 128), so 64 workers of it
 would not fit the ~10 minutes ``make bench`` has on the 2-core machine; the MLP
-(3072-128-10, CIFAR-shaped synthetic images) at 8, 32, 64 workers adds about
-half a minute with the README's flags.
+(3072-128-10, CIFAR-shaped synthetic images, 128 per worker) at 8, 32, 64
+workers adds 50 s with the README's flags (--repeats 5 --steps-per-repeat 2).
 
 Every timed variant's per-repetition samples are kept in the results
 (``gate_samples``, ``throughput[K]["samples"]``) for confidence intervals.
