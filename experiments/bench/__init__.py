@@ -8,6 +8,7 @@ drift of the machine falls on both. Items:
 
 1. gate overhead: a local (non-sync) step of the gated ``average`` step over
    the same local step compiled with no collective and no gate. Target <= 1.02.
+   1b. the same with K = 8 workers vmapped on one device. Target <= 1.02.
 2. sync cost: a step that averages (schedule ``constant(1)``) over a
    full-sync ``allreduce`` step of the same model. Target <= 1.05.
 3. compilations of the train step over a whole run of every method, counted
@@ -27,6 +28,11 @@ drift of the machine falls on both. Items:
    speedup over full sync.
 7. claim C2: bytes of ADPSGD versus QSGD at 8 bits (s = 127) and 4 bits
    (s = 7) to reach the same training loss.
+8. simulation: images/s of K workers vmapped on one device (``--sim-workers``,
+   default 8, 32, 64) over one worker with a K times larger batch, the
+   physical limit of simulating workers. Target >= 0.8. With the compiled
+   memory per worker. Items 1b and 8 have their own model and per-worker
+   batch (``--sim-model``: the MLP on CPU; see ``simulation``).
 
 On CPU, items 1-2 use every (virtual) device, and items 4-5 a single device:
 virtual CPU devices share the same cores, so a per-device rate measured on
@@ -35,6 +41,6 @@ several of them would measure the sharing, not the step.
 Modules: ``__main__`` (the command line and the order of the items),
 ``harness`` (alternating timing, compile counting, compiled memory),
 ``references`` (the task and the programs the step is measured against),
-``steps`` (items 1, 2, 4, 5), ``runs`` (items 3, 6, 7: real training runs)
+``steps`` (items 1, 2, 4, 5), ``simulation`` (items 1b, 8), ``runs`` (items 3, 6, 7: real training runs)
 and ``render`` (the Markdown table).
 """

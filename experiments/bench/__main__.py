@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from experiments import cifar, config as cfg, names, results  # none imports jax
-from experiments.bench import render, runs, steps
+from experiments.bench import render, runs, simulation, steps
 
 BENCH_DATASETS = [d for d in names.DATASETS if d != "synthetic"]  # items 6-7: labels a model can learn
 
@@ -32,6 +32,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, help="timed repetitions per variant (default 20; 5 with --quick)")
     p.add_argument("--steps-per-repeat", type=int, help="steps per repetition (default 5; 2 with --quick)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant after compiling")
+    p.add_argument("--sim-model", help="model of items 1b and 8, workers simulated on one device (default: --model's "
+                                       "on a GPU, mlp on CPU and with --quick)")
+    p.add_argument("--sim-workers", help="comma-separated worker counts K of item 8 (default 8,32,64; 16 for "
+                                         "resnet18 / vgg16; 4,8 with --quick)")
+    p.add_argument("--sim-batch-size", type=int, help="per-worker batch of items 1b and 8 (default 128; 16 with "
+                                                      "--quick)")
     p.add_argument("--dataset", default="digits", help=f"data of items 6-7: one of {', '.join(BENCH_DATASETS)}")
     p.add_argument("--data-dir", help="tfds data directory for CIFAR (items 6-7)")
     p.add_argument("--epochs", type=int, help="training epochs of items 6-7 (default: the dataset's; 3 with --quick)")
@@ -49,26 +55,36 @@ def check_args(args: argparse.Namespace) -> None:
         if not ok:
             raise ValueError(message)
 
-    need(args.model is None or args.model in names.MODELS, f"--model {args.model!r} is unknown; accepted values: "
-                                                           f"{', '.join(names.MODELS)}")
+    for flag in ("model", "sim_model"):
+        value = getattr(args, flag)
+        need(value is None or value in names.MODELS, f"--{flag.replace('_', '-')} {value!r} is unknown; accepted "
+                                                     f"values: {', '.join(names.MODELS)}")
     need(args.dataset in BENCH_DATASETS, f"--dataset {args.dataset!r} is unknown; accepted values: "
                                          f"{', '.join(BENCH_DATASETS)}")
-    for flag in ("batch_size", "repeats", "steps_per_repeat", "epochs"):
+    for flag in ("batch_size", "sim_batch_size", "repeats", "steps_per_repeat", "epochs"):
         value = getattr(args, flag)
         need(value is None or value >= 1, f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     need(args.warmup >= 1, f"--warmup must be >= 1 (the first step compiles), got {args.warmup}")
     need(args.avg_period >= 1, f"--avg-period must be >= 1, got {args.avg_period}")
     need(args.predict_workers >= 2, f"--predict-workers must be >= 2, got {args.predict_workers}")
     need(args.latency_us >= 0, f"--latency-us must be >= 0, got {args.latency_us}")
-    if args.seeds is not None:
-        try:
-            seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-        except ValueError:
-            seeds = []
-        need(seeds and len(set(seeds)) == len(seeds), f"--seeds takes distinct comma-separated integers, "
-                                                      f"got {args.seeds!r}")
+    seeds, workers = _ints(args.seeds), _ints(args.sim_workers)
+    need(args.seeds is None or (seeds and len(set(seeds)) == len(seeds)),
+         f"--seeds takes distinct comma-separated integers, got {args.seeds!r}")
+    need(args.sim_workers is None or (workers and len(set(workers)) == len(workers) and min(workers) >= 1),
+         f"--sim-workers takes distinct comma-separated integers >= 1, got {args.sim_workers!r}")
     need(not os.path.isdir(args.out), f"--out {args.out!r} is a folder; give a file name such as bench.json")
     cfg.check_writable(os.path.dirname(os.path.abspath(args.out)))  # ConfigError, a ValueError
+
+
+def _ints(text):
+    """The comma-separated integers of a flag's value ([] when one is not an integer; None for None)."""
+    if text is None:
+        return None
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        return []
 
 
 def main(argv=None) -> int:
@@ -90,7 +106,11 @@ def main(argv=None) -> int:
     batch = args.batch_size or (16 if args.quick else (32 if cpu and big else 128))
     repeats = args.repeats or (5 if args.quick else 20)
     per_repeat = args.steps_per_repeat or (2 if args.quick else 5)
-    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else ([0] if args.quick else [0, 1, 2])
+    seeds = _ints(args.seeds) or ([0] if args.quick else [0, 1, 2])
+    sim_model = args.sim_model or ("mlp" if cpu or args.quick else model)
+    sim_workers = _ints(args.sim_workers) or ([4, 8] if args.quick else
+                                              [16] if sim_model in ("resnet18", "vgg16") else [8, 32, 64])
+    sim_batch = args.sim_batch_size or (16 if args.quick else 128)
     epochs = args.epochs or (3 if args.quick else None)
 
     kind = f"CPU, {os.cpu_count()} cores" if cpu else devices[0].device_kind
@@ -100,8 +120,10 @@ def main(argv=None) -> int:
                            "batch_size": batch, "repeats": repeats, "steps_per_repeat": per_repeat, "quick": args.quick}
     started = time.perf_counter()
     res["steps"] = steps.step_benchmarks(model, batch, repeats, per_repeat, args.warmup)
+    res["simulation"] = simulation.simulation_benchmarks(sim_model, sim_batch, sim_workers, repeats, per_repeat,
+                                                         args.warmup)
     for key in render.TARGETS:
-        res[key] = res["steps"][key]
+        res[key] = res["steps"][key] if key in res["steps"] else res["simulation"][key]
     runs_dir = os.path.splitext(args.out)[0] + "_runs"
     compile_epochs = 2 if args.quick else 3
     compile_runs = runs.compilation_counts(list(names.METHODS), compile_epochs, os.path.join(runs_dir, "compile"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import statistics
 import time
 from typing import Any, Callable
 
@@ -37,6 +38,11 @@ def time_alternating(variants: dict[str, tuple[Callable, Any]], batches: dict[st
     return samples
 
 
+def medians(samples: dict[str, list[float]]) -> dict[str, float]:
+    """The median of each variant's per-repetition samples (``time_alternating``'s output)."""
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
 @contextlib.contextmanager
 def counting_compiles():
     """Collect jax's backend compilations (one event per XLA executable built)."""
@@ -56,11 +62,15 @@ def counting_compiles():
         jax.monitoring.unregister_event_duration_listener(listener)
 
 
-def compiled_memory(step_fn, state, batch) -> dict:
-    """XLA's memory analysis of the compiled step, per device, in bytes."""
-    compiled = getattr(step_fn, "compiled", step_fn)
+def compile_step(step_fn, state, batch):
+    """The XLA executable of ``step_fn`` (the raw ``.compiled`` of a ``shard_map_step``) at these inputs."""
+    return getattr(step_fn, "compiled", step_fn).lower(state, batch).compile()
+
+
+def compiled_memory(step_fn, state, batch, executable=None) -> dict:
+    """XLA's memory analysis of the compiled step (``executable`` when given), per device, in bytes."""
     try:
-        stats = compiled.lower(state, batch).compile().memory_analysis()
+        stats = (executable or compile_step(step_fn, state, batch)).memory_analysis()
     except Exception as err:  # a backend without memory analysis
         return {"total": None, "error": f"{type(err).__name__}: {err}"[:200]}
     if stats is None:

@@ -1,4 +1,4 @@
-"""The benchmark's Markdown: the table of items 1-5 with their targets, then items 6-7."""
+"""The benchmark's Markdown: the table of items 1-5, 1b and 8 with their targets, then items 6-7."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ TARGETS = {  # name -> (comparison, target)
     "gate_overhead_ratio": ("<=", 1.02),
     "sync_over_allreduce_ratio": ("<=", 1.05),
     "throughput_ratio_vs_plain": (">=", 0.98),
+    "gate_with_workers_ratio": ("<=", 1.02),
+    "simulation_throughput_ratio": (">=", 0.8),  # one ratio per worker count K
 }
 
 
 def markdown(res: dict) -> str:
-    """The Markdown of a results dict: items 1-5 with their targets, then items 6-7 where they ran."""
+    """The Markdown of a results dict: items 1-5, 1b and 8 with their targets, then items 6-7 where they ran."""
     lines = _items(res)
     if res.get("accuracy"):
         lines += _time_to_target(res["accuracy"])
@@ -28,10 +30,10 @@ def _row(cells: list[str]) -> str:
 
 
 def _items(res: dict) -> list[str]:
-    """The lines of the table of items 1-5, with the targets beside the measured figures."""
-    def verdict(key):
+    """The lines of the table of items 1-5 (1b and 8 where they ran), with the targets beside the measured figures."""
+    def verdict(key, value=None):
         op, target = TARGETS[key]
-        value = res.get(key)
+        value = res.get(key) if value is None else value
         if value is None:
             return "not measured"
         ok = value <= target if op == "<=" else value >= target
@@ -69,7 +71,36 @@ def _items(res: dict) -> list[str]:
                      f"{'met' if s['memory_extra_in_param_copies'] <= 1.0 else 'missed'} |")
     else:
         lines.append("| 5. compiled step memory | not reported by this backend | | |")
+    if res.get("simulation"):
+        gate, throughput = _simulation(res, verdict)
+        item_1 = next(i for i, line in enumerate(lines) if line.startswith("| 1. "))
+        lines = lines[:item_1 + 1] + [gate] + lines[item_1 + 1:] + throughput
     return lines
+
+
+def _simulation(res: dict, verdict) -> tuple[str, list[str]]:
+    """The row of item 1b and the rows of item 8: K workers simulated on one device."""
+    sim = res["simulation"]
+    where = f"{sim['model']}, {sim['batch_size_per_worker']} images per worker, 1 device"
+    t = sim["gate_step_seconds"]
+    kept = "the cond kept" if sim["gate_conditional_in_program"] else "NO conditional left in the program"
+    gate = (f"| 1b. gate with workers: gated local step / step with no collective, K = {sim['gate_workers']} "
+            f"workers ({where}; {t['local_gated'] * 1e3:.2f} vs {t['local_plain'] * 1e3:.2f} ms; {kept}) | "
+            f"{res['gate_with_workers_ratio']:.3f} | <= 1.02 | {verdict('gate_with_workers_ratio')} |")
+    one, lines = sim["one_worker_memory_bytes"]["total"], []
+    for k, row in sim["throughput"].items():
+        ips, ratio = row["images_per_s"], res["simulation_throughput_ratio"][k]
+        lines.append(f"| 8. simulation throughput: K = {k} workers / 1 worker with {k}x the batch ({where}; "
+                     f"{ips['workers']:.0f} vs {ips['big_batch']:.0f} images/s; the {k} workers one after another take "
+                     f"{row['over_sequential']:.2f}x as long) | {ratio:.3f} | >= 0.8 | "
+                     f"{verdict('simulation_throughput_ratio', ratio)} |")
+        big = row["memory_bytes"]["big_batch"]["total"]
+        if row["memory_per_worker"] is not None and big and one:
+            lines.append(f"| 8b. compiled memory per worker, K = {k}: K-worker program / K "
+                         f"({row['memory_per_worker'] / 2**20:.2f} MiB; 1 worker with {k}x the batch "
+                         f"{big / 2**20:.2f} MiB in all, 1 worker at the per-worker batch {one / 2**20:.2f} MiB); "
+                         f"per worker / 1 worker | {row['memory_per_worker'] / one:.3f} | (no target) | |")
+    return gate, lines
 
 
 def _time_to_target(acc: dict) -> list[str]:

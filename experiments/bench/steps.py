@@ -6,7 +6,6 @@ where virtual devices share the cores (see the package docstring).
 
 from __future__ import annotations
 
-import statistics
 import time
 from typing import Any
 
@@ -24,14 +23,13 @@ def step_benchmarks(model_name: str, batch_size: int, repeats: int, steps: int, 
     return out
 
 
-def _built(devs, strategy, params, model_state, images, step_fn=None):
+def built(layout, strategy, params, model_state, images, step_fn=None):
     """(compiled step, replicated state, sharded batch) of ``strategy`` (or of
-    ``step_fn`` on the strategy's state) with one worker on each of ``devs``."""
+    ``step_fn`` on the strategy's state) on ``layout``'s workers."""
     import jax
 
     from adpsgd_jax import distributed
 
-    layout = distributed.workers(devices=devs)
     state = strategy.init(params, model_state, jax.random.PRNGKey(0))
     return distributed.shard_map_step(step_fn or strategy.step, layout), distributed.replicate(state, layout), \
         distributed.shard_batch(images, layout)
@@ -44,10 +42,11 @@ def gate_and_sync(model_name: str, batch_size: int, devices: list, repeats: int,
     import numpy as np
 
     import adpsgd_jax as A
-    from adpsgd_jax import comm, schedules
+    from adpsgd_jax import comm, distributed, schedules
 
     model, params, model_state, loss_fn, optimizer, batch, stats = references.image_task(model_name, batch_size,
                                                                                          len(devices))
+    layout = distributed.workers(devices=devices)
     gated = A.local_sgd(loss_fn, optimizer, schedules.constant(10**9))  # the gate stays shut throughout
     variants, batches = {}, {}
     for name, strategy, step_fn in [
@@ -56,14 +55,14 @@ def gate_and_sync(model_name: str, batch_size: int, devices: list, repeats: int,
         ("sync", A.local_sgd(loss_fn, optimizer, schedules.constant(1)), None),
         ("allreduce", A.allreduce(loss_fn, optimizer), None),
     ]:
-        step, state, b = _built(devices, strategy, params, model_state, batch, step_fn)
+        step, state, b = built(layout, strategy, params, model_state, batch, step_fn)
         variants[name], batches[name] = (step, state), b
     pairs = (("local_gated", "local_plain"), ("sync", "allreduce"))
     times = {}
     for a, b in pairs:
         samples = harness.time_alternating({a: variants[a], b: variants[b]}, {a: batches[a], b: batches[b]},
                                            repeats, steps, warmup)
-        times.update({k: statistics.median(v) for k, v in samples.items()})
+        times.update(harness.medians(samples))
         for k in (a, b):
             variants.pop(k)
     return {"step_devices": len(devices), "step_seconds": times,
@@ -81,15 +80,16 @@ def throughput_and_memory(model_name: str, batch_size: int, tdevs: list, repeats
     import numpy as np
 
     import adpsgd_jax as A
-    from adpsgd_jax import comm, schedules
+    from adpsgd_jax import comm, distributed, schedules
 
     model, params, model_state, loss_fn, optimizer, batch, stats = references.image_task(model_name, batch_size,
                                                                                          len(tdevs))
+    layout = distributed.workers(devices=tdevs)
     adp = schedules.adpsgd(10**6, 10**5, lr_schedule=lambda t: 0.1)  # first sync far beyond the benchmark
     runs, batches = {}, {}
     for name, strategy in [("adpsgd_local", A.local_sgd(loss_fn, optimizer, adp)),
                            ("allreduce", A.allreduce(loss_fn, optimizer))]:
-        step, state, b = _built(tdevs, strategy, params, model_state, batch)
+        step, state, b = built(layout, strategy, params, model_state, batch)
         runs[name], batches[name] = (step, state), b
     plain_step, plain_state = references.plain_flax_loop(model, params, model_state, optimizer, stats)
     batches["plain"] = jax.device_put(jax.tree.map(lambda x: x[0], batch), tdevs[0])
@@ -97,7 +97,7 @@ def throughput_and_memory(model_name: str, batch_size: int, tdevs: list, repeats
     runs["plain"] = (plain_step, jax.device_put(jax.tree.map(np.array, plain_state), tdevs[0]))
     memory = {name: harness.compiled_memory(runs[name][0], runs[name][1], batches[name]) for name in runs}
     samples = harness.time_alternating(runs, batches, repeats, steps, warmup)
-    per_step = {k: statistics.median(v) for k, v in samples.items()}
+    per_step = harness.medians(samples)
     out: dict[str, Any] = {
         "throughput_devices": len(tdevs),
         "throughput_images_per_s_per_device": {k: batch_size / v for k, v in per_step.items()},
