@@ -156,6 +156,14 @@ def _mean_of(rs: list[results.Run], key: str) -> float:
     return float(np.mean([r.summary.get(key, 0) for r in rs]))
 
 
+def _placement(summary: dict) -> str:
+    """" (8 workers on 1 device)", from a summary that records it (older ones do not)."""
+    if "num_devices" not in summary or "workers_per_device" not in summary:
+        return ""
+    d = summary["num_devices"]
+    return f" ({d * summary['workers_per_device']} workers on {d} device{'s' if d > 1 else ''})"
+
+
 def table(runs: list[results.Run], workers: Optional[int] = None, latency: float = 10e-6,
           target: Optional[float] = None) -> str:
     """Markdown comparison table of ``runs`` grouped by label (method and options)."""
@@ -189,7 +197,8 @@ def table(runs: list[results.Run], workers: Optional[int] = None, latency: float
     c = runs[0].summary["config"]
     notes = (f"\n{c['dataset']}, {c['model']}, {c['workers']} workers x batch {c['batch_size']}, {c['epochs']} epochs, "
              f"lr {c['lr']} ({c['lr_schedule']}), partition {c['partition']}, budget avg_period {c['avg_period']}; "
-             f"device {runs[0].summary['device_kind']}. Time model: {workers} workers, latency {latency * 1e6:.0f} us, "
+             f"device {runs[0].summary['device_kind']}{_placement(runs[0].summary)}. Time model: {workers} workers, "
+             f"latency {latency * 1e6:.0f} us, "
              f"measured compute per step; target test accuracy {target:.4f}.\n")
     return "\n".join(lines) + "\n" + notes
 
