@@ -18,6 +18,10 @@ Conventions shared by every schedule:
   worker-mean training loss of that step (docs/algorithm.md, "Setting").
 * Every state has an int32 ``period`` field: the period in force, which the
   train step reports as a metric.
+* A schedule with a warm-up (``post_local``; ``adpsgd`` / ``lr_proportional``
+  with ``warmup_steps``) also has ``full_sync_step``: on those steps the
+  train step averages gradients before one optimizer update instead of
+  stepping locally (docs/algorithm.md, "Warm-up: full-sync steps").
 
 Budgeted schedules (``adpsgd``, ``lr_proportional``) take the run length and
 the learning-rate schedule at construction and validate all arguments there,
@@ -36,19 +40,39 @@ ScheduleFn = Callable[[Array], Array]
 
 
 class Schedule(NamedTuple):
-    """A parameter-averaging schedule: pure ``init``, ``should_sync``, ``update``.
+    """A parameter-averaging schedule: pure ``init``, ``should_sync``, ``update``
+    and, for a warm-up, ``full_sync_step``.
 
     Attributes:
       init: ``() -> state``.
       should_sync: ``(state, step: int32[]) -> bool[]``; true when the workers
-        average after local step ``step``.
+        average after local step ``step``. False on full-sync steps.
       update: ``(state, step: int32[], variance: float32[], loss: float32[])
-        -> state``; called after each sync.
+        -> state``; called after each sync (never after a full-sync step).
+      full_sync_step: ``(state, step: int32[]) -> bool[]``, or None (the
+        default: no step is). True when step ``step`` is a full-sync step:
+        the workers' gradients and model state are averaged before one
+        optimizer update, so workers that start it identical (parameters
+        and optimizer state) end it identical. A schedule places these
+        steps where the workers agree: a warm-up from the start.
     """
 
     init: Callable[[], NamedTuple]
     should_sync: Callable[[NamedTuple, Array], Array]
     update: Callable[[NamedTuple, Array, Array, Array], NamedTuple]
+    full_sync_step: Optional[Callable[[NamedTuple, Array], Array]] = None
+
+
+def _warmup(warmup_steps: int) -> Optional[Callable[[NamedTuple, Array], Array]]:
+    """``full_sync_step`` of a warm-up of ``warmup_steps`` steps: steps 0 .. warmup_steps - 1."""
+    if warmup_steps == 0:
+        return None
+
+    def full_sync_step(state, step):
+        del state
+        return step < warmup_steps
+
+    return full_sync_step
 
 
 def _i32(x) -> Array:
@@ -114,30 +138,34 @@ def constant(period: int) -> Schedule:
 
 
 def post_local(warmup_steps: int, period: int) -> Schedule:
-    """Post-local SGD (Lin et al., 2020): full sync for ``warmup_steps`` steps,
-    then a constant ``period``.
+    """Post-local SGD (Lin et al., 2020) as PyTorch runs it: ``warmup_steps``
+    full-sync steps, then parameter averages every ``period`` steps.
 
-    Averaging parameters every step equals a gradient all-reduce for any
-    optimizer whose update is linear in the gradients (SGD with momentum,
-    Nesterov, weight decay); the per-worker momentum buffers are not averaged
-    unless the train step averages optimizer state.
+    Steps 0 .. W-1 (W = ``warmup_steps``) are full-sync steps: the gradient
+    mean feeds one optimizer update, so parameters and optimizer state (the
+    momentum buffers) stay identical on every worker. Parameters are averaged
+    after step t iff t >= W and (t - W) mod p = 0, i.e. after steps W, W+p,
+    W+2p, ...: PyTorch's ``PeriodicModelAverager(period=p, warmup_steps=W)``
+    behind DDP's ``post_localSGD_hook`` with ``start_localSGD_iter=W``
+    (docs/pytorch.md). A run of T > W steps makes W full-sync rounds and
+    floor((T - W - 1) / p) + 1 averages; W >= T is full-sync SGD throughout.
     """
     warmup_steps = _check_int("warmup_steps", warmup_steps, 0)
     period = _check_int("period", period, 1)
 
     def init():
-        return PeriodState(period=_i32(1 if warmup_steps > 0 else period))
+        return PeriodState(period=_i32(period))
 
     def should_sync(state, step):
         del state
-        after = step + 1 - warmup_steps
-        return (step < warmup_steps) | ((after > 0) & (after % period == 0))
+        after = step - warmup_steps
+        return (after >= 0) & (after % period == 0)
 
     def update(state, step, variance, loss):
-        del variance, loss
-        return state._replace(period=jnp.where(step + 1 >= warmup_steps, period, 1).astype(jnp.int32))
+        del step, variance, loss
+        return state
 
-    return Schedule(init, should_sync, update)
+    return Schedule(init, should_sync, update, _warmup(warmup_steps))
 
 
 class NextSyncState(NamedTuple):
@@ -325,8 +353,9 @@ def _planned(
     p_min = _check_int("min_period", min_period, 1)
     p_max = T if max_period is None else _check_int("max_period", max_period, p_min)
     warmup = _check_int("warmup_steps", warmup_steps, 0)
-    if warmup >= C:
-        raise ValueError(f"warmup_steps ({warmup}) must be smaller than the sync budget ({C}): each warm-up step is a sync")
+    if warmup and C * p_min > T - warmup:
+        raise ValueError(f"warmup_steps={warmup} leaves {max(T - warmup, 0)} of the {T} steps for the sync budget {C} "
+                         f"(at min_period={p_min}): the warm-up's full-sync steps are not syncs of the budget")
     if C * p_min > T:
         raise ValueError(f"min_period={p_min} leaves room for only {T // p_min} syncs, fewer than the budget {C}")
 
@@ -343,13 +372,14 @@ def _planned(
         return p.astype(jnp.int32)
 
     def init():
-        # First period from the plan with no measurement: W(0) / C. During a
-        # warm-up the period is 1 and the plan is made when the warm-up ends.
-        period = choose_period(0, C, weights[0] / C) if warmup == 0 else _i32(1)
+        # First period from the plan with no measurement: W(T_w) / C at the
+        # end of the warm-up (T_w = 0 without one), where the workers are
+        # identical and the budget's C syncs start.
+        period = choose_period(warmup, C, weights[warmup] / C)
         return PlannedState(
             period=period,
-            next_sync=period,
-            last_sync=_i32(0),
+            next_sync=(warmup + period).astype(jnp.int32),
+            last_sync=_i32(warmup),
             syncs=_i32(0),
             since_plan=_i32(0),
             a_hat=_f32(0.0),
@@ -358,8 +388,7 @@ def _planned(
         )
 
     def should_sync(state, step):
-        due = (step + 1 == state.next_sync) & (state.syncs < C)
-        return due | (step < warmup)
+        return (step + 1 == state.next_sync) & (state.syncs < C)
 
     def update(state, step, variance, loss):
         del loss
@@ -377,7 +406,7 @@ def _planned(
         left = C - syncs
         lr_now = lr_at[jnp.minimum(position, T)]
         lr_moved = jnp.abs(jnp.log(lr_now / state.plan_lr)) >= log_factor
-        plan = (~measured) | (state.since_plan + 1 >= replan_every) | lr_moved | (position == warmup)
+        plan = (~measured) | (state.since_plan + 1 >= replan_every) | lr_moved
         if not feedback:
             plan = jnp.asarray(True)
         a_root = jnp.maximum(a_hat * lr_now**2, 1e-30) ** root  # a(t)^(1/(alpha+1))
@@ -386,11 +415,9 @@ def _planned(
         raw = w_over_r if not feedback else q / a_root
         # Once the budget is spent no period is in force; keep reporting the last one.
         period = jnp.where(left > 0, choose_period(position, left, raw), state.period)
-        in_warmup = position < warmup
         next_sync = jnp.where(left > 0, position + period, T + 1)
-        next_sync = jnp.where(in_warmup, position + 1, next_sync)
         return PlannedState(
-            period=jnp.where(in_warmup, 1, period).astype(jnp.int32),
+            period=period.astype(jnp.int32),
             next_sync=next_sync.astype(jnp.int32),
             last_sync=position,
             syncs=syncs.astype(jnp.int32),
@@ -400,7 +427,7 @@ def _planned(
             plan_lr=jnp.where(plan, lr_now, state.plan_lr).astype(jnp.float32),
         )
 
-    return Schedule(init, should_sync, update)
+    return Schedule(init, should_sync, update, _warmup(warmup))
 
 
 def adpsgd(
@@ -434,9 +461,11 @@ def adpsgd(
     * next period p = clip(round(Q / a(u)^(1/(alpha+1))), min_period,
       max_period), never so long that the owed syncs no longer fit.
 
-    The first period is W(0) / C. ``warmup_steps`` > 0 syncs every step for
-    that many steps first (those syncs count against the budget). Never more
-    than C syncs are made.
+    The first period is W(T_w) / C. ``warmup_steps`` = T_w > 0 makes steps
+    0 .. T_w - 1 full-sync steps (gradients averaged before one optimizer
+    update, as in ``post_local``); they are not syncs of the budget, which
+    is spent over the remaining T - T_w steps. Never more than C syncs are
+    made.
 
     Args:
       total_steps: T, the number of train steps of the run.

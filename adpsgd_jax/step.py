@@ -25,8 +25,10 @@ Strategies (docs/algorithm.md, "Strategies"):
 * ``local_sgd``: local optimizer step, then, when the schedule says so,
   ``lax.cond``-gated averaging of parameters and model state (optionally the
   optimizer state) with the pre-sync variance measured on the way. Between
-  syncs nothing is communicated. Two options: two-level averaging
-  (``group_axis_name``) and an outer optimizer on the averaged change (DiLoCo).
+  syncs nothing is communicated. A schedule's warm-up steps
+  (``full_sync_step``) are full-sync steps, a branch of the same program.
+  Two options: two-level averaging (``group_axis_name``) and an outer
+  optimizer on the averaged change (DiLoCo).
 * ``allreduce``: full-sync SGD; gradients (and model state) are averaged
   every step before one optimizer update.
 * ``qsgd``: like ``allreduce`` with each worker's gradient stochastically
@@ -84,14 +86,16 @@ class StepMetrics(NamedTuple):
     """What one step reports, per worker (a pytree of scalars).
 
     ``loss`` and ``aux`` are the worker's own mini-batch values; the other
-    fields are the same on every worker.
+    fields are the same on every worker. A full-sync step of ``local_sgd``
+    (a schedule's warm-up, docs/algorithm.md "Warm-up: full-sync steps")
+    reports what ``allreduce`` reports: synced True, variance 0, period 1.
     """
 
     loss: jnp.ndarray  # float32[]
     aux: dict  # {name: float32[]} from loss_fn
-    synced: jnp.ndarray  # bool[]: the workers averaged (always True for the full-sync strategies)
-    variance: jnp.ndarray  # float32[]: pre-sync V = (1/N) sum_i ||x_i - xbar||^2 at a sync; 0 otherwise
-    period: jnp.ndarray  # int32[]: the schedule's period in force (1 for the full-sync strategies)
+    synced: jnp.ndarray  # bool[]: the workers averaged parameters, or gradients on a full-sync step
+    variance: jnp.ndarray  # float32[]: pre-sync V = (1/N) sum_i ||x_i - xbar||^2 at an average; 0 otherwise
+    period: jnp.ndarray  # int32[]: the schedule's period in force (1 on full-sync steps and strategies)
     comm: comm.CommCounter  # cumulative rounds and bytes of the strategy's collective
     group_comm: comm.CommCounter  # cumulative in-group mean (two-level averaging; zero otherwise)
 
@@ -212,6 +216,14 @@ def local_sgd(
     mean loss)`` runs. The gate is a ``lax.cond`` on a worker-invariant
     scalar, so a local step runs no collective at all.
 
+    A full-sync step (``schedule.full_sync_step(sched_state, step)``, a
+    warm-up) instead takes g = (1/N) sum_i g_i and the mean model state
+    before the optimizer update, exactly as ``allreduce`` does, and does not
+    average parameters: a second ``lax.cond`` on a worker-invariant scalar
+    in the same program. It counts one round of gradient + model-state bytes
+    in ``comm`` (not in ``group_comm``) and sets the outer optimizer's anchor
+    to the new parameters.
+
     Args:
       loss_fn: ``(params, model_state, batch, rng) -> (loss, (model_state, aux))``.
       optimizer: any optax GradientTransformation, applied locally.
@@ -256,15 +268,41 @@ def local_sgd(
         params = optax.apply_updates(anchor, updates)
         return params, params, outer_state
 
+    def optimizer_step(state: TrainState, grads, model_state, warm):
+        """(params, model_state, opt_state, anchor, group_comm) after the optimizer update: local
+        (after the in-group mean of two-level averaging), or, where ``warm``, after every worker's mean."""
+        group_bytes = _payload(_float_bytes(grads, model_state), inside) if inside else 0
+
+        def local(grads, model_state, anchor, group_counter):
+            if inside:  # inside a group: a full-sync step
+                grads = tree_pmean(grads, inside)
+                model_state = tree_pmean(model_state, inside)
+                group_counter = group_counter.add(jnp.int32(1), group_bytes)
+            params, opt_state = _apply(optimizer, state.params, grads, state.opt_state)
+            return params, model_state, opt_state, anchor, group_counter
+
+        def full_sync(grads, model_state, anchor, group_counter):
+            grads = tree_pmean(grads, workers)
+            model_state = tree_pmean(model_state, workers)
+            params, opt_state = _apply(optimizer, state.params, grads, state.opt_state)
+            # The workers agree after this step: the outer optimizer's next change starts here.
+            return params, model_state, opt_state, None if anchor is None else params, group_counter
+
+        operand = (grads, model_state, state.anchor, state.group_comm)
+        if warm is None:  # the schedule has no full-sync steps: no branch at all
+            return local(*operand)
+        return lax.cond(warm, full_sync, local, *operand)
+
     def local_sgd_step(state: TrainState, batch) -> tuple[TrainState, StepMetrics]:
         loss, model_state, aux, grads, _ = _local_grads(grad_fn, state, batch, workers)
-        group_counter = state.group_comm
-        if inside:  # inside a group: a full-sync step
-            grads = tree_pmean(grads, inside)
-            model_state = tree_pmean(model_state, inside)
-            group_counter = group_counter.add(jnp.int32(1), _payload(_float_bytes(grads, model_state), inside))
-        params, opt_state = _apply(optimizer, state.params, grads, state.opt_state)
+        full_bytes = _payload(_float_bytes(grads, model_state), workers)  # one round of a full-sync step
+        warm = None
+        if schedule.full_sync_step is not None:
+            warm = jnp.asarray(schedule.full_sync_step(state.sched_state, state.step), bool)
+        params, model_state, opt_state, anchor, group_counter = optimizer_step(state, grads, model_state, warm)
         sync = schedule.should_sync(state.sched_state, state.step)
+        if warm is not None:
+            sync = sync & ~warm  # a full-sync step does not average parameters as well
         round_bytes = _float_bytes(params, model_state, *((opt_state,) if average_opt_state else ())) + 8
 
         def average(operand):
@@ -284,15 +322,19 @@ def local_sgd(
         def keep(operand):
             return operand, jnp.zeros((), jnp.float32)
 
-        operand = (params, model_state, opt_state, state.sched_state, state.anchor, state.outer_opt_state)
+        operand = (params, model_state, opt_state, state.sched_state, anchor, state.outer_opt_state)
         (params, model_state, opt_state, sched_state, anchor, outer_state), variance = lax.cond(
             sync, average, keep, operand)
         counter = state.comm.add(sync.astype(jnp.int32), _payload(round_bytes, across))
+        synced, period = jnp.asarray(sync, bool), jnp.asarray(sched_state.period, jnp.int32)
+        if warm is not None:  # a full-sync step reports as allreduce does: synced, V = 0, period 1
+            counter = counter.add(warm.astype(jnp.int32), full_bytes)
+            synced, period = synced | warm, jnp.where(warm, 1, period).astype(jnp.int32)
         new_state = state._replace(step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state,
                                    sched_state=sched_state, comm=counter, group_comm=group_counter, anchor=anchor,
                                    outer_opt_state=outer_state)
-        return new_state, StepMetrics(loss.astype(jnp.float32), _aux(aux), jnp.asarray(sync, bool), variance,
-                                      jnp.asarray(sched_state.period, jnp.int32), counter, group_counter)
+        return new_state, StepMetrics(loss.astype(jnp.float32), _aux(aux), synced, variance, period, counter,
+                                      group_counter)
 
     return Strategy(_init(optimizer, schedule, outer_optimizer), local_sgd_step)
 

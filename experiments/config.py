@@ -42,6 +42,13 @@ AUGMENTATIONS = ("auto", *AUGMENT_MODES)
 
 # Config fields that may differ on --resume without changing results.
 HARMLESS_ON_RESUME = ("data_dir",)
+# What post_local's warm-up synchronises: "gradient", full-sync steps as in PyTorch's
+# post-local SGD (docs/pytorch.md). Before issue #19 it averaged parameters after each
+# warm-up step and averaged one step later; post_local runs saved then lack the field
+# and are read as "parameters", so that --resume refuses them.
+POST_LOCAL_WARMUP = "gradient"
+POST_LOCAL_WARMUP_BEFORE = "parameters"
+CHANGED_MEANING = "the configuration changed meaning"  # in a difference that no flag can undo
 
 
 class ConfigError(ValueError):
@@ -69,6 +76,7 @@ class Config:
     weight_decay: float = 5e-4
     avg_period: int = 8  # the communication budget: an average period p_bar
     local_warmup_epochs: float = 0.0  # post-local SGD's full-sync phase; 0 = 10% of the run
+    post_local_warmup: str = POST_LOCAL_WARMUP  # the meaning of that phase; saved runs may hold an older one
     qsgd_levels: int = 127
     qsgd_bucket_size: int = 512
     group_size: Union[int, str] = 1  # workers per group (two-level averaging); "host" = devices per process
@@ -136,10 +144,12 @@ def config_differences(saved: dict, current: Config) -> list[str]:
     """The result-changing fields where a saved run's config differs from ``current``.
 
     A field missing from ``saved`` (a run saved before the field existed) counts
-    as its default, and ``augment`` is compared after resolving ``auto``.
+    as its default, except where its absence records an older meaning
+    (``post_local_warmup`` of a post_local run), and ``augment`` is compared
+    after resolving ``auto``.
     """
     now = current.to_dict()
-    saved = {**{k: v for k, v in Config().to_dict().items() if k != "dataset"}, **saved}
+    saved = {**{k: v for k, v in Config().to_dict().items() if k != "dataset"}, **_older_meaning(saved), **saved}
     diffs = []
     for key in sorted(set(saved) | set(now)):
         if key in HARMLESS_ON_RESUME:
@@ -151,12 +161,22 @@ def config_differences(saved: dict, current: Config) -> list[str]:
             old, new = augmentation(saved.get("dataset"), old), augmentation(current.dataset, new)
         if old != new:
             diffs.append(f"{key}: {old!r} -> {new!r}")
+            if key == "post_local_warmup":
+                diffs[-1] += (f" ({CHANGED_MEANING}: post_local's warm-up now all-reduces gradients and its "
+                              "averages follow PyTorch's step count, docs/pytorch.md)")
     return diffs
 
 
+def _older_meaning(saved: dict) -> dict:
+    """The fields whose absence from ``saved`` records an older meaning rather than the default."""
+    if saved.get("method") == "post_local" and "post_local_warmup" not in saved:
+        return {"post_local_warmup": POST_LOCAL_WARMUP_BEFORE}
+    return {}
+
+
 def from_saved(saved: dict) -> Config:
-    """The Config a summary or config.json recorded."""
-    return Config(**{**saved, "lr_decay_epochs": tuple(saved.get("lr_decay_epochs", ()))})
+    """The Config a summary or config.json recorded (an old post_local run's with its old warm-up)."""
+    return Config(**{**_older_meaning(saved), **saved, "lr_decay_epochs": tuple(saved.get("lr_decay_epochs", ()))})
 
 
 def is_tfds(dataset: str) -> bool:
@@ -232,7 +252,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--momentum", type=float)
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--avg-period", type=int, default=8, help="communication budget as an average period")
-    p.add_argument("--local-warmup-epochs", type=float, default=0.0, help="post-local full-sync phase (0: 10%% of run)")
+    p.add_argument("--local-warmup-epochs", type=float, default=0.0,
+                   help="post_local's warm-up in epochs: full-sync steps (gradients all-reduced, as in PyTorch's "
+                        "post-local SGD), then averages every --avg-period steps (0: 10%% of the run)")
     p.add_argument("--qsgd-levels", type=int, default=127)
     p.add_argument("--qsgd-bucket-size", type=int, default=512)
     p.add_argument("--group-size", default="1",
@@ -429,6 +451,9 @@ def validate(c: Config) -> None:
     need(c.weight_decay >= 0, f"--weight-decay must be >= 0, got {c.weight_decay}")
     need(c.avg_period >= 1, f"--avg-period must be >= 1, got {c.avg_period}")
     need(0 <= c.local_warmup_epochs < c.epochs, f"--local-warmup-epochs must be in [0, {c.epochs}), got {c.local_warmup_epochs}")
+    need(c.post_local_warmup == POST_LOCAL_WARMUP,
+         f"post_local_warmup {c.post_local_warmup!r} is no longer implemented: post_local's warm-up is "
+         f"{POST_LOCAL_WARMUP!r} (full-sync steps)")
     need(1 <= c.qsgd_levels <= MAX_QSGD_LEVELS, f"--qsgd-levels must be in [1, {MAX_QSGD_LEVELS}], got {c.qsgd_levels}")
     need(c.qsgd_bucket_size >= 1, f"--qsgd-bucket-size must be >= 1, got {c.qsgd_bucket_size}")
     need(c.synthetic_size >= 1, f"--synthetic-size must be >= 1, got {c.synthetic_size}")

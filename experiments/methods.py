@@ -62,7 +62,7 @@ def make_schedule(config: Config, total_steps: int, steps_per_epoch: int, lr_fn)
         return schedules.constant(p)
     if name == "full_sync":
         return schedules.full_sync()
-    if name == "post_local":
+    if name == "post_local":  # PyTorch's post-local SGD: W full-sync steps, then averages after W, W+p, ...
         warmup = round(config.local_warmup_epochs * steps_per_epoch) or total_steps // 10
         return schedules.post_local(warmup, p)
     if name == "stagewise":

@@ -16,7 +16,8 @@ import jax
 
 from adpsgd_jax import distributed, schedules
 from experiments import checkpoint, data, methods, results
-from experiments.config import METHODS, Config, ConfigError, RunOptions, config_differences, default_cpu_devices
+from experiments.config import (CHANGED_MEANING, METHODS, Config, ConfigError, RunOptions, config_differences,
+                                default_cpu_devices)
 
 @dataclasses.dataclass
 class Setup:
@@ -86,8 +87,10 @@ def _resume_point(config: Config, run_dir: str) -> tuple[Optional[int], bool]:
                           "drop --resume to start the run over") from None
     diffs = config_differences(saved, config)
     if diffs:
+        advice = ("This version cannot continue it: start it over in another --out"
+                  if any(CHANGED_MEANING in d for d in diffs) else "Use the same flags, or another --out")
         raise ConfigError(f"--resume refused for {name}: the configuration differs from the checkpointed run in "
-                          f"{'; '.join(diffs)}. Use the same flags, or another --out")
+                          f"{'; '.join(diffs)}. {advice}")
     if os.path.isfile(os.path.join(run_dir, results.SUMMARY)):
         return None, True
     try:

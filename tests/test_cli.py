@@ -29,7 +29,8 @@ def compare_dir(tmp_path_factory):
 
 
 def replay(run: results.Run) -> list:
-    """The sync flags the run's schedule gives when fed the logged variances and losses."""
+    """The sync flags (an average or a full-sync step) the run's schedule gives when fed the
+    logged variances and losses."""
     c = cfg.from_saved(run.summary["config"])
     T, spe = run.summary["steps"], run.summary["steps_per_epoch"]
     schedule = methods.make_schedule(c, T, spe, methods.lr_schedule(c, spe, T))
@@ -38,7 +39,8 @@ def replay(run: results.Run) -> list:
     state, flags = schedule.init(), []
     for t, row in enumerate(run.metrics):
         sync = bool(schedule.should_sync(state, jnp.int32(t)))
-        flags.append(int(sync))
+        full = schedule.full_sync_step is not None and bool(schedule.full_sync_step(state, jnp.int32(t)))
+        flags.append(int(sync or full))
         if sync:
             state = schedule.update(state, jnp.int32(t), jnp.float32(row["variance"]), jnp.float32(row["loss"]))
     return flags
@@ -64,6 +66,11 @@ def test_every_method_writes_parseable_results(compare_dir):
     # Parameter averaging sends parameters + the 8-byte scalar pair per sync.
     cp = runs["cpsgd"].summary
     assert cp["bytes"] == cp["syncs"] * (cp["param_bytes"] + 8)
+    # post_local: a warm-up of T // 10 full-sync steps (gradient bytes), then averages after W, W + 4, ...
+    pl, warmup = runs["post_local"].summary, steps // 10
+    averages, periods = len(range(warmup, steps, 4)), [r["period"] for r in runs["post_local"].metrics]
+    assert pl["syncs"] == warmup + averages and periods[:warmup + 1] == [1] * warmup + [4]
+    assert pl["bytes"] == warmup * pl["param_bytes"] + averages * (pl["param_bytes"] + 8)
     variances = [row["variance"] for row in runs["cpsgd"].metrics]
     assert all((v is None) == (s == 0) for v, s in zip(variances, (r["synced"] for r in runs["cpsgd"].metrics)))
 

@@ -241,3 +241,47 @@ def test_resume_restores_the_outer_state_and_anchor_of_two_level_runs(tmp_path):
                                                           state["params"]["fc1"]["kernel"][0])
     assert cifar.main(args + ["--out", str(tmp_path / "cut"), "--resume"]) == 0
     assert_same_run(tmp_path / "reference" / name, run_dir)
+
+
+def test_resume_of_a_post_local_run_saved_before_issue_19_is_refused(tmp_path, capsys):
+    # A run folder as the old post_local (parameters averaged in the warm-up) left it: its
+    # config.json has no post_local_warmup. Only the config is read before the refusal.
+    from experiments import config as cfg
+
+    argv = ["--dataset", "digits", "--epochs", "2", "--quiet", "--no-plots", "--out", str(tmp_path)]
+    (new,), _ = cfg.from_args(cfg.parser().parse_args(argv + ["--schedule", "post_local"]))
+    old = {k: v for k, v in new.to_dict().items() if k != "post_local_warmup"}
+    run_dir = tmp_path / results.run_name("post_local", 0)
+    run_dir.mkdir()
+    (run_dir / results.CONFIG).write_text(json.dumps(old))
+    assert cifar.main(argv + ["--schedule", "post_local", "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --resume refused for post_local-seed0") and "\n" not in err
+    assert "post_local_warmup: 'parameters' -> 'gradient' (the configuration changed meaning" in err
+    assert err.endswith("This version cannot continue it: start it over in another --out")
+    assert cfg.from_saved(old).post_local_warmup == "parameters"
+    # Old runs of every other method mean what they meant: nothing to refuse.
+    for method in ("cpsgd", "adpsgd", "lr_proportional"):
+        other = new.replace(method=method)
+        assert cfg.config_differences({k: v for k, v in other.to_dict().items() if k != "post_local_warmup"},
+                                      other) == []
+    assert cfg.config_differences(new.to_dict(), new) == []  # a post_local run of this version resumes
+
+
+def test_resume_inside_the_post_local_warmup_equals_uninterrupted(tmp_path):
+    # A post_local run of this version, cut back to a checkpoint inside its full-sync warm-up
+    # (11 steps here), resumes into the same run: both phases follow from the checkpointed step.
+    args = ["--dataset", "digits", "--epochs", "2", "--local-warmup-epochs", "1", "--avg-period", "4",
+            "--checkpoint-every", "4", "--keep-checkpoints", "10", "--quiet", "--no-plots", "--schedule", "post_local"]
+    name = results.run_name("post_local", 0)
+    assert cifar.main(args + ["--out", str(tmp_path / "reference")]) == 0
+    assert cifar.main(args + ["--out", str(tmp_path / "cut")]) == 0
+    run_dir = tmp_path / "cut" / name
+    rows = {r["step"]: r for r in results.read_jsonl(os.path.join(run_dir, results.METRICS))}
+    assert [rows[s]["period"] for s in (1, 11, 12)] == [1, 1, 4] and rows[12]["synced"] == 1
+    for step in checkpoint_steps(run_dir):
+        if step > 8:
+            shutil.rmtree(run_dir / checkpoint.FOLDER / str(step))
+    (run_dir / results.SUMMARY).unlink()
+    assert cifar.main(args + ["--out", str(tmp_path / "cut"), "--resume"]) == 0
+    assert_same_run(tmp_path / "reference" / name, run_dir)

@@ -20,11 +20,17 @@ T = 800
 
 
 def simulate(schedule, total_steps, lr=None, alpha=1.0, saturation=None, loss_fn=None):
-    """Run ``schedule`` for ``total_steps``; return (synced[T], period[T]) as numpy."""
+    """Run ``schedule`` for ``total_steps``; return (synced[T], period[T]) as numpy.
+
+    ``synced`` marks parameter averages only. A full-sync (warm-up) step keeps
+    the replicas identical, so the variance restarts after it.
+    """
     lr = lr or (lambda s: 1.0)
 
     def body(carry, step):
         state, last = carry
+        if schedule.full_sync_step is not None:
+            last = jnp.where(schedule.full_sync_step(state, step), step + 1, last)
         sync = schedule.should_sync(state, step)
         tau = (step + 1 - last).astype(jnp.float32)
         variance = lr(step) ** 2 * tau**alpha
@@ -56,11 +62,24 @@ def test_full_sync_every_step():
     assert synced.sum() == 25 and set(periods.tolist()) == {1}
 
 
-def test_post_local_warmup_then_constant():
-    synced, periods = simulate(S.post_local(warmup_steps=10, period=4), 50)
-    assert synced[:10].all()
-    np.testing.assert_array_equal(np.nonzero(synced[10:])[0] + 10, np.arange(13, 50, 4))
-    assert periods[8] == 1 and periods[9] == 4 and periods[-1] == 4
+def full_sync_steps(schedule, total_steps):
+    """The steps ``schedule.full_sync_step`` marks, as a bool numpy array."""
+    state, steps = schedule.init(), jnp.arange(total_steps)
+    if schedule.full_sync_step is None:
+        return np.zeros(total_steps, bool)
+    return np.asarray(jax.vmap(lambda s: schedule.full_sync_step(state, s))(steps))
+
+
+@pytest.mark.parametrize("warmup,period,total", [(10, 4, 50), (0, 4, 21), (3, 1, 12), (7, 5, 7), (9, 3, 5)])
+def test_post_local_is_pytorchs_warmup_then_averager(warmup, period, total):
+    # PyTorch's PeriodicModelAverager(period, warmup_steps) averages after the
+    # steps t >= W with (t - W) % p == 0; the hook's warm-up is steps 0 .. W-1.
+    synced, periods = simulate(S.post_local(warmup_steps=warmup, period=period), total)
+    np.testing.assert_array_equal(np.nonzero(synced)[0], np.arange(warmup, total, period))
+    np.testing.assert_array_equal(full_sync_steps(S.post_local(warmup, period), total), np.arange(total) < warmup)
+    assert set(periods.tolist()) == {period}  # the state's period; the step reports 1 on full-sync steps
+    if warmup == 0:
+        assert S.post_local(0, period).full_sync_step is None  # no warm-up branch in the step
 
 
 def test_stagewise_multiplies_period_at_boundaries():
@@ -141,11 +160,23 @@ def test_lr_proportional_density_tracks_learning_rate():
     assert 7 <= before / max(after, 1) <= 14
 
 
-def test_adpsgd_warmup_syncs_every_step_and_counts_in_budget():
-    lr = LR_SCHEDULES["step"]
-    synced, periods = simulate(S.adpsgd(T, 8, lr_schedule=lr, warmup_steps=20), T, lr=lr)
-    assert synced[:20].all() and set(periods[:19].tolist()) == {1}
-    assert 90 <= synced.sum() <= 100
+@pytest.mark.parametrize("make", [S.adpsgd, S.lr_proportional], ids=["adpsgd", "lr_proportional"])
+def test_warmup_is_full_sync_steps_outside_the_budget(make):
+    # docs/algorithm.md, "Warm-up: full-sync steps": the first T_w steps are
+    # full-sync steps; the budget's C averages are planned over the T - T_w
+    # steps after them, the first at W(T_w) / C.
+    lr, warmup, budget = LR_SCHEDULES["step"], 200, T // 8
+    schedule = make(T, 8, lr_schedule=lr, warmup_steps=warmup)
+    synced, _ = simulate(schedule, T, lr=lr)
+    np.testing.assert_array_equal(full_sync_steps(schedule, T), np.arange(T) < warmup)
+    assert not synced[:warmup].any()
+    assert 0.9 * budget <= synced.sum() <= budget
+    plain, _ = simulate(make(T - warmup, num_syncs=budget, lr_schedule=lambda s: lr(s + warmup)), T - warmup,
+                        lr=lambda s: lr(s + warmup))
+    if make is S.lr_proportional:  # the open-loop plan of the shorter run, shifted by T_w
+        np.testing.assert_array_equal(synced[warmup:], plain)
+    tight, _ = simulate(make(T, 8, lr_schedule=lr, warmup_steps=T - budget), T, lr=lr)
+    assert tight[T - budget:].all() and tight.sum() == budget  # the C syncs just fit, at period 1
 
 
 def test_adpsgd_feedback_shortens_periods_after_variance_rises():
@@ -231,7 +262,8 @@ def test_vmap_over_states(name):
         (lambda: S.adpsgd(100, num_syncs=-3), "num_syncs"),
         (lambda: S.adpsgd(100), "exactly one budget"),
         (lambda: S.adpsgd(100, 4, num_syncs=25), "exactly one budget"),
-        (lambda: S.adpsgd(100, 4, warmup_steps=30), "warmup_steps"),
+        (lambda: S.adpsgd(100, 4, warmup_steps=80), "warmup_steps=80 leaves 20 of the 100 steps"),
+        (lambda: S.lr_proportional(100, 4, warmup_steps=100), "warmup_steps"),
         (lambda: S.adpsgd(100, 4, min_period=5), "min_period"),
         (lambda: S.adpsgd(100, 4, lr_schedule=lambda s: -1.0), "lr_schedule"),
         (lambda: S.lr_proportional(0, 1), "total_steps"),

@@ -100,12 +100,12 @@ def test_workers_on_one_device_differ_between_syncs_and_agree_after():
             assert metrics.variance[0] > 0
 
 
-def test_the_all_reduce_sits_inside_the_conditional():
-    # 4 workers on each of 2 devices: the parameter mean is an all-reduce across
-    # devices, and it must be inside the cond's branch (a batched predicate
-    # would have turned the cond into a select that all-reduces every step).
+def assert_all_reduces_inside_conditionals(schedule):
+    """With 4 workers on each of 2 devices, every all-reduce of ``local_sgd``'s compiled
+    step is inside a conditional's branch (a batched predicate would have turned the
+    cond into a select that all-reduces every step)."""
     layout = D.workers(N, jax.devices()[:2])
-    built = A.local_sgd(loss_fn, optax.sgd(0.05), S.constant(4), axis_name=layout.axes)
+    built = A.local_sgd(loss_fn, optax.sgd(0.05), schedule, axis_name=layout.axes)
     state = D.replicate(built.init(*init_params(), jax.random.PRNGKey(0)), layout)
     batch = D.shard_batch(Data().batch(), layout)
     hlo = D.shard_map_step(built.step, layout).compiled.lower(state, batch).compile().as_text()
@@ -117,6 +117,12 @@ def test_the_all_reduce_sits_inside_the_conditional():
     entry = entry[:entry.index("\n}\n")]
     assert "all-reduce" not in entry, "an all-reduce runs outside the conditional, on every step"
     assert hlo.count("all-reduce(") + hlo.count("all-reduce-start(") >= 1
+    return hlo
+
+
+def test_the_all_reduce_sits_inside_the_conditional():
+    # The parameter mean is an all-reduce across devices, inside the cond's branch.
+    assert_all_reduces_inside_conditionals(S.constant(4))
 
 
 def test_layout_errors_name_the_argument():
