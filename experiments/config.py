@@ -229,8 +229,9 @@ def _seeds(seeds: Optional[str], seed: Optional[int]) -> tuple:
     for value in values:
         if not 0 <= value < SEED_LIMIT:
             raise ConfigError(f"{flag} takes integers in [0, 2**32), got {value}")
-    if len(set(values)) != len(values):
-        raise ConfigError("--seeds needs distinct seeds")
+    twice = sorted({v for v in values if values.count(v) > 1})
+    if twice:
+        raise ConfigError(f"--seeds names {', '.join(map(str, twice))} twice: give distinct seeds")
     return values
 
 
@@ -373,8 +374,11 @@ def from_args(args: argparse.Namespace) -> tuple[list[Config], RunOptions]:
         for m in methods:
             if m not in METHODS:
                 raise ConfigError(f"--compare: unknown method {m!r}; accepted values: {', '.join(METHODS)}")
-        if not methods or len(set(methods)) != len(methods):
-            raise ConfigError("--compare needs distinct method names")
+        if not methods:
+            raise ConfigError(f"--compare needs at least one method; accepted values: {', '.join(METHODS)}")
+        twice = sorted({m for m in methods if methods.count(m) > 1})
+        if twice:
+            raise ConfigError(f"--compare names {', '.join(twice)} twice: each method runs once per seed")
     else:
         methods = [_method(args.strategy, args.schedule)]
     seeds = _seeds(args.seeds, args.seed)

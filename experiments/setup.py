@@ -118,7 +118,7 @@ def prepare(config: Config, dataset: Optional[data.Dataset] = None, options: Run
         raise ConfigError(str(err)) from None
     total = config.epochs * loader.steps_per_epoch
     if total < config.avg_period:
-        raise ConfigError(f"--avg-period {config.avg_period} exceeds the run's {total} steps")
+        raise ConfigError(f"--avg-period must be in [1, {total}] (the run's steps), got {config.avg_period}")
     lr_fn = methods.lr_schedule(config, loader.steps_per_epoch, total)
     try:
         schedule = methods.make_schedule(config, total, loader.steps_per_epoch, lr_fn)

@@ -1,5 +1,5 @@
-"""End to end: ``python -m experiments.cifar`` on digits, every method, and
-the one-line errors for bad input."""
+"""End to end: ``python -m experiments.cifar`` on digits, every method. The one-line errors for bad
+flags are in test_bad_input.py."""
 
 import json
 import os
@@ -87,48 +87,6 @@ def test_time_model_in_report_matches_formula(compare_dir):
     bw = 10e9 / 8
     expected = s["compute_s"] + s["syncs"] * (2 * 7 * 10e-6 + 2 * 7 / 8 * per_round / bw)
     assert report.simulated_time(run, 8, 10, 10e-6) == pytest.approx(expected)
-
-
-BAD = [
-    (["--dataset", "imagenet"], "--dataset"),
-    (["--dataset", "digits", "--schedule", "sometimes"], "--schedule"),
-    (["--dataset", "digits", "--strategy", "gossip"], "--strategy"),
-    (["--dataset", "digits", "--compare", "cpsgd,magic"], "--compare"),
-    (["--dataset", "digits", "--epochs", "0"], "--epochs"),
-    (["--dataset", "digits", "--epochs", "-3"], "--epochs"),
-    (["--dataset", "digits", "--batch-size", "1000"], "--batch-size"),
-    (["--dataset", "digits", "--workers", "16", "--devices", "16"], "--devices 16 is more than the 8 CPU device"),
-    (["--dataset", "digits", "--devices", "3"], "--devices 3 must divide --workers 8 (accepted: 1, 2, 4, 8)"),
-    (["--dataset", "digits", "--devices", "0"], "--devices must be >= 1"),
-    (["--dataset", "digits", "--avg-period", "0"], "--avg-period"),
-    (["--dataset", "digits", "--partition", "dirichlet:0"], "--partition"),
-    (["--dataset", "digits", "--model", "transformer"], "--model"),
-    (["--dataset", "digits", "--strategy", "qsgd", "--schedule", "adpsgd"], "--schedule"),
-    (["--dataset", "digits", "--group-size", "3"], "--group-size"),
-    (["--dataset", "digits", "--group-size", "0"], "--group-size"),
-    (["--dataset", "digits", "--group-size", "some"], "--group-size"),
-    (["--dataset", "digits", "--outer-optimizer", "adam"], "--outer-optimizer"),
-    (["--dataset", "digits", "--outer-optimizer", "nesterov", "--outer-lr", "-0.7"], "--outer-lr"),
-    (["--dataset", "digits", "--outer-optimizer", "sgd", "--outer-momentum", "1.5"], "--outer-momentum"),
-    (["--dataset", "digits", "--outer-lr", "0.5"], "--outer-lr"),
-]
-
-
-@pytest.mark.parametrize("argv,flag", BAD, ids=[" ".join(a[2:]) or a[1] for a, _ in BAD])
-def test_bad_input_is_one_line_error_before_training(tmp_path, capsys, argv, flag):
-    out = tmp_path / "out"
-    assert cifar.main(argv + ["--out", str(out), "--quiet"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and flag in err and "\n" not in err and "Traceback" not in err
-    assert not out.exists()  # nothing written
-
-
-def test_unwritable_output_folder(tmp_path, capsys):
-    blocker = tmp_path / "file"
-    blocker.write_text("x")
-    assert cifar.main(["--dataset", "digits", "--out", str(blocker / "sub"), "--quiet"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: --out") and "\n" not in err
 
 
 def test_cifar_without_data_stops_at_once_with_advice(tmp_path):
