@@ -338,7 +338,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--distributed-timeout", type=int, default=60,
                    help="seconds to wait for the coordinator; a dead peer is detected within about this time too")
     p.add_argument("--resume", action="store_true",
-                   help="continue every run in --out from its latest checkpoint (finished runs are kept)")
+                   help="continue every run in --out from its latest checkpoint (finished runs are kept; a run "
+                        "with no complete checkpoint starts from step 0; a changed configuration is refused)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
