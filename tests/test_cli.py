@@ -55,7 +55,6 @@ def test_every_method_writes_parseable_results(compare_dir):
         synced = [row["synced"] for row in run.metrics]
         assert run.summary["syncs"] == sum(synced) == run.metrics[-1]["syncs"], method
         assert synced == replay(run), method  # the summary's syncs are the schedule's
-        assert 0.0 < run.summary["test_accuracy"] <= 1.0 and np.isfinite(run.summary["final_train_loss"])
         assert run.summary["config"]["method"] == method
     assert runs["cpsgd"].summary["syncs"] == steps // 4
     assert runs["allreduce"].summary["syncs"] == runs["full_sync"].summary["syncs"] == steps
@@ -66,6 +65,22 @@ def test_every_method_writes_parseable_results(compare_dir):
     assert cp["bytes"] == cp["syncs"] * (cp["param_bytes"] + 8)
     variances = [row["variance"] for row in runs["cpsgd"].metrics]
     assert all((v is None) == (s == 0) for v, s in zip(variances, (r["synced"] for r in runs["cpsgd"].metrics)))
+
+
+# Measured on compare_dir's runs (digits, seed 0, 2 epochs = 22 steps, budget 4): every method's averaged
+# model scores 0.808-0.814 on the test set (chance: 0.1) and ends at a training loss of 1.12-1.14 from
+# 2.45 at the first step. The bars leave a margin for other platforms and versions.
+LEARNED_TEST_ACCURACY = 0.70
+LEARNED_LOSS_RATIO = 0.6
+
+
+def test_every_method_learns(compare_dir):
+    runs = {r.method: r for r in results.finished_runs(str(compare_dir))}
+    assert set(runs) == set(METHODS)
+    for method, run in runs.items():
+        assert run.summary["test_accuracy"] >= LEARNED_TEST_ACCURACY, (method, run.summary["test_accuracy"])
+        first_loss = run.metrics[0]["loss"]
+        assert run.summary["final_train_loss"] <= LEARNED_LOSS_RATIO * first_loss, (method, run.summary)
 
 
 def test_report_table_and_plots(compare_dir):
