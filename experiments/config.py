@@ -289,7 +289,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", nargs="?", const=",".join(DEFAULT_COMPARE),
                    help=f"comma-separated methods to run on the same data order and seed, from "
                         f"{', '.join(METHODS)} (default list: {','.join(DEFAULT_COMPARE)})")
-    p.add_argument("--seeds", help=f"comma-separated seeds in [0, 2**32): every method runs once per seed "
+    p.add_argument("--seeds", help="comma-separated seeds in [0, 2**32): every method runs once per seed "
                                    "(default: --seed); not with --seed")
     p.add_argument("--partition", default="iid", help="iid or dirichlet:ALPHA (non-identical data per worker)")
     p.add_argument("--workers", type=int, default=8, help="number of workers N (any number: several may share a device)")
