@@ -72,12 +72,12 @@ def check_resumable(run_dir: str) -> int:
     """
     folder = os.path.join(run_dir, FOLDER)
     if not os.path.isdir(folder):
-        raise CheckpointError(f"no checkpoint folder {folder}")
+        raise CheckpointError(f"no checkpoint folder ({folder})")
     manager = RunCheckpoints(run_dir, create=False)
     try:
         step = manager.latest_step()
     finally:
         manager.close()
     if step is None:
-        raise CheckpointError(f"no complete checkpoint in {folder}")
+        raise CheckpointError(f"no complete checkpoint (in {folder})")
     return step

@@ -79,10 +79,8 @@ def request_cpu_devices(config, options) -> None:
 def main(argv=None) -> int:
     from experiments import config as cfg
 
-    parser = cfg.parser()
-    args = parser.parse_args(argv)
     try:
-        configs, options = cfg.from_args(args)
+        configs, options = cfg.from_args(cfg.parser().parse_args(argv))
     except cfg.ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

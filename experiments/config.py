@@ -12,7 +12,8 @@ import dataclasses
 import math
 import os
 import re
-from typing import Optional, Union
+import sys
+from typing import NamedTuple, Optional, Union
 
 from experiments.names import (CPU_DEVICES, DATASETS, DEFAULT_COMPARE, DTYPES, LR_SCHEDULES, MAX_QSGD_LEVELS, METHODS,  # noqa: F401
                                MODELS, OUTER_DEFAULTS, OUTER_OPTIMIZERS, SCHEDULES, STRATEGIES)
@@ -38,6 +39,12 @@ _TFDS_NAME = re.compile(r"[a-z0-9_]+(/[A-Za-z0-9_.-]+)?(:[0-9]+\.[0-9]+\.[0-9]+)
 # pixels on 32x32) and / or horizontal flips of the training batches.
 AUGMENT_MODES = ("crop-flip", "crop", "flip", "none")
 AUGMENTATIONS = ("auto", *AUGMENT_MODES)
+# Seeds: jax.random.PRNGKey keeps only the low 32 bits of a seed (without x64), so seed 2**32 would be seed 0.
+SEED_LIMIT = 2**32
+# --partition dirichlet:ALPHA. Below the floor numpy's Dirichlet draw gives each class to a single worker
+# almost always (no more skew to gain); above the ceiling the shards are iid to many digits, and near
+# float64's top the draw returns zeros.
+DIRICHLET_ALPHA_RANGE = (1e-3, 1e6)
 
 
 # Config fields that may differ on --resume without changing results.
@@ -198,6 +205,32 @@ def augmentation(dataset: Optional[str], augment: Optional[str]) -> Optional[str
     return augment
 
 
+class PartitionScheme(NamedTuple):
+    """A parsed ``--partition`` value: kind "iid" or "dirichlet" (with its alpha)."""
+
+    kind: str
+    alpha: Optional[float] = None
+
+
+def parse_partition(text: str) -> PartitionScheme:
+    """Parse ``iid`` or ``dirichlet:ALPHA`` (ALPHA within ``DIRICHLET_ALPHA_RANGE``); ValueError otherwise."""
+    value = text.strip()
+    if value == "iid":
+        return PartitionScheme("iid")
+    low, high = DIRICHLET_ALPHA_RANGE
+    if value.startswith("dirichlet:"):
+        try:
+            alpha = float(value[len("dirichlet:"):])
+        except ValueError:
+            alpha = math.nan
+        if low <= alpha <= high:
+            return PartitionScheme("dirichlet", alpha)
+    raise ValueError(
+        f"--partition: invalid value {text!r}; accepted forms are 'iid' and 'dirichlet:ALPHA' "
+        f"with {low:g} <= ALPHA <= {high:g} (e.g. 'dirichlet:0.1'; smaller ALPHA = more label skew)"
+    )
+
+
 def _ints(text: str, flag: str) -> tuple:
     try:
         return tuple(int(x) for x in text.split(",") if x.strip())
@@ -205,8 +238,49 @@ def _ints(text: str, flag: str) -> tuple:
         raise ConfigError(f"{flag} takes comma-separated integers, got {text!r}") from None
 
 
+def _seeds(seeds: Optional[str], seed: Optional[int]) -> tuple:
+    """The run's seeds from --seeds or --seed (default 0), each in [0, SEED_LIMIT)."""
+    if seeds is not None and seed is not None:
+        raise ConfigError("--seed and --seeds are both given: --seeds lists every seed of the run; drop --seed")
+    flag = "--seeds" if seeds is not None else "--seed"
+    values = _ints(seeds, flag) if seeds is not None else (Config.seed if seed is None else seed,)
+    if not values:
+        raise ConfigError(f"--seeds needs at least one seed (comma-separated integers in [0, 2**32)), got {seeds!r}")
+    for value in values:
+        if not 0 <= value < SEED_LIMIT:
+            raise ConfigError(f"{flag} takes integers in [0, 2**32), got {value}")
+    twice = sorted({v for v in values if values.count(v) > 1})
+    if twice:
+        raise ConfigError(f"--seeds names {', '.join(map(str, twice))} twice: give distinct seeds")
+    return values
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one-line ``ConfigError``s naming the flag (the CLI prints ``error: ...``)."""
+
+    def error(self, message: str):
+        raise ConfigError(_usage_message(message))
+
+
+def _usage_message(message: str) -> str:
+    """argparse's message, said as the other flag errors are."""
+    bad_value = re.fullmatch(r"argument (\S+): invalid (int|float) value: (.*)", message)
+    if bad_value:
+        flag, kind, value = bad_value.groups()
+        return f"{flag.split('/')[-1]} takes {'an integer' if kind == 'int' else 'a number'}, got {value}"
+    missing = re.fullmatch(r"argument (\S+): expected one argument", message)
+    if missing:
+        flag = missing.group(1).split("/")[-1]
+        return f"{flag} needs a value (one starting with '-' goes as {flag}=VALUE)"
+    if message.startswith("unrecognized arguments: "):
+        return f"unknown argument(s) {message.split(': ', 1)[1]}; python -m experiments.cifar --help lists the flags"
+    return message
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    # Flags that only some runs read default to None here, so that from_args can tell whether they were
+    # given (and refuse them where no run reads them); from_args puts in Config's defaults.
+    p = _Parser(
         prog="python -m experiments.cifar",
         description="Train with ADPSGD or a baseline on CIFAR-10/100 or digits; compare methods.",
     )
@@ -235,7 +309,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", nargs="?", const=",".join(DEFAULT_COMPARE),
                    help=f"comma-separated methods to run on the same data order and seed, from "
                         f"{', '.join(METHODS)} (default list: {','.join(DEFAULT_COMPARE)})")
-    p.add_argument("--seeds", help="comma-separated seeds: every method runs once per seed (default: --seed)")
+    p.add_argument("--seeds", help="comma-separated seeds in [0, 2**32): every method runs once per seed "
+                                   "(default: --seed); not with --seed")
     p.add_argument("--partition", default="iid", help="iid or dirichlet:ALPHA (non-identical data per worker)")
     p.add_argument("--workers", type=int, default=8, help="number of workers N (any number: several may share a device)")
     p.add_argument("--devices", type=int,
@@ -247,29 +322,33 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--lr-schedule", default="step", help=f"one of {', '.join(LR_SCHEDULES)}")
-    p.add_argument("--lr-decay-epochs", help="step decay epochs, e.g. 100,150 (default: 50%% and 75%% of the run)")
-    p.add_argument("--lr-decay-factor", type=float, default=0.1)
+    p.add_argument("--lr-decay-epochs", help="step decay epochs, e.g. 100,150 (default: 50%% and 75%% of the run); "
+                                             "--lr-schedule step only")
+    p.add_argument("--lr-decay-factor", type=float, help="step decay factor in (0, 1] (default 0.1); --lr-schedule step only")
     p.add_argument("--momentum", type=float)
     p.add_argument("--weight-decay", type=float)
-    p.add_argument("--avg-period", type=int, default=8, help="communication budget as an average period")
-    p.add_argument("--local-warmup-epochs", type=float, default=0.0,
+    p.add_argument("--avg-period", type=int, help="communication budget as an average period (default 8); read by "
+                                                   "the averaging methods other than full_sync")
+    p.add_argument("--local-warmup-epochs", type=float,
                    help="post_local's warm-up in epochs: full-sync steps (gradients all-reduced, as in PyTorch's "
-                        "post-local SGD), then averages every --avg-period steps (0: 10%% of the run)")
-    p.add_argument("--qsgd-levels", type=int, default=127)
-    p.add_argument("--qsgd-bucket-size", type=int, default=512)
-    p.add_argument("--group-size", default="1",
+                        "post-local SGD), then averages every --avg-period steps (default 0: 10%% of the run); "
+                        "post_local only")
+    p.add_argument("--qsgd-levels", type=int, help=f"QSGD's levels s in [1, {MAX_QSGD_LEVELS}] (default 127); qsgd only")
+    p.add_argument("--qsgd-bucket-size", type=int, help="coordinates per QSGD bucket (default 512); qsgd only")
+    p.add_argument("--group-size",
                    help="two-level averaging: workers per group, whose gradients are averaged every step while the "
                         "schedule averages parameters across groups; an integer dividing --workers, or 'host' (the "
                         "devices of one process). Default 1: flat averaging. Averaging methods only")
-    p.add_argument("--outer-optimizer", default="none",
+    p.add_argument("--outer-optimizer",
                    help=f"one of {', '.join(OUTER_OPTIMIZERS)}: at each sync, treat the averaged change since the "
                         "last sync as a gradient of this optimizer (nesterov: DiLoCo). Averaging methods only")
     p.add_argument("--outer-lr", type=float,
                    help="outer learning rate (default 0.7 for nesterov, 1.0 for sgd; sgd at 1.0 = plain averaging)")
     p.add_argument("--outer-momentum", type=float, help="outer momentum (default 0.9 for nesterov, 0 for sgd)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, help="the seed, in [0, 2**32) (default 0); not with --seeds")
     p.add_argument("--dtype", default="float32", help="computation dtype: float32 or bfloat16")
-    p.add_argument("--synthetic-size", type=int, default=10_000, help="examples in the synthetic dataset")
+    p.add_argument("--synthetic-size", type=int, help="examples in the synthetic dataset (default 10000); "
+                                                       "--dataset synthetic only")
     p.add_argument("--out", default="results", help="output folder")
     p.add_argument("--checkpoint-every", type=int,
                    help="checkpoint interval in steps (default: whole epochs covering >= 200 steps; 0: only at the end)")
@@ -281,7 +360,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--distributed-timeout", type=int, default=60,
                    help="seconds to wait for the coordinator; a dead peer is detected within about this time too")
     p.add_argument("--resume", action="store_true",
-                   help="continue every run in --out from its latest checkpoint (finished runs are kept)")
+                   help="continue every run in --out from its latest checkpoint (finished runs are kept; a run "
+                        "with no complete checkpoint starts from step 0; a changed configuration is refused)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -317,15 +397,19 @@ def from_args(args: argparse.Namespace) -> tuple[list[Config], RunOptions]:
         for m in methods:
             if m not in METHODS:
                 raise ConfigError(f"--compare: unknown method {m!r}; accepted values: {', '.join(METHODS)}")
-        if not methods or len(set(methods)) != len(methods):
-            raise ConfigError("--compare needs distinct method names")
+        if not methods:
+            raise ConfigError(f"--compare needs at least one method; accepted values: {', '.join(METHODS)}")
+        twice = sorted({m for m in methods if methods.count(m) > 1})
+        if twice:
+            raise ConfigError(f"--compare names {', '.join(twice)} twice: each method runs once per seed")
     else:
         methods = [_method(args.strategy, args.schedule)]
-    seeds = _ints(args.seeds, "--seeds") if args.seeds else (args.seed,)
-    group_size = _group_size(args.group_size)
-    outer = _outer(args.outer_optimizer, args.outer_lr, args.outer_momentum)
-    if len(set(seeds)) != len(seeds):
-        raise ConfigError("--seeds needs distinct seeds")
+    seeds = _seeds(args.seeds, args.seed)
+    for warning in unread_flags(args, methods, dataset):
+        print(f"warning: {warning}", file=sys.stderr)
+    group_size = _group_size(args.group_size or str(Config.group_size))
+    outer = _outer(args.outer_optimizer or Config.outer_optimizer, args.outer_lr, args.outer_momentum)
+    given = lambda value, default: default if value is None else value  # noqa: E731
     base = Config(
         dataset=dataset,
         data_dir=args.data_dir,
@@ -338,17 +422,17 @@ def from_args(args: argparse.Namespace) -> tuple[list[Config], RunOptions]:
         lr=args.lr if args.lr is not None else defaults["lr"],
         lr_schedule=args.lr_schedule,
         lr_decay_epochs=_ints(args.lr_decay_epochs, "--lr-decay-epochs") if args.lr_decay_epochs else (),
-        lr_decay_factor=args.lr_decay_factor,
+        lr_decay_factor=given(args.lr_decay_factor, Config.lr_decay_factor),
         momentum=args.momentum if args.momentum is not None else defaults["momentum"],
         weight_decay=args.weight_decay if args.weight_decay is not None else defaults["weight_decay"],
-        avg_period=args.avg_period,
-        local_warmup_epochs=args.local_warmup_epochs,
-        qsgd_levels=args.qsgd_levels,
-        qsgd_bucket_size=args.qsgd_bucket_size,
+        avg_period=given(args.avg_period, Config.avg_period),
+        local_warmup_epochs=given(args.local_warmup_epochs, Config.local_warmup_epochs),
+        qsgd_levels=given(args.qsgd_levels, Config.qsgd_levels),
+        qsgd_bucket_size=given(args.qsgd_bucket_size, Config.qsgd_bucket_size),
         group_size=group_size,
         **outer,
         dtype=args.dtype,
-        synthetic_size=args.synthetic_size,
+        synthetic_size=given(args.synthetic_size, Config.synthetic_size),
         augment=augmentation(dataset, args.augment),
     )
     validate(base)
@@ -368,6 +452,41 @@ def from_args(args: argparse.Namespace) -> tuple[list[Config], RunOptions]:
     # Groups and outer optimizers belong to parameter averaging; allreduce and qsgd run without them.
     runs = [base.replace(method=m, seed=s) for s in seeds for m in methods]
     return [c if c.averaging else c.replace(**flat) for c in runs], options
+
+
+def unread_flags(args: argparse.Namespace, methods: list[str], dataset: str) -> list[str]:
+    """Refuse (ConfigError) a flag that was given (is not None) but that no run of ``methods`` on
+    ``dataset`` reads; returns one-line warnings for the flags that are only warned about.
+
+    ``--avg-period`` is only warned about: scripts that sweep methods pass the budget to every run
+    (``experiments.net`` does), and refusing it would break them.
+    """
+    schedule = args.lr_schedule or "step"
+    averaging = [m for m, (strategy, _) in METHODS.items() if strategy == "average"]
+    with_period = [m for m, (_, name) in METHODS.items() if name not in (None, "full_sync")]
+    trains = f"this run trains {', '.join(methods)}"
+    on_schedule = (schedule == "step", "--lr-schedule step", f"this run has --lr-schedule {schedule}")
+    with_groups = (bool(set(methods) & set(averaging)), f"the averaging methods ({', '.join(averaging)})", trains)
+    # flag: (its value, whether this run reads it, who reads it, what this run has instead)
+    rules = {
+        "--lr-decay-epochs": (args.lr_decay_epochs, *on_schedule),
+        "--lr-decay-factor": (args.lr_decay_factor, *on_schedule),
+        "--local-warmup-epochs": (args.local_warmup_epochs, "post_local" in methods, "post_local", trains),
+        "--qsgd-levels": (args.qsgd_levels, "qsgd" in methods, "qsgd", trains),
+        "--qsgd-bucket-size": (args.qsgd_bucket_size, "qsgd" in methods, "qsgd", trains),
+        "--synthetic-size": (args.synthetic_size, dataset == "synthetic", "--dataset synthetic",
+                             f"this run has --dataset {dataset}"),
+        "--data-dir": (args.data_dir, dataset in ("cifar10", "cifar100") or is_tfds(dataset),
+                       "--dataset cifar10, cifar100 and tfds:NAME", f"this run has --dataset {dataset}"),
+        "--group-size": (args.group_size, *with_groups),
+        "--outer-optimizer": (args.outer_optimizer, *with_groups),
+    }
+    for flag, (value, read, readers, instead) in rules.items():
+        if value is not None and not read:
+            raise ConfigError(f"{flag} is read only by {readers}, and {instead}: drop {flag}")
+    if args.avg_period is not None and not set(methods) & set(with_period):
+        return [f"--avg-period is read only by {', '.join(with_period)}, and {trains}: it changes nothing"]
+    return []
 
 
 def _group_size(text: str) -> Union[int, str]:
@@ -443,12 +562,13 @@ def validate(c: Config) -> None:
          f"{', '.join(str(d) for d in range(1, c.workers + 1) if c.workers % d == 0)})")
     need(c.batch_size >= 1, f"--batch-size must be >= 1, got {c.batch_size}")
     need(c.epochs >= 1, f"--epochs must be >= 1, got {c.epochs}")
-    need(c.lr > 0, f"--lr must be > 0, got {c.lr}")
+    need(math.isfinite(c.lr) and c.lr > 0, f"--lr must be a finite number > 0, got {c.lr}")
     need(0 < c.lr_decay_factor <= 1, f"--lr-decay-factor must be in (0, 1], got {c.lr_decay_factor}")
     need(all(0 < e < c.epochs for e in c.lr_decay_epochs) and list(c.lr_decay_epochs) == sorted(set(c.lr_decay_epochs)),
          f"--lr-decay-epochs must be increasing epochs in (0, {c.epochs}), got {c.lr_decay_epochs}")
     need(0 <= c.momentum < 1, f"--momentum must be in [0, 1), got {c.momentum}")
-    need(c.weight_decay >= 0, f"--weight-decay must be >= 0, got {c.weight_decay}")
+    need(math.isfinite(c.weight_decay) and c.weight_decay >= 0,
+         f"--weight-decay must be a finite number >= 0, got {c.weight_decay}")
     need(c.avg_period >= 1, f"--avg-period must be >= 1, got {c.avg_period}")
     need(0 <= c.local_warmup_epochs < c.epochs, f"--local-warmup-epochs must be in [0, {c.epochs}), got {c.local_warmup_epochs}")
     need(c.post_local_warmup == POST_LOCAL_WARMUP,
@@ -457,6 +577,11 @@ def validate(c: Config) -> None:
     need(1 <= c.qsgd_levels <= MAX_QSGD_LEVELS, f"--qsgd-levels must be in [1, {MAX_QSGD_LEVELS}], got {c.qsgd_levels}")
     need(c.qsgd_bucket_size >= 1, f"--qsgd-bucket-size must be >= 1, got {c.qsgd_bucket_size}")
     need(c.synthetic_size >= 1, f"--synthetic-size must be >= 1, got {c.synthetic_size}")
+    need(type(c.seed) is int and 0 <= c.seed < SEED_LIMIT, f"--seed must be an integer in [0, 2**32), got {c.seed!r}")
+    try:
+        parse_partition(c.partition)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     need(c.group_size == "host" or (type(c.group_size) is int and c.group_size >= 1 and c.workers % c.group_size == 0),
          f"--group-size must divide --workers {c.workers} (accepted: "
          f"{', '.join(str(d) for d in range(1, c.workers + 1) if c.workers % d == 0)} or host), got {c.group_size!r}")

@@ -20,18 +20,18 @@ Batches are laid out [W, B, ...]: worker w gets row w.
 from __future__ import annotations
 
 import dataclasses
-import math
 import queue
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 
 from experiments import cifar_release, sources
 from experiments.config import AUGMENT_MODES, AUGMENTATIONS, TFDS_PREFIX, augmentation, is_tfds
+from experiments.config import PartitionScheme, parse_partition  # noqa: F401  (callers use data.parse_partition)
 from experiments.names import DATASETS
 from experiments.sources import DataUnavailableError  # noqa: F401  (raised by load; callers catch data.DataUnavailableError)
 
@@ -149,31 +149,6 @@ def channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np
     mean = total / count
     std = np.sqrt(np.maximum(total_sq / count - np.square(mean), 0.0))
     return mean.astype(np.float32), std.astype(np.float32)
-
-
-class PartitionScheme(NamedTuple):
-    """A parsed ``--partition`` value: kind "iid" or "dirichlet" (with alpha > 0)."""
-
-    kind: str
-    alpha: float | None = None
-
-
-def parse_partition(text: str) -> PartitionScheme:
-    """Parse ``iid`` or ``dirichlet:ALPHA`` (finite ALPHA > 0); ValueError otherwise."""
-    value = text.strip()
-    if value == "iid":
-        return PartitionScheme("iid")
-    if value.startswith("dirichlet:"):
-        try:
-            alpha = float(value[len("dirichlet:") :])
-        except ValueError:
-            alpha = math.nan
-        if math.isfinite(alpha) and alpha > 0:
-            return PartitionScheme("dirichlet", alpha)
-    raise ValueError(
-        f"--partition: invalid value {text!r}; accepted forms are 'iid' and 'dirichlet:ALPHA' "
-        "with a finite ALPHA > 0 (e.g. 'dirichlet:0.1'; smaller ALPHA = more label skew)"
-    )
 
 
 def partition(

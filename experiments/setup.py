@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from typing import Any, Optional
 
 import jax
@@ -76,27 +77,41 @@ def _layout(config: Config, available: list) -> distributed.Layout:
 
 
 def _resume_point(config: Config, run_dir: str) -> tuple[Optional[int], bool]:
-    """(checkpoint step, finished) of a run to resume; ConfigError if it cannot be."""
+    """(checkpoint step, finished) of a run to resume; (None, False) when it starts from step 0.
+
+    A run with no complete checkpoint (it never started, was killed before or during its first save,
+    or its checkpoints were deleted) starts over, saying so in one line: a preempted job requeued with
+    the same command then simply starts again. ConfigError when the run folder's config.json differs
+    from ``config`` or cannot be read, whatever the checkpoints.
+    """
     if not os.path.isdir(run_dir):
         return None, False  # never started: it starts now
     name = os.path.basename(run_dir)
+    config_path, saved = os.path.join(run_dir, results.CONFIG), None
+    if os.path.exists(config_path):  # written when the run starts; missing only if it was killed right then
+        try:
+            saved = results.read_json(config_path)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"--resume: {run_dir} has no readable {results.CONFIG} ({err}); "
+                              "drop --resume to start the run over") from None
+        diffs = config_differences(saved, config)
+        if diffs:
+            advice = ("This version cannot continue it: start it over in another --out"
+                      if any(CHANGED_MEANING in d for d in diffs) else "Use the same flags, or another --out")
+            raise ConfigError(f"--resume refused for {name}: the configuration differs from the checkpointed run in "
+                              f"{'; '.join(diffs)}. {advice}")
+        if os.path.isfile(os.path.join(run_dir, results.SUMMARY)):
+            return None, True
     try:
-        saved = results.read_json(os.path.join(run_dir, results.CONFIG))
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"--resume: {run_dir} has no readable {results.CONFIG} ({err}); "
-                          "drop --resume to start the run over") from None
-    diffs = config_differences(saved, config)
-    if diffs:
-        advice = ("This version cannot continue it: start it over in another --out"
-                  if any(CHANGED_MEANING in d for d in diffs) else "Use the same flags, or another --out")
-        raise ConfigError(f"--resume refused for {name}: the configuration differs from the checkpointed run in "
-                          f"{'; '.join(diffs)}. {advice}")
-    if os.path.isfile(os.path.join(run_dir, results.SUMMARY)):
-        return None, True
-    try:
-        return checkpoint.check_resumable(run_dir), False
+        step = checkpoint.check_resumable(run_dir)
     except checkpoint.CheckpointError as err:
-        raise ConfigError(f"--resume: {name}: {err}; drop --resume to start the run over") from None
+        if jax.process_index() == 0:
+            print(f"--resume: {name} has {err}: starting it from step 0", file=sys.stderr, flush=True)
+        return None, False
+    if saved is None:
+        raise ConfigError(f"--resume: {run_dir} has checkpoints but no {results.CONFIG} to compare the flags with; "
+                          "drop --resume to start the run over")
+    return step, False
 
 
 def prepare(config: Config, dataset: Optional[data.Dataset] = None, options: RunOptions = RunOptions()) -> Setup:
@@ -121,7 +136,7 @@ def prepare(config: Config, dataset: Optional[data.Dataset] = None, options: Run
         raise ConfigError(str(err)) from None
     total = config.epochs * loader.steps_per_epoch
     if total < config.avg_period:
-        raise ConfigError(f"--avg-period {config.avg_period} exceeds the run's {total} steps")
+        raise ConfigError(f"--avg-period must be in [1, {total}] (the run's steps), got {config.avg_period}")
     lr_fn = methods.lr_schedule(config, loader.steps_per_epoch, total)
     try:
         schedule = methods.make_schedule(config, total, loader.steps_per_epoch, lr_fn)

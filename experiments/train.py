@@ -110,6 +110,9 @@ class Run:
         self.p_eval_step = distributed.shard_map_step(A.make_eval_step(eval_fn, layout.axes), layout,
                                                       donate_state=False)
         self.state = distributed.replicate(strategy.init(params, model_state, jax.random.PRNGKey(config.seed)), layout)
+        # Compile the check that guards every checkpoint now: compiled at the first save, it made that save
+        # 2-4x slower (0.3-0.4 s instead of 0.1 s for the digits MLP on 2 busy cores), and a kill then loses the run.
+        _all_finite(self.state.params)
         self.primary = jax.process_index() == 0  # writes the shared files; every process writes checkpoint shards
         self.start, self.timed_s, self.timed_steps, self.last = 0, 0.0, 0, {}
         name = results.run_name(config.label, config.seed)

@@ -1,5 +1,5 @@
-"""End to end: ``python -m experiments.cifar`` on digits, every method, and
-the one-line errors for bad input."""
+"""End to end: ``python -m experiments.cifar`` on digits, every method. The one-line errors for bad
+flags are in test_bad_input.py."""
 
 import json
 import os
@@ -57,7 +57,6 @@ def test_every_method_writes_parseable_results(compare_dir):
         synced = [row["synced"] for row in run.metrics]
         assert run.summary["syncs"] == sum(synced) == run.metrics[-1]["syncs"], method
         assert synced == replay(run), method  # the summary's syncs are the schedule's
-        assert 0.0 < run.summary["test_accuracy"] <= 1.0 and np.isfinite(run.summary["final_train_loss"])
         assert run.summary["config"]["method"] == method
     assert runs["cpsgd"].summary["syncs"] == steps // 4
     assert runs["allreduce"].summary["syncs"] == runs["full_sync"].summary["syncs"] == steps
@@ -73,6 +72,22 @@ def test_every_method_writes_parseable_results(compare_dir):
     assert pl["bytes"] == warmup * pl["param_bytes"] + averages * (pl["param_bytes"] + 8)
     variances = [row["variance"] for row in runs["cpsgd"].metrics]
     assert all((v is None) == (s == 0) for v, s in zip(variances, (r["synced"] for r in runs["cpsgd"].metrics)))
+
+
+# Measured on compare_dir's runs (digits, seed 0, 2 epochs = 22 steps, budget 4): every method's averaged
+# model scores 0.808-0.814 on the test set (chance: 0.1) and ends at a training loss of 1.12-1.14 from
+# 2.45 at the first step. The bars leave a margin for other platforms and versions.
+LEARNED_TEST_ACCURACY = 0.70
+LEARNED_LOSS_RATIO = 0.6
+
+
+def test_every_method_learns(compare_dir):
+    runs = {r.method: r for r in results.finished_runs(str(compare_dir))}
+    assert set(runs) == set(METHODS)
+    for method, run in runs.items():
+        assert run.summary["test_accuracy"] >= LEARNED_TEST_ACCURACY, (method, run.summary["test_accuracy"])
+        first_loss = run.metrics[0]["loss"]
+        assert run.summary["final_train_loss"] <= LEARNED_LOSS_RATIO * first_loss, (method, run.summary)
 
 
 def test_report_table_and_plots(compare_dir):
@@ -94,48 +109,6 @@ def test_time_model_in_report_matches_formula(compare_dir):
     bw = 10e9 / 8
     expected = s["compute_s"] + s["syncs"] * (2 * 7 * 10e-6 + 2 * 7 / 8 * per_round / bw)
     assert report.simulated_time(run, 8, 10, 10e-6) == pytest.approx(expected)
-
-
-BAD = [
-    (["--dataset", "imagenet"], "--dataset"),
-    (["--dataset", "digits", "--schedule", "sometimes"], "--schedule"),
-    (["--dataset", "digits", "--strategy", "gossip"], "--strategy"),
-    (["--dataset", "digits", "--compare", "cpsgd,magic"], "--compare"),
-    (["--dataset", "digits", "--epochs", "0"], "--epochs"),
-    (["--dataset", "digits", "--epochs", "-3"], "--epochs"),
-    (["--dataset", "digits", "--batch-size", "1000"], "--batch-size"),
-    (["--dataset", "digits", "--workers", "16", "--devices", "16"], "--devices 16 is more than the 8 CPU device"),
-    (["--dataset", "digits", "--devices", "3"], "--devices 3 must divide --workers 8 (accepted: 1, 2, 4, 8)"),
-    (["--dataset", "digits", "--devices", "0"], "--devices must be >= 1"),
-    (["--dataset", "digits", "--avg-period", "0"], "--avg-period"),
-    (["--dataset", "digits", "--partition", "dirichlet:0"], "--partition"),
-    (["--dataset", "digits", "--model", "transformer"], "--model"),
-    (["--dataset", "digits", "--strategy", "qsgd", "--schedule", "adpsgd"], "--schedule"),
-    (["--dataset", "digits", "--group-size", "3"], "--group-size"),
-    (["--dataset", "digits", "--group-size", "0"], "--group-size"),
-    (["--dataset", "digits", "--group-size", "some"], "--group-size"),
-    (["--dataset", "digits", "--outer-optimizer", "adam"], "--outer-optimizer"),
-    (["--dataset", "digits", "--outer-optimizer", "nesterov", "--outer-lr", "-0.7"], "--outer-lr"),
-    (["--dataset", "digits", "--outer-optimizer", "sgd", "--outer-momentum", "1.5"], "--outer-momentum"),
-    (["--dataset", "digits", "--outer-lr", "0.5"], "--outer-lr"),
-]
-
-
-@pytest.mark.parametrize("argv,flag", BAD, ids=[" ".join(a[2:]) or a[1] for a, _ in BAD])
-def test_bad_input_is_one_line_error_before_training(tmp_path, capsys, argv, flag):
-    out = tmp_path / "out"
-    assert cifar.main(argv + ["--out", str(out), "--quiet"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and flag in err and "\n" not in err and "Traceback" not in err
-    assert not out.exists()  # nothing written
-
-
-def test_unwritable_output_folder(tmp_path, capsys):
-    blocker = tmp_path / "file"
-    blocker.write_text("x")
-    assert cifar.main(["--dataset", "digits", "--out", str(blocker / "sub"), "--quiet"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: --out") and "\n" not in err
 
 
 def test_cifar_without_data_stops_at_once_with_advice(tmp_path):

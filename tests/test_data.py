@@ -248,7 +248,7 @@ def test_normalize_matches_numpy():
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-6, atol=1e-6)
 
 
-def wait_for_prefetch_threads(timeout=5.0):
+def wait_for_prefetch_threads(timeout=60.0):  # a guard against a hang: returns at once when they end
     deadline = time.monotonic() + timeout
     for t in [t for t in threading.enumerate() if t.name == "adpsgd-prefetch"]:
         t.join(max(0.0, deadline - time.monotonic()))

