@@ -303,6 +303,13 @@ def parser() -> argparse.ArgumentParser:
                    help=f"one of {', '.join(AUGMENTATIONS)}: random crops of the zero-padded training images (padding "
                         "an eighth of the shorter side, 4 pixels on 32x32) and / or horizontal flips. auto: crop-flip "
                         "for cifar10 / cifar100 (and tfds:cifar10 / tfds:cifar100), none for the rest")
+    _method_flags(p)
+    _run_flags(p)
+    return p
+
+
+def _method_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of what is trained: methods, seeds, workers and devices, optimisation, budget, options."""
     p.add_argument("--strategy", help=f"one of {', '.join(STRATEGIES)} (default average)")
     p.add_argument("--schedule", help=f"averaging schedule for --strategy average: one of {', '.join(SCHEDULES)} "
                                       "(constant is CPSGD; default adpsgd)")
@@ -349,6 +356,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", help="computation dtype: float32 or bfloat16")
     p.add_argument("--synthetic-size", type=int, help="examples in the synthetic dataset (default 10000); "
                                                        "--dataset synthetic only")
+
+
+def _run_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of how runs are executed and saved: output, checkpoints, processes, display."""
     p.add_argument("--out", default="results", help="output folder")
     p.add_argument("--checkpoint-every", type=int,
                    help="checkpoint interval in steps (default: whole epochs covering >= 200 steps; 0: only at the end)")
@@ -364,7 +375,6 @@ def parser() -> argparse.ArgumentParser:
                         "with no complete checkpoint starts from step 0; a changed configuration is refused)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    return p
 
 
 def _method(strategy: Optional[str], schedule: Optional[str]) -> str:
