@@ -136,10 +136,11 @@ class RunOptions:
         return self.coordinator is not None
 
 
-def default_cpu_devices(workers: int, processes: int = 1) -> int:
-    """Virtual CPU devices for ``workers`` workers without --devices: the most,
-    up to ``names.CPU_DEVICES``, that divides the workers and is whole per process."""
-    return max(d for d in range(processes, max(CPU_DEVICES, processes) + 1, processes) if workers % d == 0)
+def default_cpu_devices(workers: int, processes: int = 1, limit: int = CPU_DEVICES) -> int:
+    """Devices for ``workers`` workers without --devices: the most, up to
+    ``limit`` (virtual CPU devices: ``names.CPU_DEVICES``), that divides the
+    workers and is whole per process."""
+    return max(d for d in range(processes, max(limit, processes) + 1, processes) if workers % d == 0)
 
 
 def cpu_devices_per_process(config: "Config", processes: int = 1) -> int:

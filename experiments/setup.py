@@ -50,8 +50,7 @@ def default_devices(config: Config, available: list) -> int:
     (and is whole per process); CPU, ``config.default_cpu_devices``."""
     if available[0].platform == "cpu":
         return min(default_cpu_devices(config.workers, jax.process_count()), len(available))
-    p = jax.process_count()
-    return max(d for d in range(p, len(available) + 1, p) if config.workers % d == 0)
+    return default_cpu_devices(config.workers, jax.process_count(), limit=len(available))
 
 
 def _layout(config: Config, available: list) -> distributed.Layout:

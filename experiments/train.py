@@ -25,7 +25,6 @@ import adpsgd_jax as A
 from adpsgd_jax import comm, distributed
 from experiments import checkpoint, data, methods, models, results
 from experiments.config import Config, RunOptions
-from experiments.methods import make_optimizer, model_fns  # noqa: F401  (the benchmarks' entry points)
 from experiments.setup import Setup, prepare  # noqa: F401  (callers build a run with train.prepare)
 
 

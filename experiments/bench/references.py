@@ -9,21 +9,21 @@ from experiments import config as cfg
 
 
 def image_task(model_name: str, per_device_batch: int, num_devices: int):
-    """The training run's model, loss and optimizer (``train.model_fns`` / ``make_optimizer``, CIFAR recipe:
+    """The training run's model, loss and optimizer (``methods.model_fns`` / ``make_optimizer``, CIFAR recipe:
     lr 0.1, momentum 0.9, weight decay 5e-4) on the synthetic CIFAR-shaped set, and a fixed batch
     [D, B, 32, 32, 3] of it."""
     import jax
 
-    from experiments import data, models, train
+    from experiments import data, methods, models
 
     config = cfg.Config(dataset="synthetic", model=model_name)
     dataset = data.load("synthetic", synthetic_size=num_devices * per_device_batch)
-    model, loss_fn, _ = train.model_fns(config, dataset)
+    model, loss_fn, _ = methods.model_fns(config, dataset)
     params, model_state = models.init(model, jax.random.PRNGKey(0), dataset.train_images.shape[1:])
     shape = (num_devices, per_device_batch)
     batch = {"image": dataset.train_images.reshape(shape + dataset.train_images.shape[1:]),
              "label": dataset.train_labels.reshape(shape)}
-    optimizer = train.make_optimizer(config, config.lr)
+    optimizer = methods.make_optimizer(config, config.lr)
     return model, params, model_state, loss_fn, optimizer, batch, (dataset.mean, dataset.std)
 
 
