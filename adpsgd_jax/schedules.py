@@ -288,6 +288,27 @@ class PlannedState(NamedTuple):
     plan_lr: Array  # float32[]: learning rate at the last plan.
 
 
+class TrendState(NamedTuple):
+    """State of ``adpsgd(forecast="trend")``: the plan's state and an online
+    least-squares fit of log g against position over the current
+    learning-rate phase (Welford's updates; reset when a phase starts)."""
+
+    planned: PlannedState
+    phase_start: Array  # int32[]: position where the current phase's fit began.
+    fits: Array  # int32[]: measurements in the fit.
+    mean_pos: Array  # float32[]: mean position of those measurements (period midpoints, from phase_start).
+    mean_log: Array  # float32[]: mean log g.
+    c_pp: Array  # float32[]: sum of squared position deviations.
+    c_pl: Array  # float32[]: sum of position x log g deviation products.
+
+    @property
+    def period(self) -> Array:
+        return self.planned.period
+
+
+FORECASTS = ("ema", "trend")  # adpsgd's forecast of the growth rate beyond the last measurement
+
+
 def resolve_budget(total_steps: int, avg_period: Optional[int] = None, num_syncs: Optional[int] = None) -> int:
     """The sync budget C: ``num_syncs``, or floor(T / avg_period) (the count
     CPSGD with period ``avg_period`` performs). Exactly one must be given."""
@@ -327,6 +348,24 @@ def _lr_tables(total_steps: int, lr_schedule: Optional[ScheduleFn], kappa: float
     return jnp.asarray(lr_at, jnp.float32), jnp.asarray(weights, jnp.float32)
 
 
+def _phase_ends(total_steps: int, lr_at, factor: float) -> np.ndarray:
+    """int32 [T + 1]: the end of each position's learning-rate phase.
+
+    Phases are cut greedily from position 0: a phase starting at b ends at
+    the first s > b where |log(gamma(s) / gamma(b))| >= log(factor) (T if
+    none). ``ends[u]`` is the end of the phase holding u. One pass on the host.
+    """
+    log_lr, limit = np.log(np.asarray(lr_at, np.float64)[:total_steps]), np.log(factor)
+    ends = np.empty(total_steps + 1, np.int32)
+    start = 0
+    for s in range(1, total_steps + 1):
+        if s == total_steps or abs(log_lr[s] - log_lr[start]) >= limit:
+            ends[start:s] = s
+            start = s
+    ends[total_steps] = total_steps
+    return ends
+
+
 def _planned(
     total_steps: int,
     avg_period: Optional[int],
@@ -340,8 +379,12 @@ def _planned(
     max_period: Optional[int],
     warmup_steps: int,
     feedback: bool,
+    forecast: str = "ema",
 ) -> Schedule:
     T = _check_int("total_steps", total_steps, 1)
+    if forecast not in FORECASTS:
+        raise ValueError(f"forecast must be one of {', '.join(FORECASTS)}, got {forecast!r}")
+    trend = forecast == "trend"
     C = resolve_budget(T, avg_period, num_syncs)
     if not 0.0 < alpha <= 4.0:
         raise ValueError(f"alpha must be in (0, 4], got {alpha!r}")
@@ -363,6 +406,44 @@ def _planned(
     root = 1.0 / (alpha + 1.0)
     lr_at, weights = _lr_tables(T, lr_schedule, kappa)
     log_factor = float(np.log(replan_lr_factor))
+    if trend:
+        ends_np = _phase_ends(T, lr_at, replan_lr_factor)
+        starts_np = np.zeros(T + 1, np.int32)  # start of the phase holding each position
+        for u in range(1, T + 1):
+            starts_np[u] = u if ends_np[u - 1] == u else starts_np[u - 1]
+        ends, starts = jnp.asarray(ends_np), jnp.asarray(starts_np)
+        powered = jnp.asarray(np.asarray(lr_at, np.float64)[:T] ** kappa, jnp.float32)
+        positions = jnp.arange(T, dtype=jnp.int32)
+
+    def trend_weight(position, slope):
+        """W_b(u) = sum_{s >= u} (gamma(s)/gamma(u))^kappa exp(b/(alpha+1) (min(s, e(u)) - u)):
+        the forecast a(s) = a(u) (gamma(s)/gamma(u))^2 exp(b (min(s, e(u)) - u)), with b the fitted
+        log-slope of g over the current phase, held from the phase's end e(u) on."""
+        u = jnp.minimum(position, T)
+        ahead = jnp.minimum(positions, ends[u]) - u
+        exponent = jnp.clip(slope * root * ahead.astype(jnp.float32), -30.0, 10.0)
+        terms = jnp.where(positions >= u, powered / (lr_at[u] ** kappa) * jnp.exp(exponent), 0.0)
+        return jnp.sum(terms)
+
+    def fit_update(state, position, growth):
+        """Welford's update of the phase's least-squares fit of log g against the period's midpoint."""
+        mid = (state.planned.last_sync + position) // 2
+        phase = starts[mid]
+        fresh = phase != state.phase_start
+        fits = jnp.where(fresh, 0, state.fits) + 1
+        x = (mid - phase).astype(jnp.float32)
+        y = jnp.log(jnp.maximum(growth, 1e-30))
+        mean_pos, mean_log = jnp.where(fresh, 0.0, state.mean_pos), jnp.where(fresh, 0.0, state.mean_log)
+        c_pp, c_pl = jnp.where(fresh, 0.0, state.c_pp), jnp.where(fresh, 0.0, state.c_pl)
+        dx = x - mean_pos
+        mean_pos = mean_pos + dx / fits
+        mean_log = mean_log + (y - mean_log) / fits
+        c_pp, c_pl = c_pp + dx * (x - mean_pos), c_pl + dx * (y - mean_log)
+        slope = jnp.where((fits >= 3) & (c_pp > 0), c_pl / jnp.maximum(c_pp, 1e-30), 0.0)
+        fit = dict(phase_start=phase.astype(jnp.int32), fits=fits.astype(jnp.int32),
+                   mean_pos=mean_pos.astype(jnp.float32), mean_log=mean_log.astype(jnp.float32),
+                   c_pp=c_pp.astype(jnp.float32), c_pl=c_pl.astype(jnp.float32))
+        return fit, slope
 
     def choose_period(position, syncs_left, raw):
         """Round and clip a planned period so the owed syncs still fit."""
@@ -376,7 +457,7 @@ def _planned(
         # end of the warm-up (T_w = 0 without one), where the workers are
         # identical and the budget's C syncs start.
         period = choose_period(warmup, C, weights[warmup] / C)
-        return PlannedState(
+        planned = PlannedState(
             period=period,
             next_sync=(warmup + period).astype(jnp.int32),
             last_sync=_i32(warmup),
@@ -386,12 +467,18 @@ def _planned(
             q=_f32(0.0),
             plan_lr=lr_at[warmup],
         )
+        if not trend:
+            return planned
+        return TrendState(planned, phase_start=_i32(-1), fits=_i32(0), mean_pos=_f32(0.0), mean_log=_f32(0.0),
+                          c_pp=_f32(0.0), c_pl=_f32(0.0))
 
     def should_sync(state, step):
+        state = state.planned if trend else state
         return (step + 1 == state.next_sync) & (state.syncs < C)
 
     def update(state, step, variance, loss):
         del loss
+        whole, state = state, (state.planned if trend else state)
         position = (step + 1).astype(jnp.int32)
         taken = jnp.maximum(position - state.last_sync, 1).astype(jnp.float32)
         # Growth per unit squared learning rate: V / p^alpha over the period's
@@ -410,13 +497,17 @@ def _planned(
         if not feedback:
             plan = jnp.asarray(True)
         a_root = jnp.maximum(a_hat * lr_now**2, 1e-30) ** root  # a(t)^(1/(alpha+1))
-        w_over_r = weights[jnp.minimum(position, T)] / jnp.maximum(left, 1)
+        if trend:
+            fit, slope = fit_update(whole, position, growth)
+            w_over_r = trend_weight(position, slope) / jnp.maximum(left, 1)
+        else:
+            w_over_r = weights[jnp.minimum(position, T)] / jnp.maximum(left, 1)
         q = jnp.where(plan, a_root * w_over_r, state.q)
         raw = w_over_r if not feedback else q / a_root
         # Once the budget is spent no period is in force; keep reporting the last one.
         period = jnp.where(left > 0, choose_period(position, left, raw), state.period)
         next_sync = jnp.where(left > 0, position + period, T + 1)
-        return PlannedState(
+        planned = PlannedState(
             period=period.astype(jnp.int32),
             next_sync=next_sync.astype(jnp.int32),
             last_sync=position,
@@ -426,6 +517,7 @@ def _planned(
             q=q.astype(jnp.float32),
             plan_lr=jnp.where(plan, lr_now, state.plan_lr).astype(jnp.float32),
         )
+        return TrendState(planned, **fit) if trend else planned
 
     return Schedule(init, should_sync, update, _warmup(warmup))
 
@@ -443,6 +535,7 @@ def adpsgd(
     min_period: int = 1,
     max_period: Optional[int] = None,
     warmup_steps: int = 0,
+    forecast: str = "ema",
 ) -> Schedule:
     """ADPSGD: adaptive periodic averaging driven by the measured variance.
 
@@ -475,9 +568,18 @@ def adpsgd(
         a constant learning rate.
       alpha: variance growth exponent, V(p) ~ a p^alpha.
       ema: weight of the newest measurement in a_hat.
+      forecast: how a plan sees the growth rate ahead. ``"ema"``: a(s) =
+        a_hat * gamma(s)^2 for every s >= u, the rule above. ``"trend"``:
+        the measurements g of the current learning-rate phase (cut where the
+        rate moves by ``replan_lr_factor``) are fitted by least squares,
+        log g ~ b * position, and a plan uses W_b(u) = sum_{s >= u}
+        (gamma(s)/gamma(u))^kappa * exp(b / (alpha + 1) * (min(s, e(u)) - u))
+        in place of W(u), with e(u) the phase's end: the trend continues to
+        the end of the phase and is held after it (b = 0 until 3
+        measurements). O(T) work per sync, inside the sync branch.
     """
     return _planned(total_steps, avg_period, num_syncs, lr_schedule, alpha, ema, replan_every,
-                    replan_lr_factor, min_period, max_period, warmup_steps, feedback=True)
+                    replan_lr_factor, min_period, max_period, warmup_steps, feedback=True, forecast=forecast)
 
 
 def lr_proportional(

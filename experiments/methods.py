@@ -73,6 +73,8 @@ def make_schedule(config: Config, total_steps: int, steps_per_epoch: int, lr_fn)
         return schedules.adacomm(period=2 * p, interval=steps_per_epoch)
     if name == "adpsgd":
         return schedules.adpsgd(total_steps, p, lr_schedule=lr_fn)
+    if name == "adpsgd_trend":
+        return schedules.adpsgd(total_steps, p, lr_schedule=lr_fn, forecast="trend")
     if name == "lr_proportional":
         return schedules.lr_proportional(total_steps, p, lr_schedule=lr_fn)
     raise AssertionError(name)

@@ -20,6 +20,7 @@ METHODS = {
     "stagewise": ("average", "stagewise"),
     "adacomm": ("average", "adacomm"),
     "adpsgd": ("average", "adpsgd"),
+    "adpsgd_trend": ("average", "adpsgd_trend"),  # ADPSGD whose plans extrapolate the growth rate's trend
     "lr_proportional": ("average", "lr_proportional"),
 }
 STRATEGIES = ("average", "allreduce", "qsgd")

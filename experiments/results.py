@@ -41,7 +41,7 @@ def run_name(label: str, seed: int) -> str:
     return f"{label}-seed{seed}"
 
 
-def _clean(value: Any) -> Any:
+def clean(value: Any) -> Any:
     """JSON-safe: NaN / inf become null, numpy scalars become Python numbers."""
     if hasattr(value, "item"):
         value = value.item()
@@ -115,20 +115,20 @@ class RunWriter:
     def metrics(self, row: dict) -> None:
         if not self.enabled:
             return
-        self._metrics.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
+        self._metrics.write(json.dumps({k: clean(v) for k, v in row.items()}) + "\n")
 
     def evaluation(self, row: dict) -> None:
         if not self.enabled:
             return
-        self._eval.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
+        self._eval.write(json.dumps({k: clean(v) for k, v in row.items()}) + "\n")
 
     def summary(self, summary: dict) -> None:
         """Close the logs, then write summary.json atomically (tmp + rename)."""
         if not self.enabled:
             return
         self.close()
-        clean = {k: _clean(v) if not isinstance(v, dict) else v for k, v in summary.items()}
-        write_json_atomic(os.path.join(self.dir, SUMMARY), clean)
+        cleaned = {k: clean(v) if not isinstance(v, dict) else v for k, v in summary.items()}
+        write_json_atomic(os.path.join(self.dir, SUMMARY), cleaned)
 
     def close(self) -> None:
         if not self.enabled:

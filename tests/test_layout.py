@@ -49,7 +49,7 @@ def test_each_shared_name_is_defined_once():
     assert literal == ["adpsgd_jax/limits.py"], literal  # the QSGD level limit, written out once
 
 
-GENERATED = ("report.md", "bench.md")  # tables that the report and the benchmark write into results folders
+GENERATED = ("report.md", "bench.md", "study.md")  # tables that the report, the benchmark and the study write
 
 
 def markdown_references():

@@ -218,6 +218,7 @@ SCHEDULES = {
     "stagewise": lambda: S.stagewise(2, [30], 2.0),
     "adacomm": lambda: S.adacomm(8, 20),
     "adpsgd": lambda: S.adpsgd(100, 5, lr_schedule=optax.cosine_decay_schedule(0.1, 100)),
+    "adpsgd_trend": lambda: S.adpsgd(100, 5, lr_schedule=optax.cosine_decay_schedule(0.1, 100), forecast="trend"),
     "lr_proportional": lambda: S.lr_proportional(100, 5),
 }
 
@@ -289,3 +290,39 @@ def test_vmap_over_distinct_states(name):
 def test_bad_arguments_raise_value_error(build, match):
     with pytest.raises(ValueError, match=match):
         build()
+
+
+def _syncs_under(sched, T, lr, growth):
+    """Sync positions of ``sched`` when the pre-sync variance is growth(t) * period * lr(t)^2 (alpha = 1)."""
+    update, should_sync = jax.jit(sched.update), jax.jit(sched.should_sync)
+    state, last, syncs = sched.init(), 0, []
+    for t in range(T):
+        if should_sync(state, jnp.int32(t)):
+            variance = growth(t) * (t + 1 - last) * float(lr(t)) ** 2
+            state, last = update(state, jnp.int32(t), jnp.float32(variance), jnp.float32(0.0)), t + 1
+            syncs.append(t + 1)
+    return syncs
+
+
+def test_trend_forecast_moves_syncs_towards_a_falling_growth_rate():
+    # The growth per unit lr^2 falls 7x over the first phase, then holds: the trend forecast sees the
+    # fall and spends more of the budget early in the phase than the EMA forecast, which expects the
+    # last measurement to hold. Both spend the budget exactly; with a constant growth rate the fit's
+    # slope is 0 and the trend forecast is the EMA forecast.
+    T, lr = 330, optax.piecewise_constant_schedule(0.1, {165: 0.1, 242: 0.1})
+    falling = lambda t: 3.0 * np.exp(-0.012 * min(t, 165))  # noqa: E731
+    ema = _syncs_under(S.adpsgd(T, 8, lr_schedule=lr), T, lr, falling)
+    trend = _syncs_under(S.adpsgd(T, 8, lr_schedule=lr, forecast="trend"), T, lr, falling)
+    assert len(ema) == len(trend) == T // 8
+    assert sum(s <= 100 for s in trend) > sum(s <= 100 for s in ema) + 3
+    flat = lambda t: 2.0  # noqa: E731
+    assert _syncs_under(S.adpsgd(T, 8, lr_schedule=lr, forecast="trend"), T, lr, flat) == \
+        _syncs_under(S.adpsgd(T, 8, lr_schedule=lr), T, lr, flat)
+
+
+def test_phase_ends_cut_where_the_rate_moves():
+    lr = np.array([0.1] * 5 + [0.01] * 3 + [0.009] * 2 + [0.001] * 2, np.float64)
+    ends = S._phase_ends(len(lr), lr, 1.5)
+    assert ends.tolist() == [5] * 5 + [10] * 5 + [12] * 2 + [12]
+    with pytest.raises(ValueError, match="forecast must be one of ema, trend"):
+        S.adpsgd(100, 5, forecast="linear")

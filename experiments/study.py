@@ -1,0 +1,278 @@
+"""A study: ``python -m experiments.study [--preset offline | --grid FILE] [--out DIR]``.
+
+Runs a grid of methods x data partitions x learning-rate schedules x
+worker counts x seeds at one communication budget, then writes one table
+(``study.md``, ``study.json``) comparing every method with a baseline
+(CPSGD by default) per setting, and ``loss_vs_bytes.png``.
+
+A setting is one (partition, lr schedule, workers) triple; its runs are
+``experiments.cifar`` runs (every method, every seed) in ``OUT/<setting>/``.
+The study is resumable: finished runs (those with a summary.json and the
+same config) are skipped, an interrupted run continues from its checkpoint,
+so a killed study restarted with the same command loses at most what it had
+not checkpointed. Every setting's flags are checked before the first run
+starts; a grid with a bad value stops with one line naming it.
+
+A grid file is TOML (every key optional except ``methods``; the preset is
+the example)::
+
+    dataset = "digits"
+    methods = ["cpsgd", "adpsgd", "lr_proportional"]
+    baseline = "cpsgd"          # one of methods; every other method is compared with it
+    partitions = ["iid", "dirichlet:0.5"]
+    lr_schedules = ["step", "cosine"]
+    workers = [8, 32]
+    seeds = 5                   # seeds 0 .. 4, or a list of seeds
+    total_batch = 128           # examples per step over all workers (batch per worker = total_batch / workers)
+    args = ["--avg-period", "8"]   # any other experiments.cifar flags, the same for every setting
+
+``total_batch`` keeps the examples per step, hence the steps and the
+learning-rate schedule, the same at every worker count; the budget
+(``--avg-period``) is then the same number of syncs in every setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+import tomllib
+from typing import NamedTuple
+
+from experiments.names import LR_SCHEDULES, METHODS
+
+# The offline preset: digits (ships with scikit-learn), the paper's budget (--avg-period 8), 330 steps a run.
+PRESETS = {
+    "offline": dict(
+        dataset="digits",
+        methods=["cpsgd", "adpsgd", "lr_proportional", "qsr", "trigger", "post_local", "allreduce"],
+        baseline="cpsgd",
+        partitions=["iid", "dirichlet:0.5", "dirichlet:0.1"],
+        lr_schedules=["step", "cosine"],
+        workers=[8, 32],
+        seeds=5,
+        total_batch=128,
+        args=["--avg-period", "8"],
+    ),
+}
+CACHE = ".jax_cache"  # under --out
+GRID_KEYS = ("dataset", "methods", "baseline", "partitions", "lr_schedules", "workers", "seeds", "total_batch",
+             "batch_size", "args")
+# Flags the grid sets itself, per setting: refused in ``args``.
+GRID_FLAGS = ("--dataset", "--compare", "--strategy", "--schedule", "--partition", "--lr-schedule", "--workers",
+              "--batch-size", "--seeds", "--seed", "--out", "--resume", "--quiet", "--no-plots")
+
+
+class StudyError(ValueError):
+    """A bad grid or flag; the message names the key and the accepted values."""
+
+
+class Setting(NamedTuple):
+    """One cell of the grid: every method and seed is run on it."""
+
+    partition: str
+    lr_schedule: str
+    workers: int
+    batch_size: int  # per worker
+
+    @property
+    def name(self) -> str:
+        """Folder name, e.g. ``dirichlet0.5-cosine-n32``."""
+        return f"{self.partition.replace(':', '')}-{self.lr_schedule}-n{self.workers}"
+
+
+class Grid(NamedTuple):
+    dataset: str
+    methods: tuple
+    baseline: str
+    settings: tuple  # of Setting
+    seeds: tuple
+    args: tuple
+
+
+def _list(grid: dict, key: str, kind: type, default=None) -> list:
+    value = grid.get(key, default)
+    if not isinstance(value, list) or not value or not all(isinstance(v, kind) and not isinstance(v, bool)
+                                                           for v in value):
+        raise StudyError(f"grid key {key!r} must be a non-empty list of {kind.__name__}s, got {value!r}")
+    if len(set(value)) != len(value):
+        raise StudyError(f"grid key {key!r} names a value twice: {value!r}")
+    return value
+
+
+def parse_grid(grid: dict) -> Grid:
+    """Check a grid (a preset or a parsed TOML file) and expand its settings; StudyError names the bad key."""
+    unknown = sorted(set(grid) - set(GRID_KEYS))
+    if unknown:
+        raise StudyError(f"unknown grid key(s) {', '.join(unknown)}; accepted keys: {', '.join(GRID_KEYS)}")
+    methods = _list(grid, "methods", str)
+    for m in methods:
+        if m not in METHODS:
+            raise StudyError(f"grid key 'methods': unknown method {m!r}; accepted values: {', '.join(METHODS)}")
+    baseline = grid.get("baseline", "cpsgd")
+    if baseline not in methods:
+        raise StudyError(f"grid key 'baseline' must be one of the grid's methods ({', '.join(methods)}), "
+                         f"got {baseline!r}")
+    partitions = _list(grid, "partitions", str, ["iid"])
+    lr_schedules = _list(grid, "lr_schedules", str, ["step"])
+    for s in lr_schedules:
+        if s not in LR_SCHEDULES:
+            raise StudyError(f"grid key 'lr_schedules': unknown schedule {s!r}; accepted values: "
+                             f"{', '.join(LR_SCHEDULES)}")
+    workers = _list(grid, "workers", int, [8])
+    seeds = grid.get("seeds", 5)
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        if seeds < 1:
+            raise StudyError(f"grid key 'seeds' must be a count >= 1 or a list of seeds, got {seeds!r}")
+        seeds = list(range(seeds))
+    seeds = _list({"seeds": seeds}, "seeds", int)
+    if "total_batch" in grid and "batch_size" in grid:
+        raise StudyError("give one of grid keys 'total_batch' (examples per step over all workers) and "
+                         "'batch_size' (per worker), not both")
+    batches = {}
+    for n in workers:
+        if n < 1:
+            raise StudyError(f"grid key 'workers' takes counts >= 1, got {n}")
+        if "batch_size" in grid:
+            size = grid["batch_size"]
+            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                raise StudyError(f"grid key 'batch_size' must be an integer >= 1 (per worker), got {size!r}")
+            batches[n] = size
+        else:
+            total = grid.get("total_batch", 128)
+            if isinstance(total, bool) or not isinstance(total, int) or total < n or total % n:
+                raise StudyError(f"grid key 'total_batch' must be a multiple of every worker count "
+                                 f"({', '.join(map(str, workers))}), got {total!r}")
+            batches[n] = total // n
+    args = grid.get("args", [])
+    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+        raise StudyError(f"grid key 'args' must be a list of strings (experiments.cifar flags), got {args!r}")
+    clash = sorted({a.split("=")[0] for a in args} & set(GRID_FLAGS))
+    if clash:
+        raise StudyError(f"grid key 'args' must not set {', '.join(clash)}: the grid sets them per setting "
+                         f"(keys {', '.join(GRID_KEYS[:-1])})")
+    dataset = grid.get("dataset", "digits")
+    if not isinstance(dataset, str):
+        raise StudyError(f"grid key 'dataset' must be a string, got {dataset!r}")
+    settings = tuple(Setting(p, s, n, batches[n]) for p in partitions for s in lr_schedules for n in workers)
+    return Grid(dataset, tuple(methods), baseline, settings, tuple(seeds), tuple(args))
+
+
+def setting_argv(grid: Grid, setting: Setting, out: str) -> list:
+    """The experiments.cifar flags of one setting's runs (without --resume)."""
+    return ["--dataset", grid.dataset, "--compare", ",".join(grid.methods), "--partition", setting.partition,
+            "--lr-schedule", setting.lr_schedule, "--workers", str(setting.workers), "--batch-size",
+            str(setting.batch_size), "--seeds", ",".join(map(str, grid.seeds)), "--out",
+            os.path.join(out, setting.name), "--quiet", "--no-plots", *grid.args]
+
+
+def plan(grid: Grid, out: str) -> list:
+    """[(setting, configs, options)] for every setting, every flag checked (no jax, nothing written)."""
+    from experiments import config as cfg
+
+    planned = []
+    for setting in grid.settings:
+        try:
+            configs, options = cfg.from_args(cfg.parser().parse_args(setting_argv(grid, setting, out)))
+        except cfg.ConfigError as err:
+            raise StudyError(f"setting {setting.name}: {err}") from None
+        planned.append((setting, configs, dataclasses.replace(options, resume=True)))
+    devices = {cfg.cpu_devices_per_process(configs[0]) for _, configs, _ in planned}
+    if len(devices) > 1:
+        raise StudyError(f"the settings need different CPU device counts ({sorted(devices)}); give one "
+                         "'--devices D' in the grid's args that divides every worker count")
+    return planned
+
+
+def run(planned: list, progress: bool = True) -> None:
+    """Train every run of every setting that is not finished yet (one process, data loaded once).
+
+    Raises what ``train.train_and_evaluate`` raises (``train.Interrupted`` after a checkpoint on SIGTERM /
+    SIGINT, ``train.NonFiniteError``) and ConfigError when a saved run's config differs from the grid's."""
+    import jax
+    from tqdm import tqdm
+
+    from experiments import cifar, data, train
+
+    first = planned[0][1][0]
+    cifar.request_cpu_devices(first, planned[0][2])
+    # The seeds of a setting compile the same programs (keys and data are inputs): XLA's persistent cache
+    # compiles each once. It changes no result, only the time to the first step.
+    jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.dirname(planned[0][2].out), CACHE))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    dataset = data.load(first.dataset, first.data_dir, synthetic_size=first.synthetic_size, augment=first.augment)
+    total = sum(len(configs) for _, configs, _ in planned)
+    with tqdm(total=total, disable=not progress, unit="run", desc="study") as bar:
+        for setting, configs, options in planned:
+            os.makedirs(options.out, exist_ok=True)
+            for config in configs:
+                started = time.perf_counter()
+                setup = train.prepare(config, dataset, options)
+                done = setup.finished
+                train.train_and_evaluate(setup, options)
+                bar.set_postfix_str(f"{setting.name} {config.label} seed {config.seed} "
+                                    f"{'skipped' if done else f'{time.perf_counter() - started:.1f} s'}")
+                bar.update(1)
+
+
+def load_grid(args: argparse.Namespace) -> dict:
+    if args.grid is None:
+        return PRESETS[args.preset]
+    try:
+        with open(args.grid, "rb") as f:
+            return tomllib.load(f)
+    except OSError as err:
+        raise StudyError(f"--grid: cannot read {args.grid!r} ({err.strerror})") from None
+    except tomllib.TOMLDecodeError as err:
+        raise StudyError(f"--grid: {args.grid!r} is not valid TOML ({err})") from None
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m experiments.study", description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="offline", choices=sorted(PRESETS), help="the grid to run (default offline)")
+    p.add_argument("--grid", help="a TOML grid file instead of the preset (keys: " + ", ".join(GRID_KEYS) + ")")
+    p.add_argument("--seeds", type=int, help="override the grid's seeds with 0 .. N-1")
+    p.add_argument("--out", default="results/study", help="output folder (default results/study)")
+    p.add_argument("--report-only", action="store_true", help="only write the table from the finished runs")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv=None) -> int:
+    from experiments import study_report
+
+    p = parser()
+    args = p.parse_args(argv)
+    try:
+        grid = dict(load_grid(args))
+        if args.seeds is not None:
+            if args.seeds < 1:
+                raise StudyError(f"--seeds must be >= 1, got {args.seeds}")
+            grid["seeds"] = args.seeds
+        planned = plan(parse_grid(grid), args.out)
+    except StudyError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if not args.report_only:
+        from experiments import config as cfg
+        from experiments import data, train
+
+        try:
+            run(planned, progress=not args.quiet)
+        except (cfg.ConfigError, data.DataUnavailableError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        except train.NonFiniteError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 3
+        except train.Interrupted as err:
+            print(f"stopped: {err}; the same command continues the study", file=sys.stderr)
+            return 128 + err.signum
+    print(study_report.write(parse_grid(grid), args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""experiments.study: the grid, the paired statistics, a tiny study run twice (the second run trains nothing)."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from experiments import study, study_report
+
+TINY = dict(dataset="digits", methods=["cpsgd", "adpsgd"], partitions=["iid"], lr_schedules=["cosine"], workers=[4],
+            seeds=2, total_batch=32, args=["--epochs", "1", "--avg-period", "4"])
+
+
+def test_paired_interval_is_the_t_interval():
+    d = [-0.3, -0.1, -0.2, -0.4]
+    mean, low, high = study_report.paired(d)
+    half = 3.182446305284263 * np.std(d, ddof=1) / 2  # t_{0.975, 3} * sd / sqrt(4)
+    assert mean == pytest.approx(-0.25)
+    assert (low, high) == pytest.approx((-0.25 - half, -0.25 + half))
+    assert study_report.verdict(low, high) == "lower"
+    assert study_report.verdict(*study_report.paired([0.2, 0.3, 0.25])[1:]) == "higher"
+    assert study_report.verdict(*study_report.paired([-0.2, 0.3, 0.05])[1:]) == "inconclusive"
+    one = study_report.paired([-1.0])
+    assert one[0] == -1.0 and math.isnan(one[1]) and study_report.verdict(*one[1:]) == "inconclusive"
+
+
+def test_preset_expands_to_every_setting():
+    grid = study.parse_grid(study.PRESETS["offline"])
+    assert len(grid.settings) == 3 * 2 * 2 and grid.seeds == (0, 1, 2, 3, 4)
+    assert {s.batch_size * s.workers for s in grid.settings} == {128}  # the same examples per step everywhere
+    assert grid.baseline == "cpsgd" and "cpsgd" in grid.methods
+    assert len({s.name for s in grid.settings}) == len(grid.settings)
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(colour="red"), "unknown grid key(s) colour"),
+    (dict(methods=["cpsgd", "sgd"]), "unknown method 'sgd'"),
+    (dict(baseline="allreduce"), "'baseline' must be one of the grid's methods"),
+    (dict(methods=[]), "'methods' must be a non-empty list"),
+    (dict(workers=[4, 4]), "names a value twice"),
+    (dict(lr_schedules=["linear"]), "unknown schedule 'linear'"),
+    (dict(total_batch=30, workers=[4, 8]), "multiple of every worker count"),
+    (dict(seeds=0), "'seeds' must be a count >= 1"),
+    (dict(batch_size=8), "not both"),
+    (dict(args=["--workers", "4"]), "must not set --workers"),
+    (dict(args=["--out=elsewhere"]), "must not set --out"),
+])
+def test_bad_grid_is_refused_naming_the_key(change, words):
+    with pytest.raises(study.StudyError, match=None) as err:
+        study.parse_grid({**TINY, **change})
+    assert words in str(err.value)
+
+
+def test_bad_flag_in_a_setting_stops_before_anything_is_written(tmp_path, capsys):
+    grid = tmp_path / "grid.toml"
+    grid.write_text('methods = ["cpsgd"]\nworkers = [4]\ntotal_batch = 32\nargs = ["--epochs", "0"]\n')
+    out = tmp_path / "out"
+    assert study.main(["--grid", str(grid), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: setting iid-step-n4: --epochs") and "\n" not in err
+    assert not out.exists()
+
+
+def test_unreadable_grid_file_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "grid.toml"
+    bad.write_text("methods = [cpsgd\n")
+    assert study.main(["--grid", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "is not valid TOML" in capsys.readouterr().err
+    assert study.main(["--grid", str(tmp_path / "none.toml"), "--out", str(tmp_path / "o")]) == 2
+
+
+def test_tiny_study_writes_the_table_and_skips_finished_runs(tmp_path, capsys):
+    grid = tmp_path / "grid.toml"
+    grid.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in TINY.items()) + "\n")
+    out = str(tmp_path / "study")
+    assert study.main(["--grid", str(grid), "--out", out, "--quiet"]) == 0
+    table = capsys.readouterr().out
+    rows = json.load(open(os.path.join(out, study_report.STUDY_JSON)))["rows"]
+    assert [(r["setting"], r["method"]) for r in rows] == [("iid-cosine-n4", "cpsgd"), ("iid-cosine-n4", "adpsgd")]
+    adpsgd = rows[1]
+    assert adpsgd["seeds"] == [0, 1] and adpsgd["verdict"] in study_report.VERDICTS
+    folder = os.path.join(out, "iid-cosine-n4")
+    summaries = {name: json.load(open(os.path.join(folder, name, "summary.json"))) for name in os.listdir(folder)}
+    loss = [summaries[f"adpsgd-seed{k}"]["final_train_loss"] - summaries[f"cpsgd-seed{k}"]["final_train_loss"]
+            for k in (0, 1)]
+    assert adpsgd["loss_diff"] == pytest.approx(np.mean(loss))
+    assert adpsgd["seeds_won"] == sum(d < 0 for d in loss)
+    assert "| iid-cosine-n4 | adpsgd |" in table and os.path.getsize(os.path.join(out, study_report.STUDY_PLOT)) > 0
+    stamps = {name: os.path.getmtime(os.path.join(folder, name, "metrics.jsonl")) for name in summaries}
+    assert study.main(["--grid", str(grid), "--out", out, "--quiet"]) == 0  # everything finished: nothing retrains
+    assert stamps == {name: os.path.getmtime(os.path.join(folder, name, "metrics.jsonl")) for name in summaries}
+    assert capsys.readouterr().out == table
