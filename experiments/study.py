@@ -234,6 +234,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="offline", choices=sorted(PRESETS), help="the grid to run (default offline)")
     p.add_argument("--grid", help="a TOML grid file instead of the preset (keys: " + ", ".join(GRID_KEYS) + ")")
     p.add_argument("--seeds", type=int, help="override the grid's seeds with 0 .. N-1")
+    p.add_argument("--baseline", help="override the grid's baseline (one of its methods), e.g. to compare "
+                                      "ADPSGD with lr_proportional")
     p.add_argument("--out", default="results/study", help="output folder (default results/study)")
     p.add_argument("--report-only", action="store_true", help="only write the table from the finished runs")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -251,6 +253,8 @@ def main(argv=None) -> int:
             if args.seeds < 1:
                 raise StudyError(f"--seeds must be >= 1, got {args.seeds}")
             grid["seeds"] = args.seeds
+        if args.baseline is not None:
+            grid["baseline"] = args.baseline
         planned = plan(parse_grid(grid), args.out)
     except StudyError as err:
         print(f"error: {err}", file=sys.stderr)

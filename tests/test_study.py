@@ -92,3 +92,6 @@ def test_tiny_study_writes_the_table_and_skips_finished_runs(tmp_path, capsys):
     assert study.main(["--grid", str(grid), "--out", out, "--quiet"]) == 0  # everything finished: nothing retrains
     assert stamps == {name: os.path.getmtime(os.path.join(folder, name, "metrics.jsonl")) for name in summaries}
     assert capsys.readouterr().out == table
+    assert study.main(["--grid", str(grid), "--out", out, "--report-only", "--baseline", "adpsgd"]) == 0
+    rows = json.load(open(os.path.join(out, study_report.STUDY_JSON)))["rows"]
+    assert [r["method"] for r in rows] == ["adpsgd", "cpsgd"] and rows[1]["loss_diff"] == pytest.approx(-np.mean(loss))
