@@ -21,6 +21,8 @@ METHODS = {
     "adacomm": ("average", "adacomm"),
     "adpsgd": ("average", "adpsgd"),
     "lr_proportional": ("average", "lr_proportional"),
+    "qsr": ("average", "qsr"),  # the Quadratic Synchronization Rule, budgeted unless --qsr-alpha is given
+    "trigger": ("average", "trigger"),  # variance-triggered averaging (schedules.variance_trigger)
 }
 STRATEGIES = ("average", "allreduce", "qsgd")
 SCHEDULES = tuple(sorted({s for _, s in METHODS.values() if s}))
