@@ -49,6 +49,12 @@ T = 600
 WARMUP = 30
 
 
+def rule_positions(lr, alpha, kw):
+    """The published rule's sync positions over T steps, from the host's table of periods."""
+    periods = S._qsr_periods(S._lr_values(T, lr), alpha, kw["base_period"], kw.get("warmup_steps", 0))
+    return S._qsr_positions(periods)
+
+
 def with_warmup(schedule):
     """Linear warm-up from 0.01 to 0.1 over WARMUP steps, then ``schedule`` over the rest."""
     return lambda s: 0.01 + 0.09 * s / WARMUP if s < WARMUP else schedule(s - WARMUP)
@@ -71,11 +77,11 @@ def test_budgeted_form_spends_exactly_its_budget(lr_name, warmup, avg_period):
     alpha = S.qsr_alpha(T, avg_period, lr_schedule=lr, **kw)
     positions = sync_positions(S.qsr(T, avg_period, lr_schedule=lr, **kw), T)
     assert len(positions) == budget  # within 2% asked; the cap makes it exact
-    # alpha is the largest whose rule makes at least C syncs (to the solver's 1e-9), and the budgeted
-    # schedule is that rule cut after its C-th sync.
-    rule = sync_positions(S.qsr(T, alpha=alpha, lr_schedule=lr, **kw), T)
+    # alpha is the largest whose rule makes at least C syncs (to the solver's 1e-9; counted here with the
+    # host's own simulation of the rule), and the budgeted schedule is that rule cut after its C-th sync.
+    rule = rule_positions(lr, alpha, kw)
     assert len(rule) >= budget and rule[:budget] == positions
-    assert len(sync_positions(S.qsr(T, alpha=alpha * (1 + 1e-6), lr_schedule=lr, **kw), T)) < budget
+    assert len(rule_positions(lr, alpha * (1 + 1e-6), kw)) < budget
     if warmup:  # every period of the warm-up is H_base
         assert [u for u in positions if u <= WARMUP] == list(range(4, WARMUP + 1, 4))
 
