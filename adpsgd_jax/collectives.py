@@ -47,6 +47,53 @@ def squared_distance(tree: Any, center: Any) -> jnp.ndarray:
     return sum(parts, jnp.zeros((), jnp.float32))
 
 
+def _vdot(xs: list, ys: list) -> jnp.ndarray:
+    """sum_k <xs[k], ys[k]> over two lists of arrays, accumulated in float32. Returns float32[]."""
+    parts = [jnp.vdot(x.astype(jnp.float32), y.astype(jnp.float32)) for x, y in zip(xs, ys)]
+    return sum(parts, jnp.zeros((), jnp.float32))
+
+
+def _differences(tree: Any, other: Any) -> list:
+    """tree - other over the floating leaves, in float32, in leaf order."""
+    return [x.astype(jnp.float32) - y.astype(jnp.float32) for x, y in zip(float_leaves(tree), float_leaves(other))]
+
+
+def unit_direction(new: Any, old: Any) -> tuple:
+    """(u, ||u||): u = (new - old) / ||new - old|| over the floating leaves, in
+    their dtypes (zeros when new = old; integer leaves zeros), and the float32
+    norm of u as stored, which differs from 1 by its dtype's rounding."""
+    diffs = _differences(new, old)
+    norm = jnp.sqrt(_vdot(diffs, diffs))
+    inverse = jnp.where(norm > 0, 1.0 / jnp.where(norm > 0, norm, 1.0), 0.0)
+    u = jax.tree.map(lambda x, y: ((x.astype(jnp.float32) - y.astype(jnp.float32)) * inverse).astype(x.dtype)
+                     if _is_float(x) else jnp.zeros_like(x), new, old)
+    stored = float_leaves(u)
+    return u, jnp.sqrt(_vdot(stored, stored))
+
+
+def variance_bound(tree: Any, anchor: Any, direction: Any, direction_norm: jnp.ndarray, axis_name) -> jnp.ndarray:
+    """An upper bound of the variance from one all-reduce of a float32 pair
+    (docs/algorithm.md, "variance_trigger"). Returns float32[], the same on every worker.
+
+    With Delta_i = x_i - x_s (``tree`` minus ``anchor``) and u = ``direction``
+    (None: no direction), each worker sends (||Delta_i||^2, <Delta_i, u> / ||u||)
+    and, since ||mean_i Delta_i|| >= |<mean_i Delta_i, u>| / ||u||,
+
+        B = mean_i ||Delta_i||^2 - (mean_i <Delta_i, u> / ||u||)^2
+          >= mean_i ||Delta_i||^2 - ||mean_i Delta_i||^2 = V.
+
+    Dividing by the stored u's own norm keeps the inequality exact however u
+    was rounded to its dtype.
+    """
+    sq = squared_distance(tree, anchor)
+    dot = jnp.zeros((), jnp.float32)
+    if direction is not None:
+        projection = _vdot(_differences(tree, anchor), float_leaves(direction))
+        dot = jnp.where(direction_norm > 0, projection / jnp.where(direction_norm > 0, direction_norm, 1.0), 0.0)
+    mean_sq, mean_dot = lax.pmean(jnp.stack([sq, dot]), axis_name)
+    return mean_sq - jnp.square(mean_dot)
+
+
 def _buckets(v: jnp.ndarray, bucket_size: Optional[int]) -> jnp.ndarray:
     """Flatten ``v`` into [num_buckets, bucket] rows, zero-padding the last."""
     flat = v.reshape(-1).astype(jnp.float32)

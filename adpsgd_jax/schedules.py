@@ -22,10 +22,12 @@ Conventions shared by every schedule:
   with ``warmup_steps``) also has ``full_sync_step``: on those steps the
   train step averages gradients before one optimizer update instead of
   stepping locally (docs/algorithm.md, "Warm-up: full-sync steps").
+* ``variance_trigger`` also has ``drift``: the train step gives it a bound of
+  the variance after every local step, before ``should_sync``.
 
-Budgeted schedules (``adpsgd``, ``lr_proportional``) take the run length and
-the learning-rate schedule at construction and validate all arguments there,
-before anything is compiled.
+Budgeted schedules (``adpsgd``, ``lr_proportional``, ``qsr``,
+``variance_trigger``) take the run length and the learning-rate schedule at
+construction and validate all arguments there, before anything is compiled.
 """
 
 from __future__ import annotations
@@ -39,9 +41,31 @@ Array = jnp.ndarray
 ScheduleFn = Callable[[Array], Array]
 
 
+class Drift(NamedTuple):
+    """What a schedule that watches the workers drift apart asks of the train step.
+
+    With ``Schedule.drift`` set, ``step.local_sgd`` keeps the anchor x_s (the
+    parameters after the last sync: one parameter copy per worker) and, with
+    ``direction``, a unit direction u shared by every worker (a second copy).
+    After every local step it all-reduces one float32 pair,
+    (||x_i - x_s||^2, <x_i - x_s, u>), and passes the resulting upper bound
+    of the parameter variance to ``observe`` before ``should_sync`` is asked
+    (docs/algorithm.md, "variance_trigger").
+
+    Attributes:
+      observe: ``(state, step: int32[], bound: float32[]) -> state``, on every
+        local step (full-sync steps included), with the same bound on every worker.
+      direction: keep u, the direction of the last sync's change of x_s. Without
+        it the bound is mean_i ||x_i - x_s||^2, looser by ||mean_i x_i - x_s||^2.
+    """
+
+    observe: Callable[[NamedTuple, Array, Array], NamedTuple]
+    direction: bool = True
+
+
 class Schedule(NamedTuple):
     """A parameter-averaging schedule: pure ``init``, ``should_sync``, ``update``
-    and, for a warm-up, ``full_sync_step``.
+    and, for a warm-up, ``full_sync_step``; for a per-step statistic, ``drift``.
 
     Attributes:
       init: ``() -> state``.
@@ -55,12 +79,16 @@ class Schedule(NamedTuple):
         optimizer update, so workers that start it identical (parameters
         and optimizer state) end it identical. A schedule places these
         steps where the workers agree: a warm-up from the start.
+      drift: a ``Drift``, or None (the default: the step computes nothing
+        between syncs). With it the step reports a bound of the variance
+        after every local step, at the cost of one scalar-pair all-reduce.
     """
 
     init: Callable[[], NamedTuple]
     should_sync: Callable[[NamedTuple, Array], Array]
     update: Callable[[NamedTuple, Array, Array, Array], NamedTuple]
     full_sync_step: Optional[Callable[[NamedTuple, Array], Array]] = None
+    drift: Optional[Drift] = None
 
 
 def _warmup(warmup_steps: int) -> Optional[Callable[[NamedTuple, Array], Array]]:
@@ -326,12 +354,9 @@ def resolve_budget(total_steps: int, avg_period: Optional[int] = None, num_syncs
     return num_syncs
 
 
-def _lr_tables(total_steps: int, lr_schedule: Optional[ScheduleFn], kappa: float):
-    """Learning rates gamma(s) and W(u) = sum_{s >= u} (gamma(s)/gamma(u))^kappa.
-
-    Returns float32 arrays of length T + 1 indexed by position u (W[T] = 0),
-    computed once in float64 on the host so planning inside the step is O(1).
-    """
+def _lr_values(total_steps: int, lr_schedule: Optional[ScheduleFn]) -> np.ndarray:
+    """The learning rates gamma(0), ..., gamma(T - 1) as float64 on the host (None: all 1);
+    ValueError unless they are finite, >= 0 and not all zero."""
     steps = np.arange(total_steps)
     if lr_schedule is None:
         lrs = np.ones(total_steps)
@@ -339,6 +364,16 @@ def _lr_tables(total_steps: int, lr_schedule: Optional[ScheduleFn], kappa: float
         lrs = np.asarray([float(lr_schedule(int(s))) for s in steps], np.float64)
     if not np.all(np.isfinite(lrs)) or np.any(lrs < 0) or not np.any(lrs > 0):
         raise ValueError("lr_schedule must give finite learning rates >= 0, not all zero, over [0, total_steps)")
+    return lrs
+
+
+def _lr_tables(total_steps: int, lr_schedule: Optional[ScheduleFn], kappa: float):
+    """Learning rates gamma(s) and W(u) = sum_{s >= u} (gamma(s)/gamma(u))^kappa.
+
+    Returns float32 arrays of length T + 1 indexed by position u (W[T] = 0),
+    computed once in float64 on the host so planning inside the step is O(1).
+    """
+    lrs = _lr_values(total_steps, lr_schedule)
     tiny = lrs[lrs > 0].min() * 1e-6
     lrs = np.maximum(lrs, tiny)
     powered = lrs**kappa
@@ -366,6 +401,20 @@ def _phase_ends(total_steps: int, lr_at, factor: float) -> np.ndarray:
     return ends
 
 
+def _check_growth(alpha: float, ema: float) -> None:
+    """The growth exponent alpha in (0, 4] and the EMA weight in (0, 1] of a measured schedule."""
+    if not 0.0 < alpha <= 4.0:
+        raise ValueError(f"alpha must be in (0, 4], got {alpha!r}")
+    if not 0.0 < ema <= 1.0:
+        raise ValueError(f"ema must be in (0, 1], got {ema!r}")
+
+
+def _period_bounds(total_steps: int, min_period: int, max_period: Optional[int]) -> tuple[int, int]:
+    """(p_min, p_max): ``min_period`` >= 1 and ``max_period`` >= p_min (None: T)."""
+    p_min = _check_int("min_period", min_period, 1)
+    return p_min, total_steps if max_period is None else _check_int("max_period", max_period, p_min)
+
+
 def _planned(
     total_steps: int,
     avg_period: Optional[int],
@@ -386,15 +435,11 @@ def _planned(
         raise ValueError(f"forecast must be one of {', '.join(FORECASTS)}, got {forecast!r}")
     trend = forecast == "trend"
     C = resolve_budget(T, avg_period, num_syncs)
-    if not 0.0 < alpha <= 4.0:
-        raise ValueError(f"alpha must be in (0, 4], got {alpha!r}")
-    if not 0.0 < ema <= 1.0:
-        raise ValueError(f"ema must be in (0, 1], got {ema!r}")
+    _check_growth(alpha, ema)
     replan_every = _check_int("replan_every", replan_every, 1)
     if not replan_lr_factor > 1.0:
         raise ValueError(f"replan_lr_factor must be > 1, got {replan_lr_factor!r}")
-    p_min = _check_int("min_period", min_period, 1)
-    p_max = T if max_period is None else _check_int("max_period", max_period, p_min)
+    p_min, p_max = _period_bounds(T, min_period, max_period)
     warmup = _check_int("warmup_steps", warmup_steps, 0)
     if warmup and C * p_min > T - warmup:
         raise ValueError(f"warmup_steps={warmup} leaves {max(T - warmup, 0)} of the {T} steps for the sync budget {C} "
@@ -598,3 +643,284 @@ def lr_proportional(
     proportional to gamma^kappa with the remaining budget spent exactly."""
     return _planned(total_steps, avg_period, num_syncs, lr_schedule, alpha, 0.5, 1, 1.5,
                     min_period, max_period, warmup_steps, feedback=False)
+
+
+# --------------------------------------------------------------------------
+# QSR: the period grows with the inverse square of the learning rate.
+
+
+class QSRState(NamedTuple):
+    """State of ``qsr``: its periods are fixed on the host, so two scalars suffice."""
+
+    period: Array  # int32[]: the period in force (the last one once the budget is spent).
+    next_sync: Array  # int32[]: position of the next sync; T + 1 = none.
+
+
+_FLOOR_TOLERANCE = 1e-9  # relative: floor((0.3 / 0.1)^2) is 9, though float64 computes 8.999999999999998
+
+
+def _qsr_periods(lrs: np.ndarray, alpha: float, base_period: int, warmup_steps: int) -> np.ndarray:
+    """QSR's period after a sync at position u, for u = 0, ..., T - 1 (int64 [T]):
+    H(u) = max(H_base, floor((alpha / gamma(u))^2)), H_base for u < warmup_steps, at most T."""
+    T = len(lrs)
+    with np.errstate(divide="ignore", over="ignore"):
+        ratio = np.square(alpha / lrs)  # gamma(u) = 0 gives inf: the period runs to the end
+    periods = np.maximum(np.floor(np.minimum(ratio * (1.0 + _FLOOR_TOLERANCE), T)), base_period).astype(np.int64)
+    periods[:warmup_steps] = base_period
+    return periods
+
+
+def _qsr_positions(periods: np.ndarray) -> list:
+    """Positions of the syncs the rule makes from position 0: u <- min(u + H(u), T) until u = T."""
+    T, position, positions = len(periods), 0, []
+    while position < T:
+        position = min(position + int(periods[position]), T)
+        positions.append(position)
+    return positions
+
+
+def _qsr_solve(lrs: np.ndarray, budget: int, base_period: int, warmup_steps: int) -> float:
+    """The largest alpha (to 1e-9 relative) whose rule makes at least ``budget`` syncs."""
+    def count(alpha):
+        return len(_qsr_positions(_qsr_periods(lrs, alpha, base_period, warmup_steps)))
+
+    positive = lrs[lrs > 0]
+    lo = 0.5 * np.sqrt(base_period) * positive.min()  # every period is H_base: the most syncs
+    hi = 2.0 * np.sqrt(len(lrs)) * positive.max()  # every period after the warm-up runs to the end: the fewest
+    most, fewest = count(lo), count(hi)
+    if budget > most:
+        raise ValueError(f"the sync budget {budget} is more than the {most} syncs QSR makes at "
+                         f"base_period={base_period} (every period H_base): give a smaller base_period or budget")
+    if budget <= fewest:
+        if budget < fewest:
+            raise ValueError(f"the sync budget {budget} is less than the {fewest} syncs QSR makes with any alpha: "
+                             f"the warm-up (warmup_steps={warmup_steps}) alone syncs every base_period="
+                             f"{base_period} steps; give a shorter warm-up or a larger budget")
+        return float(hi)
+    while hi / lo > 1.0 + 1e-9:  # count(lo) >= budget > count(hi)
+        mid = np.sqrt(lo * hi)
+        lo, hi = (mid, hi) if count(mid) >= budget else (lo, mid)
+    return float(lo)
+
+
+def _qsr_arguments(total_steps, avg_period, num_syncs, alpha, base_period, lr_schedule, warmup_steps):
+    """Validated (T, budget C or None, alpha or None, H_base, T_w, learning rates)."""
+    T = _check_int("total_steps", total_steps, 1)
+    budgeted = avg_period is not None or num_syncs is not None
+    if alpha is None and not budgeted:
+        raise ValueError("qsr needs alpha (the published rule) or a budget (avg_period or num_syncs)")
+    budget = resolve_budget(T, avg_period, num_syncs) if budgeted else None
+    if alpha is not None and (isinstance(alpha, bool) or not np.isfinite(alpha) or not alpha > 0):
+        raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
+    base_period = _check_int("base_period", base_period, 1)
+    warmup_steps = _check_int("warmup_steps", warmup_steps, 0)
+    if warmup_steps > T:
+        raise ValueError(f"warmup_steps must be in [0, total_steps={T}], got {warmup_steps}")
+    return T, budget, alpha, base_period, warmup_steps, _lr_values(T, lr_schedule)
+
+
+def qsr_alpha(total_steps: int, avg_period: Optional[int] = None, *, num_syncs: Optional[int] = None,
+              base_period: int = 1, lr_schedule: Optional[ScheduleFn] = None, warmup_steps: int = 0) -> float:
+    """The alpha of ``qsr``'s budgeted form: the largest alpha whose rule makes at
+    least C syncs over the known learning rates (bisection on the host, to 1e-9
+    relative; docs/algorithm.md, "qsr"). Raises ValueError when no alpha
+    reaches C (H_base too long) or every alpha exceeds it (a long warm-up)."""
+    if avg_period is None and num_syncs is None:
+        raise ValueError("qsr_alpha needs a budget: avg_period or num_syncs")
+    _, budget, _, base_period, warmup_steps, lrs = _qsr_arguments(
+        total_steps, avg_period, num_syncs, None, base_period, lr_schedule, warmup_steps)
+    return _qsr_solve(lrs, budget, base_period, warmup_steps)
+
+
+def qsr(
+    total_steps: int,
+    avg_period: Optional[int] = None,
+    *,
+    num_syncs: Optional[int] = None,
+    alpha: Optional[float] = None,
+    base_period: int = 1,
+    lr_schedule: Optional[ScheduleFn] = None,
+    warmup_steps: int = 0,
+) -> Schedule:
+    """QSR, the Quadratic Synchronization Rule (Gu, Lyu, Arora, Zhang, Huang,
+    ICLR 2024), docs/algorithm.md "qsr".
+
+    After each sync at position u (and at the start, u = 0) the next period is
+
+        H(u) = max(H_base, floor((alpha / gamma(u))^2))     (H_base while u < T_w)
+
+    with gamma(u) the learning rate of the step that follows and T_w =
+    ``warmup_steps`` (the learning-rate warm-up, during which the period is
+    H_base). The next sync is at min(u + H(u), T): never past the end, so the
+    published rule always syncs after the last step.
+
+    Two forms:
+
+    * published: give ``alpha`` and no budget.
+    * budgeted: give ``avg_period`` or ``num_syncs`` (C syncs) and no alpha;
+      alpha is solved on the host (``qsr_alpha``) as the largest alpha whose
+      rule makes at least C syncs, and the schedule stops at C. The rule's
+      count is a step function of alpha (under a constant rate it is
+      ceil(T / H)), so it may overshoot C: the cap drops its last syncs, the
+      ones nearest the end of the run. Exactly C syncs are made.
+
+    With both ``alpha`` and a budget the rule at that alpha is capped at C.
+    Every period is computed once, in float64, into a table of length T + 1
+    indexed by the traced position: the step compiles once.
+    """
+    T, budget, alpha, base_period, warmup_steps, lrs = _qsr_arguments(
+        total_steps, avg_period, num_syncs, alpha, base_period, lr_schedule, warmup_steps)
+    if alpha is None:
+        alpha = _qsr_solve(lrs, budget, base_period, warmup_steps)
+    periods = _qsr_periods(lrs, alpha, base_period, warmup_steps)
+    positions = _qsr_positions(periods)
+    last = positions[min(len(positions), budget or len(positions)) - 1]  # the final sync's position
+    # Period from position u, clipped at the end of the run; index T (after the final sync) is unused.
+    clipped = np.minimum(periods, T - np.arange(T))
+    period_at = jnp.asarray(np.concatenate([clipped, [1]]), jnp.int32)
+
+    def init():
+        return QSRState(period=period_at[0], next_sync=period_at[0])
+
+    def should_sync(state, step):
+        return step + 1 == state.next_sync
+
+    def update(state, step, variance, loss):
+        del variance, loss
+        position = (step + 1).astype(jnp.int32)
+        more = position < last
+        period = jnp.where(more, period_at[jnp.minimum(position, T)], state.period)
+        return QSRState(period=period.astype(jnp.int32),
+                        next_sync=jnp.where(more, position + period, T + 1).astype(jnp.int32))
+
+    return Schedule(init, should_sync, update)
+
+
+# --------------------------------------------------------------------------
+# Variance-triggered averaging: sync when a per-step bound of V crosses a threshold.
+
+
+class TriggerState(NamedTuple):
+    """State of ``variance_trigger`` (docs/algorithm.md, "variance_trigger")."""
+
+    period: Array  # int32[]: the last completed period (before the first sync: the planned first one).
+    last_sync: Array  # int32[]: position of the last sync (0 at the start).
+    syncs: Array  # int32[]: syncs used.
+    a_hat: Array  # float32[]: growth of the bound per unit gamma^2, EMA(B / (tau^alpha mean gamma^2)); 0 = none yet.
+    scale: Array  # float32[]: s of the threshold s * gamma(t)^kappa (0 before the first sync).
+    bound: Array  # float32[]: the bound B of the latest step (``Drift.observe``; 0 right after a sync).
+    previous: Array  # float32[]: B of the step before it.
+
+
+MAX_SHARE = 3.0
+
+
+def variance_trigger(
+    total_steps: int,
+    avg_period: Optional[int] = None,
+    *,
+    num_syncs: Optional[int] = None,
+    lr_schedule: Optional[ScheduleFn] = None,
+    alpha: float = 1.0,
+    ema: float = 0.5,
+    min_period: int = 1,
+    max_period: Optional[int] = None,
+    direction: bool = True,
+) -> Schedule:
+    """Variance-triggered averaging in the manner of federated dynamic averaging
+    (Theologitis et al., 2024), under a budget of C syncs; docs/algorithm.md,
+    "variance_trigger".
+
+    After every local step the train step computes, with Delta_i = x_i - x_s
+    (x_s the parameters after the last sync) and u the unit direction of the
+    last sync's change of x_s (zero before the first sync), one all-reduce of
+    the pair (||Delta_i||^2, <Delta_i, u>) and the bound
+
+        B = mean_i ||Delta_i||^2 - (mean_i <Delta_i, u>)^2  >=  V
+
+    (``Drift``). The workers sync after step t when B > s * gamma(t)^kappa,
+    kappa = 2 / (alpha + 1): the pre-sync variance of the optimal density,
+    a^(1/(alpha+1)) with a ~ gamma^2. At each sync at position u, after tau
+    local steps: a_hat <- EMA(B / (tau^alpha g2)) (g2 the period's mean
+    gamma^2, as in ``adpsgd``; tau interpolated to where B crossed the
+    threshold; the exact V instead of B at the first sync, before u exists) and
+
+        s = a_hat * (S(u) / R)^alpha,    S(u) = sum_{t >= u} gamma(t)^kappa,
+
+    R the syncs still owed: the threshold at which growth a(t) = a_hat
+    gamma(t)^2 would spend the R syncs over the rest of the run. Spending
+    ahead of the plan shrinks R and raises s; falling behind lowers it.
+
+    The first period is the plan's, W(0) / C, as in ``lr_proportional``. A
+    sync is also forced when the period reaches ``max_period`` and when the
+    owed syncs would otherwise no longer fit at ``min_period`` each; no sync
+    comes sooner than ``min_period`` steps after the last, and never more
+    than C are made.
+
+    Args:
+      total_steps: T.
+      avg_period / num_syncs: the budget (give one).
+      lr_schedule: step -> learning rate; None is a constant rate.
+      alpha: growth exponent of the variance within a period, V ~ a tau^alpha.
+      ema: weight of the newest measurement in a_hat.
+      direction: keep u (one more parameter copy per worker); False uses
+        B = mean_i ||Delta_i||^2.
+    """
+    T = _check_int("total_steps", total_steps, 1)
+    C = resolve_budget(T, avg_period, num_syncs)
+    _check_growth(alpha, ema)
+    p_min, p_max = _period_bounds(T, min_period, max_period)
+    if C * p_min > T:
+        raise ValueError(f"min_period={p_min} leaves room for only {T // p_min} syncs, fewer than the budget {C}")
+    kappa = 2.0 / (alpha + 1.0)
+    lr_at, weights = _lr_tables(T, lr_schedule, kappa)
+    lr_kappa = lr_at**kappa  # gamma(t)^kappa, t = 0 .. T (float32)
+    suffix = weights * lr_kappa  # S(u) = W(u) gamma(u)^kappa
+    first = int(np.clip(round(float(weights[0]) / C), p_min, min(p_max, T - (C - 1) * p_min)))
+
+    def init():
+        return TriggerState(period=_i32(first), last_sync=_i32(0), syncs=_i32(0), a_hat=_f32(0.0),
+                            scale=_f32(0.0), bound=_f32(0.0), previous=_f32(0.0))
+
+    def observe(state, step, bound):
+        del step
+        return state._replace(bound=jnp.asarray(bound, jnp.float32), previous=state.bound)
+
+    def threshold(state, step):
+        return state.scale * lr_kappa[step]
+
+    def should_sync(state, step):
+        position = step + 1
+        taken, owed = position - state.last_sync, C - state.syncs
+        crossed = jnp.where(state.syncs > 0, state.bound >= threshold(state, step), position == first)
+        room = T - position < (owed - 1) * p_min + 1  # waiting a step would leave too few steps for the owed syncs
+        # The period has used max_share times the learning-rate mass the plan gives one of the owed syncs.
+        used = suffix[state.last_sync] - suffix[position]
+        late = (state.syncs > 0) & (used >= MAX_SHARE * suffix[state.last_sync] / jnp.maximum(owed, 1))
+        return (owed > 0) & (taken >= p_min) & (crossed | room | late | (taken >= p_max))
+
+    def update(state, step, variance, loss):
+        del loss
+        position = (step + 1).astype(jnp.int32)
+        taken = jnp.maximum(position - state.last_sync, 1)
+        lr_sq = 0.5 * (lr_at[state.last_sync] ** 2 + lr_at[position - 1] ** 2)
+        # The first sync, with no direction yet, measures the exact V: B then holds all of the mean drift
+        # (3x V on digits), where later bounds, with u, hold little of it.
+        first = jnp.asarray(variance, jnp.float32) if direction else state.bound
+        # Where B crossed the threshold during this step, the crossing is placed between the
+        # steps by linear interpolation, so that a period rounded up to whole steps does not bias a_hat.
+        level, prev = threshold(state, step), state.previous
+        crossed = (state.syncs > 0) & (prev < level) & (level <= state.bound)
+        fraction = jnp.clip((level - prev) / jnp.where(crossed, state.bound - prev, 1.0), 0.0, 1.0)
+        tau = jnp.where(crossed, jnp.maximum(taken - 1 + fraction, 0.5), taken.astype(jnp.float32))
+        measured = jnp.where(state.syncs > 0, jnp.where(crossed, level, state.bound), first)
+        growth = jnp.maximum(measured, 0.0) / tau**alpha / lr_sq
+        a_hat = jnp.where(state.a_hat > 0, (1.0 - ema) * state.a_hat + ema * growth, growth)
+        syncs = state.syncs + 1
+        left = jnp.maximum(C - syncs, 1).astype(jnp.float32)
+        scale = a_hat * (suffix[jnp.minimum(position, T)] / left) ** alpha
+        return TriggerState(period=taken.astype(jnp.int32), last_sync=position, syncs=syncs.astype(jnp.int32),
+                            a_hat=a_hat.astype(jnp.float32), scale=scale.astype(jnp.float32), bound=_f32(0.0),
+                            previous=_f32(0.0))
+
+    return Schedule(init, should_sync, update, drift=Drift(observe, direction))

@@ -25,7 +25,8 @@ Strategies (docs/algorithm.md, "Strategies"):
 * ``local_sgd``: local optimizer step, then, when the schedule says so,
   ``lax.cond``-gated averaging of parameters and model state (optionally the
   optimizer state) with the pre-sync variance measured on the way. Between
-  syncs nothing is communicated. A schedule's warm-up steps
+  syncs nothing is communicated, except a float32 pair every step for a
+  schedule that watches the drift (``variance_trigger``). A schedule's warm-up steps
   (``full_sync_step``) are full-sync steps, a branch of the same program.
   Two options: two-level averaging (``group_axis_name``) and an outer
   optimizer on the averaged change (DiLoCo).
@@ -53,6 +54,16 @@ LossFn = Callable[[Any, Any, Any, jax.Array], tuple]
 AxisName = Union[str, Sequence[str]]
 
 
+class Monitor(NamedTuple):
+    """What a schedule with ``Schedule.drift`` adds to the train state
+    (docs/algorithm.md, "variance_trigger")."""
+
+    direction: Any  # u, parameter-shaped: the last sync's change of the anchor, normalised (zeros until then;
+    # None when the schedule asks for no direction). The same on every worker.
+    direction_norm: jnp.ndarray  # float32[]: ||u|| as stored (1 up to its dtype's rounding; 0 = no direction yet).
+    comm: comm.CommCounter  # The scalar-pair all-reduce of every step (same on every worker).
+
+
 class TrainState(NamedTuple):
     """Everything a worker carries between steps (a pytree).
 
@@ -71,15 +82,18 @@ class TrainState(NamedTuple):
     rng: jax.Array  # Base key; per-step, per-worker keys are folded in.
     comm: comm.CommCounter  # Rounds and bytes of the strategy's collective (same on every worker).
     group_comm: comm.CommCounter  # Every-step mean inside the groups: two-level averaging only, else zero.
-    anchor: Any = None  # x_s, the parameters after the last sync (outer optimizer only, else None).
+    anchor: Any = None  # x_s, the parameters after the last sync (outer optimizer or a drift schedule, else None).
     outer_opt_state: Any = None  # The outer optimizer's state, identical on every worker (or None).
+    monitor: Optional[Monitor] = None  # A schedule's drift monitor (``Schedule.drift``), else None.
 
     def worker_axes(self) -> "TrainState":
         """A prefix pytree for ``jax.vmap``'s in_axes: 0 where workers differ,
         None where every worker holds the same value (the decision inputs)."""
         return TrainState(step=None, params=0, model_state=0, opt_state=0, sched_state=None, rng=0, comm=None,
                           group_comm=None, anchor=None if self.anchor is None else 0,
-                          outer_opt_state=None if self.outer_opt_state is None else 0)
+                          outer_opt_state=None if self.outer_opt_state is None else 0,
+                          monitor=None if self.monitor is None else Monitor(
+                              direction=None if self.monitor.direction is None else 0, direction_norm=0, comm=None))
 
 
 class StepMetrics(NamedTuple):
@@ -98,6 +112,8 @@ class StepMetrics(NamedTuple):
     period: jnp.ndarray  # int32[]: the schedule's period in force (1 on full-sync steps and strategies)
     comm: comm.CommCounter  # cumulative rounds and bytes of the strategy's collective
     group_comm: comm.CommCounter  # cumulative in-group mean (two-level averaging; zero otherwise)
+    variance_bound: Optional[jnp.ndarray] = None  # float32[]: the drift monitor's bound B >= V (else None)
+    monitor_comm: Optional[comm.CommCounter] = None  # cumulative per-step scalar-pair all-reduce (else None)
 
 
 class Strategy(NamedTuple):
@@ -152,9 +168,18 @@ def _check_axes(axis_name, group_axis_name=None) -> tuple:
     return axes + group  # every worker, worker index major to minor
 
 
+def _monitor(params, drift) -> Optional[Monitor]:
+    """A fresh drift monitor: no direction yet, nothing counted."""
+    if drift is None:
+        return None
+    direction = jax.tree.map(jnp.zeros_like, params) if drift.direction else None
+    return Monitor(direction, jnp.zeros((), jnp.float32), comm.CommCounter.zeros())
+
+
 def _init(optimizer, schedule: Optional[Schedule], outer_optimizer=None):
     def init(params, model_state, rng) -> TrainState:
         outer = outer_optimizer is not None
+        drift = None if schedule is None else schedule.drift
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
@@ -164,8 +189,10 @@ def _init(optimizer, schedule: Optional[Schedule], outer_optimizer=None):
             rng=rng,
             comm=comm.CommCounter.zeros(),
             group_comm=comm.CommCounter.zeros(),
-            anchor=jax.tree.map(jnp.array, params) if outer else None,  # a copy: no buffer held twice
+            # A copy: no buffer held twice.
+            anchor=jax.tree.map(jnp.array, params) if outer or drift is not None else None,
             outer_opt_state=outer_optimizer.init(params) if outer else None,
+            monitor=_monitor(params, drift),
         )
 
     return init
@@ -224,6 +251,14 @@ def local_sgd(
     in ``comm`` (not in ``group_comm``) and sets the outer optimizer's anchor
     to the new parameters.
 
+    A schedule with ``drift`` (``variance_trigger``) makes the state keep the
+    anchor x_s (one parameter copy) and a ``Monitor`` (the direction u, a
+    second copy). After every local update one ``lax.pmean`` of a float32
+    pair gives the bound B >= V (``collectives.variance_bound``), which
+    ``drift.observe`` sees before ``should_sync``; it is counted in
+    ``monitor_comm``, one round of 8 bytes per step, apart from ``comm``. Each
+    sync sets the anchor to the new parameters and u to their change.
+
     Args:
       loss_fn: ``(params, model_state, batch, rng) -> (loss, (model_state, aux))``.
       optimizer: any optax GradientTransformation, applied locally.
@@ -260,6 +295,7 @@ def local_sgd(
     workers = _check_axes(axis_name, group_axis_name)
     across, inside = _names(axis_name), _names(group_axis_name)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    drift = schedule.drift
 
     def outer_step(params_avg, anchor, outer_state):
         """x_new = x_s + outer.update(x_s - xbar); the new anchor is x_new."""
@@ -300,13 +336,18 @@ def local_sgd(
         if schedule.full_sync_step is not None:
             warm = jnp.asarray(schedule.full_sync_step(state.sched_state, state.step), bool)
         params, model_state, opt_state, anchor, group_counter = optimizer_step(state, grads, model_state, warm)
-        sync = schedule.should_sync(state.sched_state, state.step)
+        sched_state, monitor, bound = state.sched_state, state.monitor, None
+        if drift is not None:  # every step: one all-reduce of a float32 pair, then the schedule sees the bound
+            bound = collectives.variance_bound(params, anchor, monitor.direction, monitor.direction_norm, workers)
+            sched_state = drift.observe(sched_state, state.step, bound)
+            monitor = monitor._replace(comm=monitor.comm.add(jnp.int32(1), _payload(8, workers)))
+        sync = schedule.should_sync(sched_state, state.step)
         if warm is not None:
             sync = sync & ~warm  # a full-sync step does not average parameters as well
         round_bytes = _float_bytes(params, model_state, *((opt_state,) if average_opt_state else ())) + 8
 
         def average(operand):
-            params, model_state, opt_state, sched_state, anchor, outer_state = operand
+            params, model_state, opt_state, sched_state, anchor, outer_state, monitor = operand
             params_avg = tree_pmean(params, across)
             sq = collectives.squared_distance(params, params_avg)
             # Over every worker: the mean over groups, as a group's replicas are identical.
@@ -314,16 +355,22 @@ def local_sgd(
             model_state = tree_pmean(model_state, across)
             if average_opt_state:
                 opt_state = tree_pmean(opt_state, across)
+            previous = anchor
             if outer_optimizer is not None:
                 params_avg, anchor, outer_state = outer_step(params_avg, anchor, outer_state)
+            elif drift is not None:
+                anchor = params_avg
+            if drift is not None and drift.direction:  # u: this sync's change of the anchor, the same on every worker
+                direction, norm = collectives.unit_direction(anchor, previous)
+                monitor = monitor._replace(direction=direction, direction_norm=norm)
             sched_state = schedule.update(sched_state, state.step, variance, loss_avg)
-            return (params_avg, model_state, opt_state, sched_state, anchor, outer_state), variance
+            return (params_avg, model_state, opt_state, sched_state, anchor, outer_state, monitor), variance
 
         def keep(operand):
             return operand, jnp.zeros((), jnp.float32)
 
-        operand = (params, model_state, opt_state, state.sched_state, anchor, state.outer_opt_state)
-        (params, model_state, opt_state, sched_state, anchor, outer_state), variance = lax.cond(
+        operand = (params, model_state, opt_state, sched_state, anchor, state.outer_opt_state, monitor)
+        (params, model_state, opt_state, sched_state, anchor, outer_state, monitor), variance = lax.cond(
             sync, average, keep, operand)
         counter = state.comm.add(sync.astype(jnp.int32), _payload(round_bytes, across))
         synced, period = jnp.asarray(sync, bool), jnp.asarray(sched_state.period, jnp.int32)
@@ -332,9 +379,9 @@ def local_sgd(
             synced, period = synced | warm, jnp.where(warm, 1, period).astype(jnp.int32)
         new_state = state._replace(step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state,
                                    sched_state=sched_state, comm=counter, group_comm=group_counter, anchor=anchor,
-                                   outer_opt_state=outer_state)
+                                   outer_opt_state=outer_state, monitor=monitor)
         return new_state, StepMetrics(loss.astype(jnp.float32), _aux(aux), synced, variance, period, counter,
-                                      group_counter)
+                                      group_counter, bound, None if monitor is None else monitor.comm)
 
     return Strategy(_init(optimizer, schedule, outer_optimizer), local_sgd_step)
 

@@ -86,6 +86,8 @@ class Config:
     post_local_warmup: str = POST_LOCAL_WARMUP  # the meaning of that phase; saved runs may hold an older one
     qsgd_levels: int = 127
     qsgd_bucket_size: int = 512
+    qsr_alpha: Optional[float] = None  # QSR's alpha: the published rule, no budget; None = solved for avg_period
+    qsr_base_period: int = 1  # QSR's H_base
     group_size: Union[int, str] = 1  # workers per group (two-level averaging); "host" = devices per process
     outer_optimizer: str = "none"  # none | sgd | nesterov, applied to the averaged change at each sync
     outer_lr: Optional[float] = None  # None when outer_optimizer is none
@@ -343,6 +345,10 @@ def _method_flags(p: argparse.ArgumentParser) -> None:
                         "post_local only")
     p.add_argument("--qsgd-levels", type=int, help=f"QSGD's levels s in [1, {MAX_QSGD_LEVELS}] (default 127); qsgd only")
     p.add_argument("--qsgd-bucket-size", type=int, help="coordinates per QSGD bucket (default 512); qsgd only")
+    p.add_argument("--qsr-alpha", type=float,
+                   help="QSR's alpha: the published rule H = max(H_base, floor((alpha / lr)^2)) with no budget "
+                        "(default: alpha solved so that qsr spends the --avg-period budget); qsr only")
+    p.add_argument("--qsr-base-period", type=int, help="QSR's H_base, the shortest period (default 1); qsr only")
     p.add_argument("--group-size",
                    help="two-level averaging: workers per group, whose gradients are averaged every step while the "
                         "schedule averages parameters across groups; an integer dividing --workers, or 'host' (the "
@@ -440,6 +446,8 @@ def from_args(args: argparse.Namespace) -> tuple[list[Config], RunOptions]:
         local_warmup_epochs=given(args.local_warmup_epochs, Config.local_warmup_epochs),
         qsgd_levels=given(args.qsgd_levels, Config.qsgd_levels),
         qsgd_bucket_size=given(args.qsgd_bucket_size, Config.qsgd_bucket_size),
+        qsr_alpha=args.qsr_alpha,
+        qsr_base_period=given(args.qsr_base_period, Config.qsr_base_period),
         group_size=group_size,
         **outer,
         dtype=args.dtype,
@@ -485,6 +493,8 @@ def unread_flags(args: argparse.Namespace, methods: list[str], dataset: str) -> 
         "--local-warmup-epochs": (args.local_warmup_epochs, "post_local" in methods, "post_local", trains),
         "--qsgd-levels": (args.qsgd_levels, "qsgd" in methods, "qsgd", trains),
         "--qsgd-bucket-size": (args.qsgd_bucket_size, "qsgd" in methods, "qsgd", trains),
+        "--qsr-alpha": (args.qsr_alpha, "qsr" in methods, "qsr", trains),
+        "--qsr-base-period": (args.qsr_base_period, "qsr" in methods, "qsr", trains),
         "--synthetic-size": (args.synthetic_size, dataset == "synthetic", "--dataset synthetic",
                              f"this run has --dataset {dataset}"),
         "--data-dir": (args.data_dir, dataset in ("cifar10", "cifar100") or is_tfds(dataset),
@@ -587,6 +597,9 @@ def validate(c: Config) -> None:
          f"{POST_LOCAL_WARMUP!r} (full-sync steps)")
     need(1 <= c.qsgd_levels <= MAX_QSGD_LEVELS, f"--qsgd-levels must be in [1, {MAX_QSGD_LEVELS}], got {c.qsgd_levels}")
     need(c.qsgd_bucket_size >= 1, f"--qsgd-bucket-size must be >= 1, got {c.qsgd_bucket_size}")
+    need(c.qsr_alpha is None or (math.isfinite(c.qsr_alpha) and c.qsr_alpha > 0),
+         f"--qsr-alpha must be a finite number > 0, got {c.qsr_alpha}")
+    need(c.qsr_base_period >= 1, f"--qsr-base-period must be an integer >= 1, got {c.qsr_base_period}")
     need(c.synthetic_size >= 1, f"--synthetic-size must be >= 1, got {c.synthetic_size}")
     need(type(c.seed) is int and 0 <= c.seed < SEED_LIMIT, f"--seed must be an integer in [0, 2**32), got {c.seed!r}")
     try:

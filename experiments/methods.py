@@ -77,7 +77,22 @@ def make_schedule(config: Config, total_steps: int, steps_per_epoch: int, lr_fn)
         return schedules.adpsgd(total_steps, p, lr_schedule=lr_fn, forecast="trend")
     if name == "lr_proportional":
         return schedules.lr_proportional(total_steps, p, lr_schedule=lr_fn)
+    if name == "qsr":
+        return qsr_schedule(config, total_steps, lr_fn)
+    if name == "trigger":
+        return schedules.variance_trigger(total_steps, p, lr_schedule=lr_fn)
     raise AssertionError(name)
+
+
+def qsr_schedule(config: Config, total_steps: int, lr_fn) -> schedules.Schedule:
+    """QSR: the published rule at ``--qsr-alpha`` (no budget), else alpha solved for ``--avg-period``'s budget."""
+    h = config.qsr_base_period
+    if config.qsr_alpha is not None:
+        return schedules.qsr(total_steps, alpha=config.qsr_alpha, base_period=h, lr_schedule=lr_fn)
+    try:
+        return schedules.qsr(total_steps, config.avg_period, base_period=h, lr_schedule=lr_fn)
+    except ValueError as err:
+        raise ValueError(f"--qsr-base-period {h} with --avg-period {config.avg_period}: {err}") from None
 
 
 def make_optimizer(config: Config, lr) -> optax.GradientTransformation:

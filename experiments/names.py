@@ -22,6 +22,8 @@ METHODS = {
     "adpsgd": ("average", "adpsgd"),
     "adpsgd_trend": ("average", "adpsgd_trend"),  # ADPSGD whose plans extrapolate the growth rate's trend
     "lr_proportional": ("average", "lr_proportional"),
+    "qsr": ("average", "qsr"),  # the Quadratic Synchronization Rule, budgeted unless --qsr-alpha is given
+    "trigger": ("average", "trigger"),  # variance-triggered averaging (schedules.variance_trigger)
 }
 STRATEGIES = ("average", "allreduce", "qsgd")
 SCHEDULES = tuple(sorted({s for _, s in METHODS.values() if s}))

@@ -77,12 +77,24 @@ def _counts(run: results.Run, upto_step: Optional[int], payload_bytes: Optional[
                    row.get("group_syncs", 0), scale * s["group_bytes"] / group_syncs if group_syncs else 0.0)
 
 
+def _monitor_s(run: results.Run, upto_step: Optional[int], round_s: Callable[[float], float]) -> float:
+    """Seconds of a drift schedule's every-step all-reduce of a float32 pair (schedules.variance_trigger) up to
+    ``upto_step``: ``monitor_rounds`` x ``round_s(bytes per round)``; 0 for every other run. Never overlapped:
+    the sync decision waits for it."""
+    s = run.summary
+    rounds = (s if upto_step is None else run.metrics[upto_step - 1]).get("monitor_rounds", 0)
+    return rounds * round_s(s["monitor_bytes"] / s["monitor_rounds"]) if rounds else 0.0
+
+
 def simulated_time(run: results.Run, workers: int, gbps: float, latency: float = 10e-6, upto_step: Optional[int] = None,
                    overlap: bool = False) -> float:
     """Simulated seconds of ``run`` up to ``upto_step`` (default: the whole run),
     by ``timemodel.simulated_wall_clock`` with the run's own compute time per step;
     a two-level run by ``timemodel.two_level_wall_clock`` with every link at ``gbps``."""
     c, link = _counts(run, upto_step), Link(gbps * GBPS, latency)
+    # The monitor's rounds are charged as time the steps take beyond their compute.
+    monitor_s = _monitor_s(run, upto_step, lambda b: timemodel.allreduce_time(b, workers, link))
+    c = c._replace(compute_s=c.compute_s + monitor_s)
     if run.group_size > 1:
         size = run.group_size
         return timemodel.two_level_wall_clock(c.compute_s, c.rounds, c.per_round, max(1, workers // size), size,
@@ -100,6 +112,9 @@ def cluster_time(run: results.Run, hosts: int, per_host: int, intra_gbps: float,
     ``latency`` per message on both levels). ``payload_bytes`` / ``step_s``:
     a what-if with another model's parameter bytes and compute per step."""
     c = _counts(run, upto_step, payload_bytes, step_s)
+    monitor_s = _monitor_s(run, upto_step, lambda b: timemodel.hierarchical_allreduce_time(  # unscaled in a what-if
+        b, hosts, per_host, Link(intra_gbps * GBPS, latency), Link(gbps * GBPS, latency)))
+    c = c._replace(compute_s=c.compute_s + monitor_s)
     return timemodel.two_level_wall_clock(c.compute_s, c.rounds, c.per_round, hosts, per_host,
                                           Link(intra_gbps * GBPS, latency), Link(gbps * GBPS, latency),
                                           group_rounds=c.group_rounds, group_nbytes_per_round=c.group_per_round,

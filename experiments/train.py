@@ -150,6 +150,8 @@ class Run:
                "synced": int(synced),
                "variance": distributed.local_rows(metrics.variance)[0] if synced else float("nan"),
                "period": distributed.local_rows(metrics.period)[0]}
+        if metrics.variance_bound is not None:  # a drift schedule's per-step bound of V (schedules.variance_trigger)
+            row["variance_bound"] = distributed.local_rows(metrics.variance_bound)[0]
         folder = self.checkpoints.dir
         if not np.isfinite(row["loss"]):
             raise NonFiniteError(t + 1, "loss", row["loss"], self.saved, folder)
@@ -159,6 +161,8 @@ class Run:
         self.last["syncs"], self.last["bytes"] = _counted(metrics.comm)
         if self.setup.layout.group_axis_name:  # two-level: the every-step mean inside the groups
             self.last["group_syncs"], self.last["group_bytes"] = _counted(metrics.group_comm)
+        if metrics.monitor_comm is not None:  # the drift schedule's scalar-pair all-reduce, every step
+            self.last["monitor_rounds"], self.last["monitor_bytes"] = _counted(metrics.monitor_comm)
         spe = self.setup.loader.steps_per_epoch
         row = {"step": t + 1, "epoch": (t + 1) / spe, "lr": float(self.setup.lr_fn(t)), **self.last}
         self.writer.metrics(row)
@@ -258,6 +262,9 @@ def summarise(run: Run) -> dict:
         "group_size": methods.group_size(config),
         "group_syncs": last.get("group_syncs", 0),
         "group_bytes": last.get("group_bytes", 0),
+        # A drift schedule (trigger) all-reduces a float32 pair after every step, besides its syncs.
+        "monitor_rounds": last.get("monitor_rounds", 0),
+        "monitor_bytes": last.get("monitor_bytes", 0),
         "data_source": setup.dataset.source,
         "num_train_examples": setup.dataset.num_train,
         "num_test_examples": setup.dataset.num_test,

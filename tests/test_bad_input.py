@@ -56,6 +56,10 @@ CASES = [
     (["--schedule", "post_local", "--local-warmup-epochs", "30"], "--local-warmup-epochs"),
     (["--strategy", "qsgd", "--qsgd-levels", "0"], "--qsgd-levels"),
     (["--strategy", "qsgd", "--qsgd-bucket-size", "0"], "--qsgd-bucket-size"),
+    (["--schedule", "qsr", "--qsr-alpha", "0"], "--qsr-alpha"),
+    (["--schedule", "qsr", "--qsr-alpha", "nan"], "--qsr-alpha"),
+    (["--schedule", "qsr", "--qsr-base-period", "0"], "--qsr-base-period"),
+    (["--schedule", "qsr", "--qsr-base-period", "16"], "--qsr-base-period"),
     (["--dataset", "synthetic", "--synthetic-size", "0"], "--synthetic-size"),
     (["--partition", "dirichlet:0"], "--partition"),
     (["--partition", "dirichlet:1e-300"], "--partition"),
@@ -83,6 +87,8 @@ CASES = [
     (["--local-warmup-epochs", "2"], "--local-warmup-epochs"),
     (["--qsgd-levels", "4"], "--qsgd-levels"),
     (["--compare", "cpsgd,adpsgd", "--qsgd-bucket-size", "64"], "--qsgd-bucket-size"),
+    (["--qsr-alpha", "0.2"], "--qsr-alpha"),
+    (["--compare", "cpsgd,trigger", "--qsr-base-period", "2"], "--qsr-base-period"),
     (["--synthetic-size", "100"], "--synthetic-size"),
     (["--data-dir", "{tmp}"], "--data-dir"),
     (["--dataset", "synthetic", "--data-dir", "{tmp}"], "--data-dir"),
@@ -119,8 +125,8 @@ CASES = [
 ]
 # The cases that need the devices or the data: refused by setup.prepare, after jax starts but before
 # anything compiles. All others are refused by config.from_args, which imports no jax.
-LATE = ["--avg-period 10000", "--partition dirichlet:0.01 --workers 16", "--workers 16 --devices 16",
-        "--batch-size 1000"]
+LATE = ["--avg-period 10000", "--schedule qsr --qsr-base-period 16", "--partition dirichlet:0.01 --workers 16",
+        "--workers 16 --devices 16", "--batch-size 1000"]
 # Given explicitly but read by no run: only warned about (a sweep passes the budget to every method).
 WARNED = [["--strategy", "allreduce", "--avg-period", "4"]]
 
@@ -183,7 +189,7 @@ def test_bad_input_is_one_line_error_naming_the_flag_and_nothing_written(outcome
     assert o.written == [], o.written
 
 
-def test_at_least_40_cases_all_but_four_before_jax(outcomes):
+def test_at_least_40_cases_all_but_five_before_jax(outcomes):
     assert len(outcomes) >= 40
     assert [shlex.join(o.flags) for o in outcomes if not o.early] == LATE
 

@@ -30,7 +30,7 @@ def compare_dir(tmp_path_factory):
 
 def replay(run: results.Run) -> list:
     """The sync flags (an average or a full-sync step) the run's schedule gives when fed the
-    logged variances and losses."""
+    logged variances and losses (and, for the trigger, the logged per-step bounds)."""
     c = cfg.from_saved(run.summary["config"])
     T, spe = run.summary["steps"], run.summary["steps_per_epoch"]
     schedule = methods.make_schedule(c, T, spe, methods.lr_schedule(c, spe, T))
@@ -38,6 +38,8 @@ def replay(run: results.Run) -> list:
         return [1] * T
     state, flags = schedule.init(), []
     for t, row in enumerate(run.metrics):
+        if schedule.drift is not None:
+            state = schedule.drift.observe(state, jnp.int32(t), jnp.float32(row["variance_bound"]))
         sync = bool(schedule.should_sync(state, jnp.int32(t)))
         full = schedule.full_sync_step is not None and bool(schedule.full_sync_step(state, jnp.int32(t)))
         flags.append(int(sync or full))
@@ -62,6 +64,14 @@ def test_every_method_writes_parseable_results(compare_dir):
     assert runs["allreduce"].summary["syncs"] == runs["full_sync"].summary["syncs"] == steps
     budget = steps // 4
     assert 0.9 * budget <= runs["adpsgd"].summary["syncs"] <= budget
+    assert runs["qsr"].summary["syncs"] == budget  # the budgeted rule, cut at C
+    # The trigger: its syncs, and an 8-byte pair all-reduced after every step, counted apart.
+    tr = runs["trigger"].summary
+    assert 0.9 * budget <= tr["syncs"] <= budget and tr["bytes"] == tr["syncs"] * (tr["param_bytes"] + 8)
+    assert tr["monitor_rounds"] == steps and tr["monitor_bytes"] == 8 * steps
+    assert [r["monitor_rounds"] for r in runs["trigger"].metrics] == list(range(1, steps + 1))
+    assert all(r["variance_bound"] >= r["variance"] for r in runs["trigger"].metrics if r["synced"])
+    assert runs["cpsgd"].summary["monitor_rounds"] == 0 and "variance_bound" not in runs["cpsgd"].metrics[0]
     # Parameter averaging sends parameters + the 8-byte scalar pair per sync.
     cp = runs["cpsgd"].summary
     assert cp["bytes"] == cp["syncs"] * (cp["param_bytes"] + 8)
@@ -109,6 +119,16 @@ def test_time_model_in_report_matches_formula(compare_dir):
     bw = 10e9 / 8
     expected = s["compute_s"] + s["syncs"] * (2 * 7 * 10e-6 + 2 * 7 / 8 * per_round / bw)
     assert report.simulated_time(run, 8, 10, 10e-6) == pytest.approx(expected)
+    # The trigger also pays a ring all-reduce of its 8-byte pair after every step: latency, mostly.
+    run = next(r for r in results.finished_runs(str(compare_dir)) if r.method == "trigger")
+    s = run.summary
+    pair = s["steps"] * (2 * 7 * 10e-6 + 2 * 7 / 8 * 8 / bw)
+    expected = s["compute_s"] + s["syncs"] * (2 * 7 * 10e-6 + 2 * 7 / 8 * s["bytes"] / s["syncs"] / bw) + pair
+    assert report.simulated_time(run, 8, 10, 10e-6) == pytest.approx(expected)
+    fast, slow = timemodel.Link(2400e9 / 8, 10e-6), timemodel.Link(bw, 10e-6)
+    hierarchical = lambda b: timemodel.hierarchical_allreduce_time(b, 4, 8, fast, slow)  # noqa: E731
+    expected = s["compute_s"] + s["syncs"] * hierarchical(s["bytes"] / s["syncs"]) + s["steps"] * hierarchical(8)
+    assert report.cluster_time(run, 4, 8, 2400, 10, 10e-6) == pytest.approx(expected)
 
 
 def test_cifar_without_data_stops_at_once_with_advice(tmp_path):

@@ -357,3 +357,25 @@ def test_resume_inside_the_post_local_warmup_equals_uninterrupted(tmp_path):
     (run_dir / results.SUMMARY).unlink()
     assert cifar.main(args + ["--out", str(tmp_path / "cut"), "--resume"]) == 0
     assert_same_run(tmp_path / "reference" / name, run_dir)
+
+
+def test_resume_restores_the_trigger_s_anchor_direction_and_bound(tmp_path):
+    # variance_trigger, cut back to a checkpoint inside a period after two syncs (anchor, direction,
+    # the last bound and the per-step counter all in the state), then resumed: the same run as a copy
+    # of the finished one.
+    args = ["--dataset", "digits", "--epochs", "2", "--avg-period", "4", "--checkpoint-every", "3",
+            "--keep-checkpoints", "10", "--quiet", "--no-plots", "--schedule", "trigger"]
+    name = results.run_name("trigger", 0)
+    assert cifar.main(args + ["--out", str(tmp_path / "cut")]) == 0
+    run_dir = tmp_path / "cut" / name
+    shutil.copytree(run_dir, tmp_path / "reference" / name)
+    rows = {r["step"]: r for r in results.read_jsonl(os.path.join(run_dir, results.METRICS))}
+    target = min(s for s in checkpoint_steps(run_dir) if not rows[s]["synced"] and rows[s]["syncs"] >= 2)
+    for step in checkpoint_steps(run_dir):
+        if step > target:
+            shutil.rmtree(run_dir / checkpoint.FOLDER / str(step))
+    (run_dir / results.SUMMARY).unlink()
+    _, state = final_state(run_dir)
+    assert np.abs(state["monitor"]["direction"]["fc1"]["kernel"]).max() > 0  # a direction after two syncs
+    assert cifar.main(args + ["--out", str(tmp_path / "cut"), "--resume"]) == 0
+    assert_same_run(tmp_path / "reference" / name, run_dir)

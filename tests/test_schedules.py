@@ -220,6 +220,8 @@ SCHEDULES = {
     "adpsgd": lambda: S.adpsgd(100, 5, lr_schedule=optax.cosine_decay_schedule(0.1, 100)),
     "adpsgd_trend": lambda: S.adpsgd(100, 5, lr_schedule=optax.cosine_decay_schedule(0.1, 100), forecast="trend"),
     "lr_proportional": lambda: S.lr_proportional(100, 5),
+    "qsr": lambda: S.qsr(100, 5, lr_schedule=optax.cosine_decay_schedule(0.1, 100)),
+    "variance_trigger": lambda: S.variance_trigger(100, 5, lr_schedule=optax.cosine_decay_schedule(0.1, 100)),
 }
 
 

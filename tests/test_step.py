@@ -174,6 +174,8 @@ SCHEDULES = {
     "adacomm": lambda T, lr: S.adacomm(6, 10),
     "adpsgd": lambda T, lr: S.adpsgd(T, 3, lr_schedule=lr),
     "lr_proportional": lambda T, lr: S.lr_proportional(T, 3, lr_schedule=lr),
+    "qsr": lambda T, lr: S.qsr(T, 3, lr_schedule=lr),
+    "variance_trigger": lambda T, lr: S.variance_trigger(T, 3, lr_schedule=lr),
 }
 
 
