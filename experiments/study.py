@@ -47,7 +47,7 @@ from experiments.names import LR_SCHEDULES, METHODS
 PRESETS = {
     "offline": dict(
         dataset="digits",
-        methods=["cpsgd", "adpsgd", "lr_proportional", "qsr", "trigger", "post_local", "allreduce"],
+        methods=["cpsgd", "adpsgd", "lr_proportional", "qsr", "trigger", "post_local", "allreduce", "adpsgd_trend"],
         baseline="cpsgd",
         partitions=["iid", "dirichlet:0.5", "dirichlet:0.1"],
         lr_schedules=["step", "cosine"],
