@@ -7,6 +7,8 @@ import optax
 import pytest
 
 from adpsgd_jax import schedules as S
+from adpsgd_jax.schedules import base
+from adpsgd_jax.schedules import quadratic
 from test_schedules import simulate
 
 
@@ -51,8 +53,8 @@ WARMUP = 30
 
 def rule_positions(lr, alpha, kw):
     """The published rule's sync positions over T steps, from the host's table of periods."""
-    periods = S._qsr_periods(S._lr_values(T, lr), alpha, kw["base_period"], kw.get("warmup_steps", 0))
-    return S._qsr_positions(periods)
+    periods = quadratic._qsr_periods(base._lr_values(T, lr), alpha, kw["base_period"], kw.get("warmup_steps", 0))
+    return quadratic._qsr_positions(periods)
 
 
 def with_warmup(schedule):
