@@ -352,7 +352,8 @@ def main(argv=None) -> int:
                    help="two-level prediction: link rate inside a host in Gbps (default: NVLink-class 300 GB/s)")
     p.add_argument("--payload-mb", type=float,
                    help="two-level what-if: scale every message to a model of this many MB of parameters")
-    p.add_argument("--step-ms", type=float, help="two-level what-if: compute time per step in ms (default: measured)")
+    p.add_argument("--step-ms", type=float,
+                   help="two-level what-if: compute time per step in ms (default: each run's compute_step_s)")
     p.add_argument("--no-plots", action="store_true")
     args = p.parse_args(argv)
     if args.hosts < 1 or args.devices_per_host < 1 or args.intra_gbps <= 0:

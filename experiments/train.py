@@ -104,9 +104,8 @@ class Run:
         params, model_state = models.init(model, jax.random.PRNGKey(config.seed), setup.dataset.train_images.shape[1:])
         self.num_params, self.param_bytes = int(sum(x.size for x in jax.tree.leaves(params))), comm.tree_bytes(params)
         # An evaluation averages the parameters and model state across the workers once (make_eval_step).
-        self.eval_round_bytes = comm.tree_bytes(collectives.float_leaves((params, model_state)))
-        if layout.num_workers == 1:
-            self.eval_round_bytes = 0
+        self.eval_round_bytes = (comm.tree_bytes(collectives.float_leaves((params, model_state)))
+                                 if layout.num_workers > 1 else 0)
         strategy = methods.make_strategy(config, loss_fn, setup.lr_fn, setup.schedule, layout)
         # shard_map over the layout's devices: one code path for one process or many, one worker per device or K.
         self.p_train_step = distributed.shard_map_step(strategy.step, layout)

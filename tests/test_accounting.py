@@ -46,14 +46,17 @@ def test_full_sync_and_averaging_are_charged_the_same_compute(out):
     # One program for both: the compiled probe is shared by its program text, so the two are identical.
     assert probes["allreduce"].step is probes["cpsgd"].step
     # Timed: two probes run one after the other can fall in different loads of a shared machine (two
-    # runs' compute_step_s differed by 0.86-1.17x at a load of 10 on 2 cores); alternating single steps of
-    # the two and keeping each one's fastest compares them under the same conditions (within 3% there).
-    fastest = {m: float("inf") for m in probes}
-    for _ in range(300):
-        for m, p in probes.items():
-            fastest[m] = min(fastest[m], p.time(1))
-    ratio = fastest["allreduce"] / fastest["cpsgd"]
-    assert 1 - TOLERANCE <= ratio <= 1 + TOLERANCE, fastest
+    # runs' compute_step_s differed by 0.86-1.17x at a load of 10 on 2 cores). Single steps of the two,
+    # alternated (in either order) and compared pair by pair, see the same load: the median ratio of a
+    # pair stayed within 1% of 1 in 30 trials at a load of 7, where the ratio of the two minima
+    # reached 0.88 and 1.09.
+    a, b = probes["allreduce"], probes["cpsgd"]
+    ratios = []
+    for i in range(300):
+        first, second = (a, b) if i % 2 else (b, a)
+        t_first, t_second = first.time(1), second.time(1)
+        ratios.append(t_first / t_second if first is a else t_second / t_first)
+    assert abs(np.median(ratios) - 1) <= TOLERANCE, np.median(ratios)
 
 
 @pytest.mark.parametrize("workers,gbps", [(8, 10), (64, 100)])
