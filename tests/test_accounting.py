@@ -103,8 +103,8 @@ def test_resume_at_the_last_step_counts_the_evaluations_once(out, tmp_path):
 
 
 def test_one_worker_averages_nothing_at_evaluation(tmp_path):
-    argv = ["--dataset", "digits", "--epochs", "1", "--workers", "1", "--batch-size", "64", "--compare", "cpsgd",
-            "--checkpoint-every", "0", "--quiet", "--no-plots", "--out", str(tmp_path)]
+    argv = ["--dataset", "digits", "--epochs", "1", "--workers", "1", "--compare", "cpsgd", "--checkpoint-every", "0",
+            "--quiet", "--no-plots", "--out", str(tmp_path)]  # batch 16, as in `out`: its compiled probe is reused
     assert cifar.main(argv) == 0
     s = results.read_json(tmp_path / results.run_name("cpsgd", 0) / results.SUMMARY)
     assert s["eval_rounds"] == 2 and s["eval_bytes"] == 0 and s["bytes"] == 0
