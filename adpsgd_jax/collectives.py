@@ -7,12 +7,14 @@ counts, for example) are identical on every replica and pass through.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from adpsgd_jax import comm
 from adpsgd_jax.limits import MAX_QSGD_LEVELS  # noqa: F401  (signed levels fit int16)
 
 
@@ -97,10 +99,8 @@ def variance_bound(tree: Any, anchor: Any, direction: Any, direction_norm: jnp.n
 def _buckets(v: jnp.ndarray, bucket_size: Optional[int]) -> jnp.ndarray:
     """Flatten ``v`` into [num_buckets, bucket] rows, zero-padding the last."""
     flat = v.reshape(-1).astype(jnp.float32)
-    size = flat.shape[0]
-    width = size if bucket_size is None else min(bucket_size, size)
-    rows = -(-size // width)
-    return jnp.pad(flat, (0, rows * width - size)).reshape(rows, width)
+    rows, width = comm.qsgd_buckets(flat.shape[0], bucket_size)
+    return jnp.pad(flat, (0, rows * width - flat.shape[0])).reshape(rows, width)
 
 
 def qsgd_quantize(v: jnp.ndarray, key: jax.Array, levels: int, bucket_size: Optional[int] = None):
@@ -124,7 +124,7 @@ def qsgd_quantize(v: jnp.ndarray, key: jax.Array, levels: int, bucket_size: Opti
     scaled = levels * jnp.abs(rows) / safe
     xi = jnp.floor(scaled + jax.random.uniform(key, rows.shape))
     xi = jnp.minimum(xi, levels)  # u < 1 makes this a no-op; guard against rounding.
-    dtype = jnp.int8 if levels <= 127 else jnp.int16
+    dtype = jnp.int8 if levels <= comm.INT8_MAX_LEVELS else jnp.int16
     return (jnp.sign(rows) * xi).astype(dtype), norms
 
 
@@ -139,6 +139,33 @@ def qsgd_dequantize(signed_levels: jnp.ndarray, norms: jnp.ndarray, levels: int,
         size *= d
     lead = values.shape[:-2]
     return values.reshape(*lead, -1)[..., :size].reshape(*lead, *shape)
+
+
+def qsgd_pack(signed_levels: jnp.ndarray, levels: int) -> jnp.ndarray:
+    """The wire form of ``qsgd_quantize``'s levels: a 1-D array of
+    ``comm.qsgd_level_bits(levels)`` bits per level, padding included.
+
+    s <= 7: levels l_j in [-7, 7] become nibbles l_j + 7 in 0..14, two per
+    uint8 (byte k = n_2k | n_(2k+1) << 4; an odd count gets one zero-level
+    nibble); ceil(n / 2) bytes for n levels. Larger s: the int8 / int16
+    levels themselves, flattened.
+    """
+    flat = signed_levels.reshape(-1)
+    if levels > comm.NIBBLE_MAX_LEVELS:
+        return flat
+    nibbles = (jnp.pad(flat, (0, flat.shape[0] % 2)) + comm.NIBBLE_MAX_LEVELS).astype(jnp.uint8)
+    return nibbles[0::2] | (nibbles[1::2] << 4)
+
+
+def qsgd_unpack(wire: jnp.ndarray, levels: int, shape) -> jnp.ndarray:
+    """Inverse of ``qsgd_pack``: [..., wire bytes] -> signed levels [..., *shape]
+    (int8 for s <= 127, int16 above), leading axes kept."""
+    lead, count = wire.shape[:-1], math.prod(shape)
+    if levels > comm.NIBBLE_MAX_LEVELS:
+        return wire.reshape(*lead, *shape)
+    low, high = wire & 0xF, wire >> 4
+    nibbles = jnp.stack([low, high], axis=-1).reshape(*lead, -1)[..., :count]
+    return (nibbles.astype(jnp.int8) - comm.NIBBLE_MAX_LEVELS).reshape(*lead, *shape)
 
 
 def all_gather(x: jnp.ndarray, axis_name) -> jnp.ndarray:
@@ -157,10 +184,12 @@ def all_gather(x: jnp.ndarray, axis_name) -> jnp.ndarray:
 def qsgd_mean(grads: Any, key: jax.Array, levels: int, axis_name, bucket_size: Optional[int] = None) -> Any:
     """Mean over ``axis_name`` of every worker's quantised gradient.
 
-    Each worker quantises its floating leaves, the signed levels (int8/int16)
-    and norms are all-gathered, and every worker dequantises and averages the
-    N messages: (1/N) sum_i Q(g_i). Quantised values cannot be summed in a
-    ring, hence the all-gather (``timemodel.allgather_time`` models its cost).
+    Each worker quantises its floating leaves, the signed levels in their
+    wire form (``qsgd_pack``: 4-bit nibbles for s <= 7, int8, int16) and the
+    float32 norms are all-gathered, and every worker unpacks, dequantises and
+    averages the N messages: (1/N) sum_i Q(g_i). What is gathered is what
+    ``comm.qsgd_bytes`` counts. Quantised values cannot be summed in a ring,
+    hence the all-gather (``timemodel.allgather_time`` models its cost).
     """
     leaves, treedef = jax.tree.flatten(grads)
     keys = jax.random.split(key, len(leaves))
@@ -170,7 +199,7 @@ def qsgd_mean(grads: Any, key: jax.Array, levels: int, axis_name, bucket_size: O
             out.append(leaf)
             continue
         q, norms = qsgd_quantize(leaf, k, levels, bucket_size)
-        q_all = all_gather(q, axis_name)  # [N, rows, bucket]
+        q_all = qsgd_unpack(all_gather(qsgd_pack(q, levels), axis_name), levels, q.shape)  # [N, rows, bucket]
         norms_all = all_gather(norms, axis_name)  # [N, rows]
         mean = jnp.mean(qsgd_dequantize(q_all, norms_all, levels, leaf.shape), axis=0)
         out.append(mean.astype(leaf.dtype))

@@ -12,11 +12,12 @@ What each strategy sends per communication round:
   and the loss, reduced together).
 * ``allreduce``: every gradient leaf (same bytes as the parameters) and the
   model state.
-* ``qsgd``: per bucket of ``bucket_size`` coordinates, a 32-bit norm and
-  ``1 + ceil(log2(s + 1))`` bits per coordinate, rounded up to whole bytes
-  per leaf; plus the model state. These are the bit-packed sizes of
-  docs/algorithm.md; the collective itself moves int8 (or int16) levels with
-  signs, which equals the packed size for s = 127.
+* ``qsgd``: exactly the arrays its all-gather sends, per leaf: the signed
+  levels of every bucket, the last bucket's zero padding included, packed
+  two per byte for s <= 7 (4 bits), as int8 for s <= 127 and int16 above;
+  and one float32 norm per bucket. Plus the model state. 1 sign bit and
+  ``ceil(log2(s + 1))`` level bits per coordinate (QSGD's bit count) fit in
+  these containers, and fill them at s = 7 and s = 127.
 
 Two-level averaging counts two streams: the every-step mean of gradients and
 model state inside a group (``TrainState.group_comm``, on fast links) and the
@@ -41,22 +42,37 @@ def tree_bytes(tree: Any) -> int:
     return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-def qsgd_leaf_bits(size: int, levels: int, bucket_size: Optional[int]) -> int:
-    """Bits to send one quantised leaf of ``size`` coordinates with s = ``levels``.
+# QSGD's wire format (``collectives.qsgd_pack``): the largest s of each container of the signed levels.
+NIBBLE_MAX_LEVELS = 7  # two levels per uint8, each offset by +7 into a 4-bit nibble 0..14
+INT8_MAX_LEVELS = 127  # one int8 per level; larger s (up to limits.MAX_QSGD_LEVELS) one int16
 
-    bits = 32 * num_buckets + size * (1 + ceil(log2(s + 1))).
+
+def qsgd_level_bits(levels: int) -> int:
+    """Bits a signed level in [-s, s] takes on the wire: 4 (s <= 7), 8 (s <= 127) or 16."""
+    return 4 if levels <= NIBBLE_MAX_LEVELS else 8 if levels <= INT8_MAX_LEVELS else 16
+
+
+def qsgd_buckets(size: int, bucket_size: Optional[int]) -> tuple[int, int]:
+    """(rows, width) of a leaf of ``size`` > 0 coordinates cut into buckets: width =
+    min(bucket_size, size) (size when None), rows = ceil(size / width); the last row is zero-padded."""
+    width = size if bucket_size is None else min(bucket_size, size)
+    return -(-size // width), width
+
+
+def qsgd_leaf_bytes(size: int, levels: int, bucket_size: Optional[int]) -> int:
+    """Bytes one worker all-gathers for a quantised leaf of ``size`` coordinates:
+
+    ceil(rows * width * level_bits / 8) (the levels, padding included) + 4 * rows (float32 norms).
     """
     if size == 0:
         return 0
-    buckets = 1 if bucket_size is None else math.ceil(size / bucket_size)
-    return 32 * buckets + size * (1 + math.ceil(math.log2(levels + 1)))
+    rows, width = qsgd_buckets(size, bucket_size)
+    return math.ceil(rows * width * qsgd_level_bits(levels) / 8) + 4 * rows
 
 
 def qsgd_bytes(tree: Any, levels: int, bucket_size: Optional[int] = None) -> int:
-    """Compressed bytes of one worker's QSGD message for gradient tree ``tree``."""
-    return sum(
-        math.ceil(qsgd_leaf_bits(int(np.prod(x.shape)), levels, bucket_size) / 8) for x in jax.tree.leaves(tree)
-    )
+    """Bytes of one worker's QSGD message for gradient tree ``tree``: the sum of ``qsgd_leaf_bytes``."""
+    return sum(qsgd_leaf_bytes(int(np.prod(x.shape)), levels, bucket_size) for x in jax.tree.leaves(tree))
 
 
 class CommCounter(NamedTuple):

@@ -33,7 +33,7 @@ Strategies (docs/algorithm.md, "Strategies"):
 * ``allreduce``: full-sync SGD; gradients (and model state) are averaged
   every step before one optimizer update.
 * ``qsgd``: like ``allreduce`` with each worker's gradient stochastically
-  quantised to s levels and all-gathered as int8/int16.
+  quantised to s levels and all-gathered packed (4-bit, int8 or int16).
 """
 
 from __future__ import annotations
@@ -424,9 +424,9 @@ def qsgd(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, levels: in
          bucket_size: Optional[int] = None, axis_name: AxisName = "batch") -> Strategy:
     """QSGD: g = (1/N) sum_i Q_s(g_i), each worker's gradient quantised to
     s = ``levels`` levels per bucket of ``bucket_size`` coordinates (None: one
-    bucket per leaf) and all-gathered as int8 (s <= 127) or int16
-    (``collectives.qsgd_mean``); counted at the packed size
-    (``comm.qsgd_bytes``)."""
+    bucket per leaf) and all-gathered in its wire form, two 4-bit levels per
+    byte for s <= 7, int8 for s <= 127, int16 above (``collectives.qsgd_mean``);
+    counted as exactly the bytes gathered (``comm.qsgd_bytes``)."""
     if isinstance(levels, bool) or int(levels) != levels or not 1 <= levels <= MAX_QSGD_LEVELS:
         raise ValueError(f"qsgd levels must be an integer in [1, {MAX_QSGD_LEVELS}], got {levels!r}")
     if bucket_size is not None and (isinstance(bucket_size, bool) or int(bucket_size) != bucket_size

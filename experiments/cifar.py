@@ -93,7 +93,7 @@ def main(argv=None) -> int:
 
     import jax
 
-    from experiments import checkpoint, data, report, train
+    from experiments import checkpoint, data, report, results, train
 
     try:
         first = configs[0]
@@ -125,7 +125,11 @@ def main(argv=None) -> int:
             print(f"error: --resume: {err}", file=sys.stderr)
             return 2
     if jax.process_index() == 0:
-        print(report.build(options.out, plots=options.plots))
+        try:
+            print(report.build(options.out, plots=options.plots))
+        except results.StaleSummary as err:  # an older version's run in the same --out
+            print(f"error: report: {err}", file=sys.stderr)
+            return 2
     return 0
 
 

@@ -7,8 +7,9 @@ at 10 and 100 Gbps for ``--predict-workers`` workers (docs/algorithm.md, "Time m
 
     time = sum_steps t_compute + sum_rounds t_comm(B, N)
 
-with t_compute the measured compute time per step of the run itself (on the
-machine that ran it) and t_comm the ring all-reduce time (all-gather for
+with t_compute the summary's ``compute_step_s`` (one worker's local step,
+measured alone on one device of the machine that ran it, no communication:
+the same probe for every method) and t_comm the ring all-reduce time (all-gather for
 QSGD, whose quantised messages cannot be summed in the ring). Full sync
 assumes no overlap of communication with the backward pass; its row
 "allreduce (ideal overlap)" shows max(t_compute, t_comm) per step. "Time to
@@ -56,7 +57,7 @@ class _Counts(NamedTuple):
     """What a run communicated up to a step, for the time models."""
 
     steps: int
-    compute_s: float
+    compute_s: float  # steps x t_compute
     rounds: int
     per_round: float  # bytes per worker per round of the averaging (across groups) or full sync
     group_rounds: int
@@ -72,7 +73,7 @@ def _counts(run: results.Run, upto_step: Optional[int], payload_bytes: Optional[
     row = s if upto_step is None else run.metrics[upto_step - 1]
     group_syncs = s.get("group_syncs", 0)
     scale = payload_bytes / s["param_bytes"] if payload_bytes else 1.0
-    per_step = s["compute_s"] / s["steps"] if step_s is None else step_s
+    per_step = run.compute_step_s if step_s is None else step_s
     return _Counts(steps, per_step * steps, row["syncs"], scale * s["bytes"] / s["syncs"] if s["syncs"] else 0.0,
                    row.get("group_syncs", 0), scale * s["group_bytes"] / group_syncs if group_syncs else 0.0)
 
@@ -89,7 +90,7 @@ def _monitor_s(run: results.Run, upto_step: Optional[int], round_s: Callable[[fl
 def simulated_time(run: results.Run, workers: int, gbps: float, latency: float = 10e-6, upto_step: Optional[int] = None,
                    overlap: bool = False) -> float:
     """Simulated seconds of ``run`` up to ``upto_step`` (default: the whole run),
-    by ``timemodel.simulated_wall_clock`` with the run's own compute time per step;
+    by ``timemodel.simulated_wall_clock`` with the run's ``compute_step_s`` per step;
     a two-level run by ``timemodel.two_level_wall_clock`` with every link at ``gbps``."""
     c, link = _counts(run, upto_step), Link(gbps * GBPS, latency)
     # The monitor's rounds are charged as time the steps take beyond their compute.
@@ -196,7 +197,7 @@ def table(runs: list[results.Run], workers: Optional[int] = None, latency: float
         return cols
 
     header = ["method", "seeds", "final train loss", "test accuracy", "syncs", "MB sent / worker", "bytes vs allreduce",
-              "MB in group / worker", "compute s"]
+              "MB in group / worker", "compute s (T x 1 worker)"]
     header += [f"{k} @{g} Gbps (s)" for g in BANDWIDTHS_GBPS for k in ("time", "to target")]
     lines = [_row(header), "|" + "---|" * len(header)]
     for label, rs in groups.items():
@@ -205,7 +206,7 @@ def table(runs: list[results.Run], workers: Optional[int] = None, latency: float
         row = [label, str(len(rs)), _mean_sd([r.summary["final_train_loss"] for r in rs]),
                _mean_sd([r.summary["test_accuracy"] for r in rs]), f"{_mean_of(rs, 'syncs'):.0f}",
                f"{sent / 1e6:.3f}", ratio, f"{_mean_of(rs, 'group_bytes') / 1e6:.3f}",
-               f"{_mean_of(rs, 'compute_s'):.2f}"] + time_cols(rs)
+               f"{np.mean([r.compute_step_s * r.summary['steps'] for r in rs]):.3f}"] + time_cols(rs)
         lines.append(_row(row))
         if label == "allreduce":
             lines.append(_row(["allreduce (ideal overlap)", str(len(rs))] + [""] * 7 + time_cols(rs, overlap=True)))
@@ -214,7 +215,8 @@ def table(runs: list[results.Run], workers: Optional[int] = None, latency: float
              f"lr {c['lr']} ({c['lr_schedule']}), partition {c['partition']}, budget avg_period {c['avg_period']}; "
              f"device {runs[0].summary['device_kind']}{_placement(runs[0].summary)}. Time model: {workers} workers, "
              f"latency {latency * 1e6:.0f} us, "
-             f"measured compute per step; target test accuracy {target:.4f}.\n")
+             f"compute = steps x one worker's local step measured alone on one device (compute_step_s), "
+             f"the same for every method, no communication in it; target test accuracy {target:.4f}.\n")
     return "\n".join(lines) + "\n" + notes
 
 
@@ -260,7 +262,8 @@ def cluster_table(runs: list[results.Run], hosts: int = CLUSTER["hosts"], per_ho
         if label == "allreduce":
             lines.append(_row(["allreduce (ideal overlap)", str(len(rs))] + [""] * 3 + time_cols(rs, overlap=True)))
     what_if = "" if payload_bytes is None else f"messages scaled to a {payload_bytes / 1e6:g} MB model; "
-    compute = "compute per step as measured" if step_s is None else f"compute {step_s * 1e3:g} ms per step (assumed)"
+    compute = ("one worker's compute per step as probed (compute_step_s)" if step_s is None
+               else f"compute {step_s * 1e3:g} ms per step (assumed)")
     notes = (f"\nPredicted on {hosts} hosts x {per_host} devices: {intra_gbps:g} Gbps inside a host, 10 / 100 Gbps "
              f"between hosts, latency {latency * 1e6:.0f} us per message; flat runs pay hierarchical all-reduces, "
              f"a two-level run's groups are the hosts; {what_if}{compute}; speedup vs allreduce without "
@@ -364,7 +367,8 @@ def main(argv=None) -> int:
                    help="two-level prediction: link rate inside a host in Gbps (default: NVLink-class 300 GB/s)")
     p.add_argument("--payload-mb", type=float,
                    help="two-level what-if: scale every message to a model of this many MB of parameters")
-    p.add_argument("--step-ms", type=float, help="two-level what-if: compute time per step in ms (default: measured)")
+    p.add_argument("--step-ms", type=float,
+                   help="two-level what-if: compute time per step in ms (default: each run's compute_step_s)")
     p.add_argument("--no-plots", action="store_true")
     args = p.parse_args(argv)
     if args.hosts < 1 or args.devices_per_host < 1 or args.intra_gbps <= 0:
@@ -379,7 +383,7 @@ def main(argv=None) -> int:
     try:
         print(build(args.out, workers=args.predict_workers, latency=args.latency_us * 1e-6,
                     target=args.target_accuracy, plots=not args.no_plots, cluster=cluster))
-    except FileNotFoundError as err:
+    except (FileNotFoundError, results.StaleSummary) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

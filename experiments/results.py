@@ -14,7 +14,12 @@ those options are on):
 * ``config.json``: the run's config, written when it starts (``--resume``
   compares it with the flags).
 * ``summary.json``: written last and atomically; a folder without it holds
-  an unfinished run.
+  an unfinished run. Besides the outcomes and counts (``syncs`` and
+  ``bytes`` of training, ``eval_rounds`` and ``eval_bytes`` of the
+  evaluations' averaging) it holds three timings (``TIMINGS``):
+  ``wall_clock_s``, ``measured_step_s`` (the run's own seconds per step,
+  all its workers and collectives included) and ``compute_step_s`` (one
+  worker's step alone, without communication: the time model's compute).
 
 A resumed run cuts both logs back to the rows of its checkpoint's step and
 appends from there, so the files end as those of an uninterrupted run.
@@ -34,6 +39,9 @@ SUMMARY = "summary.json"
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 EVAL = "eval.jsonl"
+# The summary's timings, which differ between two runs of one config (a resumed run and an uninterrupted one);
+# every other field is equal.
+TIMINGS = ("wall_clock_s", "compute_step_s", "measured_step_s")
 
 
 def run_name(label: str, seed: int) -> str:
@@ -143,6 +151,10 @@ def read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+class StaleSummary(ValueError):
+    """A summary.json written by an older version, without a field a reader needs."""
+
+
 class Run:
     """A finished run read back from its folder."""
 
@@ -169,6 +181,14 @@ class Run:
     @property
     def seed(self) -> int:
         return self.summary["config"]["seed"]
+
+    @property
+    def compute_step_s(self) -> float:
+        """One worker's compute per step, measured without communication (the time model's compute term)."""
+        if self.summary.get("compute_step_s") is None:
+            raise StaleSummary(f"{self.path}: summary.json has no compute_step_s (an older version's run, whose "
+                               "compute_s included the run's own communication and all its workers): run it again")
+        return self.summary["compute_step_s"]
 
 
 def finished_runs(out_dir: str) -> Iterator[Run]:

@@ -22,8 +22,8 @@ import numpy as np
 import optax
 
 import adpsgd_jax as A
-from adpsgd_jax import comm, distributed
-from experiments import checkpoint, data, methods, models, results
+from adpsgd_jax import collectives, comm, distributed
+from experiments import checkpoint, compute, data, methods, models, results
 from experiments.config import Config, RunOptions
 from experiments.setup import Setup, prepare  # noqa: F401  (callers build a run with train.prepare)
 
@@ -103,6 +103,9 @@ class Run:
         model, loss_fn, eval_fn = methods.model_fns(config, setup.dataset)
         params, model_state = models.init(model, jax.random.PRNGKey(config.seed), setup.dataset.train_images.shape[1:])
         self.num_params, self.param_bytes = int(sum(x.size for x in jax.tree.leaves(params))), comm.tree_bytes(params)
+        # An evaluation averages the parameters and model state across the workers once (make_eval_step).
+        self.eval_round_bytes = (comm.tree_bytes(collectives.float_leaves((params, model_state)))
+                                 if layout.num_workers > 1 else 0)
         strategy = methods.make_strategy(config, loss_fn, setup.lr_fn, setup.schedule, layout)
         # shard_map over the layout's devices: one code path for one process or many, one worker per device or K.
         self.p_train_step = distributed.shard_map_step(strategy.step, layout)
@@ -114,6 +117,7 @@ class Run:
         _all_finite(self.state.params)
         self.primary = jax.process_index() == 0  # writes the shared files; every process writes checkpoint shards
         self.start, self.timed_s, self.timed_steps, self.last = 0, 0.0, 0, {}
+        self.eval_rounds, self.final_test = 0, None  # evaluations so far; (loss, accuracy) of the last test one
         name = results.run_name(config.label, config.seed)
         if setup.resume_from is None:  # a fresh run clears its folder first
             self.writer = results.RunWriter(options.out, name, config.to_dict(), enabled=self.primary)
@@ -124,6 +128,9 @@ class Run:
             self.state, meta = self.checkpoints.restore(self.state, setup.resume_from)
             self.start, self.timed_s, self.timed_steps = meta["step"], meta["timed_s"], meta["timed_steps"]
             self.last = meta["last"]
+            # Checkpoints from before these were saved: one evaluation per epoch end so far, none kept.
+            self.eval_rounds = meta.get("eval_rounds", self.start // setup.loader.steps_per_epoch)
+            self.final_test = tuple(meta["final_test"]) if meta.get("final_test") else None
             self.writer = results.RunWriter(options.out, name, config.to_dict(), resume_step=self.start,
                                             enabled=self.primary)
         ds = setup.dataset
@@ -133,10 +140,10 @@ class Run:
         every = options.checkpoint_every
         self.every = default_checkpoint_every(setup.loader.steps_per_epoch) if every is None else every
         self.saved = setup.resume_from  # the last checkpoint's step
-        self.final_test = None
 
     def evaluate(self, split) -> tuple[float, float]:
-        """(mean loss, accuracy) of the averaged model on a whole split."""
+        """(mean loss, accuracy) of the averaged model on a whole split (one round of averaging, counted)."""
+        self.eval_rounds += 1
         sums = jax.tree.map(lambda x: float(distributed.local_rows(x)[0]), self.p_eval_step(self.state, split))
         return sums["loss"] / sums["count"], sums["correct"] / sums["count"]
 
@@ -172,7 +179,8 @@ class Run:
         if not bool(_all_finite(self.state.params)):
             raise NonFiniteError(step, "parameters", float("nan"), self.saved, self.checkpoints.dir)
         self.writer.flush()
-        meta = {"step": step, "timed_s": self.timed_s, "timed_steps": self.timed_steps, "last": self.last}
+        meta = {"step": step, "timed_s": self.timed_s, "timed_steps": self.timed_steps, "last": self.last,
+                "eval_rounds": self.eval_rounds, "final_test": self.final_test}
         self.checkpoints.save(step, self.state, meta)
         self.saved = step
 
@@ -243,13 +251,16 @@ def train(run: Run, on_step: Optional[Callable[[int, dict], None]] = None) -> No
 
 
 def summarise(run: Run) -> dict:
-    """Evaluate the final averaged model and write summary.json; returns it."""
+    """Evaluate the final averaged model, probe one worker's compute per step
+    (``compute.step_seconds``) and write summary.json; returns it."""
     setup, config, last, T = run.setup, run.setup.config, run.last, run.setup.total_steps
     train_loss, train_acc = run.evaluate(run.train_set)
     # Step T is an epoch end, so the loop evaluated the final state already
-    # (unless a resume started at T, when the loop did not run).
+    # (a resume at T restored that evaluation from the checkpoint).
     test_loss, test_acc = run.final_test if run.final_test is not None else run.evaluate(run.test_set)
-    layout = setup.layout
+    layout, wall_clock_s = setup.layout, time.perf_counter() - run.started
+    step_s = compute.step_seconds(setup, distributed.unreplicate(run.state.params),
+                                  distributed.unreplicate(run.state.model_state))
     summary = {
         "final_train_loss": train_loss,
         "final_train_accuracy": train_acc,
@@ -258,6 +269,9 @@ def summarise(run: Run) -> dict:
         "last_minibatch_loss": last["loss"],
         "syncs": last["syncs"],
         "bytes": last["bytes"],
+        # The evaluations' averaging of parameters and model state (each epoch's test split, the final train split).
+        "eval_rounds": run.eval_rounds,
+        "eval_bytes": run.eval_rounds * run.eval_round_bytes,
         # Two-level averaging: syncs / bytes above cross groups; these stay inside them.
         "group_size": methods.group_size(config),
         "group_syncs": last.get("group_syncs", 0),
@@ -272,9 +286,12 @@ def summarise(run: Run) -> dict:
         "steps_per_epoch": setup.loader.steps_per_epoch,
         "num_params": run.num_params,
         "param_bytes": run.param_bytes,
-        "wall_clock_s": time.perf_counter() - run.started,
-        # Steps that compiled are left out of the timing; the rest stand for all T.
-        "compute_s": run.timed_s / max(run.timed_steps, 1) * T,
+        "wall_clock_s": wall_clock_s,  # the run so far, the compute probe excluded
+        # The time model's compute: one worker's local step, alone on one device, no communication.
+        "compute_step_s": step_s,
+        # The run's own seconds per step here (compiling steps left out): its K workers per device and
+        # its in-process collectives included; null when no step was timed.
+        "measured_step_s": run.timed_s / run.timed_steps if run.timed_steps else None,
         "config": config.to_dict(),
         "versions": versions(),
         "device_kind": layout.mesh.devices.flat[0].device_kind,

@@ -15,8 +15,8 @@ from experiments import cifar, config as cfg, methods, report, results, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = list(cfg.METHODS)
-SUMMARY_KEYS = {"final_train_loss", "test_accuracy", "syncs", "bytes", "wall_clock_s", "compute_s", "config",
-                "versions", "device_kind"}
+SUMMARY_KEYS = {"final_train_loss", "test_accuracy", "syncs", "bytes", "eval_rounds", "eval_bytes", "wall_clock_s",
+                "compute_step_s", "measured_step_s", "config", "versions", "device_kind"}
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +117,7 @@ def test_time_model_in_report_matches_formula(compare_dir):
     s = run.summary
     per_round = s["bytes"] / s["syncs"]
     bw = 10e9 / 8
-    expected = s["compute_s"] + s["syncs"] * (2 * 7 * 10e-6 + 2 * 7 / 8 * per_round / bw)
+    expected = s["compute_step_s"] * s["steps"] + s["syncs"] * (2 * 7 * 10e-6 + 2 * 7 / 8 * per_round / bw)
     assert report.simulated_time(run, 8, 10, 10e-6) == pytest.approx(expected)
     # The trigger also pays a ring all-reduce of its 8-byte pair after every step: latency, mostly.
     run = next(r for r in results.finished_runs(str(compare_dir)) if r.method == "trigger")
@@ -187,16 +187,17 @@ def test_two_level_time_models_match_the_formulas(two_level_dir):
         across = 2 * 3 * lat + 2 * 3 / 4 * sync / slow + 7 * lat + 7 / 8 * sync / fast
         return compute_s + s["steps"] * inside + s["syncs"] * across
 
-    assert report.cluster_time(run, 4, 8, 2400, 10, lat) == pytest.approx(expected(s["compute_s"]))
+    assert report.cluster_time(run, 4, 8, 2400, 10, lat) == pytest.approx(expected(s["compute_step_s"] * s["steps"]))
     what_if = report.cluster_time(run, 4, 8, 2400, 10, lat, payload_bytes=4e7, step_s=0.05)
     assert what_if == pytest.approx(expected(0.05 * s["steps"], 4e7 / s["param_bytes"]))
     f = full.summary
     per_round = f["bytes"] / f["syncs"]
     hierarchical = 2 * 7 * lat + 2 * 7 / 8 * per_round / fast + 2 * 3 * lat + 2 * 3 / 4 * per_round / slow
-    assert report.cluster_time(full, 4, 8, 2400, 10, lat) == pytest.approx(f["compute_s"] + f["syncs"] * hierarchical)
+    assert report.cluster_time(full, 4, 8, 2400, 10, lat) == pytest.approx(f["compute_step_s"] * f["steps"]
+                                                                           + f["syncs"] * hierarchical)
     # One bandwidth everywhere (the first table): the run's 2 groups of 4.
     link = timemodel.Link(slow, lat)
-    flat_links = (s["compute_s"] + s["steps"] * timemodel.allreduce_time(s["param_bytes"], 4, link)
+    flat_links = (s["compute_step_s"] * s["steps"] + s["steps"] * timemodel.allreduce_time(s["param_bytes"], 4, link)
                   + s["syncs"] * timemodel.group_average_time(s["param_bytes"] + 8, 2, 4, link, link))
     assert report.simulated_time(run, 8, 10, lat) == pytest.approx(flat_links)
     text = report.build(str(two_level_dir), plots=False)

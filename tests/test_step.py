@@ -7,6 +7,7 @@ so the parameter variance is real and grows with the period.
 
 import chex
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -161,9 +162,39 @@ def test_full_sync_schedule_and_allreduce_counts(mesh):
 def test_qsgd_counts_compressed_bytes(mesh):
     opt = optax.sgd(0.05)
     state, _ = run(mesh, opt, None, 5, strategy="qsgd", qsgd_levels=7, qsgd_bucket_size=4)
-    # w: 6 coords in 2 buckets -> 2*32 + 6*(1+3) = 88 bits = 11 bytes;
-    # b: 1 coord -> 32 + 4 = 36 bits = 5 bytes; model state: 4 bytes.
-    assert comm.total_bytes(state.comm) == 5 * (11 + 5 + 4)
+    # w: 6 coords in 2 buckets of 4 -> 8 nibbles = 4 bytes + 2 norms of 4 bytes;
+    # b: 1 coord -> 1 byte + 1 norm; model state: 4 bytes.
+    assert comm.total_bytes(state.comm) == 5 * ((4 + 8) + (1 + 4) + 4)
+
+
+def collective_operands(jaxpr, primitive: str) -> list:
+    """Avals of the operands of every ``primitive`` equation in ``jaxpr`` and the jaxprs inside it."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == primitive:
+            found += [v.aval for v in eqn.invars]
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    found += collective_operands(sub.jaxpr, primitive)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    found += collective_operands(sub, primitive)
+    return found
+
+
+@pytest.mark.parametrize("levels,bucket", [(7, 4), (100, 4), (1000, 4)])
+def test_qsgd_counter_equals_the_bytes_its_collectives_send(mesh, levels, bucket):
+    # The step as traced for one of N workers: what its all-gathers (the QSGD messages) and its
+    # all-reduce (the model-state mean) take as operands is what one step adds to the counter.
+    built = strategy_for(optax.sgd(0.05), strategy="qsgd", qsgd_levels=levels, qsgd_bucket_size=bucket)
+    state = built.init(*init_params(), jax.random.PRNGKey(0))
+    batch = jax.tree.map(lambda x: x[0], Data().batch())
+    jaxpr = jax.make_jaxpr(built.step, axis_env=[("batch", N)])(state, batch).jaxpr
+    gathered = collective_operands(jaxpr, "all_gather")
+    assert any(a.dtype == (jnp.uint8 if levels <= 7 else jnp.int8 if levels <= 127 else jnp.int16) for a in gathered)
+    sent = sum(a.size * a.dtype.itemsize for a in gathered + collective_operands(jaxpr, "psum"))
+    state, _ = run(mesh, optax.sgd(0.05), None, 3, strategy="qsgd", qsgd_levels=levels, qsgd_bucket_size=bucket)
+    assert comm.total_bytes(state.comm) == 3 * sent
 
 
 SCHEDULES = {

@@ -77,7 +77,7 @@ def training_comparison(args, seeds: list[int], epochs: Optional[int], runs_dir:
                "syncs": _mean([r.metrics[s - 1]["syncs"] for r, s in zip(rs, reach)]),
                "bytes": _mean([r.metrics[s - 1]["bytes"] for r, s in zip(rs, reach)]),
                "final_test_accuracy": _mean([r.summary["test_accuracy"] for r in rs]),
-               "compute_s_per_step": _mean([r.summary["compute_s"] / r.summary["steps"] for r in rs])}
+               "compute_s_per_step": _mean([r.compute_step_s for r in rs])}
         for gbps in BANDWIDTHS_GBPS:
             row[f"time_to_target_s_{gbps}gbps"] = _mean(
                 [report.simulated_time(r, n, gbps, latency, s) for r, s in zip(rs, reach)])

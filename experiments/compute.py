@@ -1,0 +1,100 @@
+"""One worker's compute per step, measured alone: ``step_seconds(setup)``.
+
+The time model (docs/algorithm.md, "Time model") adds modelled
+communication to compute, so its compute term must contain no
+communication and must be one worker's: the run's own measured step
+(summary ``measured_step_s``) includes its in-process all-reduce or QSGD
+all-gather, and with K workers on a device it is K workers' steps.
+
+The probe here runs the run's model, per-worker batch and optimizer as
+``adpsgd_jax.local_sgd`` with one worker on one device and a schedule that
+never syncs inside the probe: the gradient, the optimizer update and the
+step's bookkeeping, no collective. Every strategy gets the same probe,
+since full sync and QSGD do this same local arithmetic around their
+collective (QSGD's quantising and dequantising are therefore not in it).
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from typing import Any, Optional
+
+import jax
+
+import adpsgd_jax as A
+from adpsgd_jax import distributed, schedules
+from experiments import methods
+from experiments.setup import Setup
+
+# The probe times single steps until it has timed BUDGET_S seconds and at least MIN_STEPS steps (ResNet-18
+# on CPU, ~1 s a step: 3 steps), or MAX_STEPS steps (digits' MLP, ~0.1 ms a step: about 0.1 s).
+BUDGET_S, MIN_STEPS, MAX_STEPS = 2.0, 3, 300
+_NEVER = 2**30  # the probe's schedule period: no sync within any probe
+# Compiled probes by (device, program text): the runs of one --compare share a model, a batch and an
+# optimizer, hence one program, compiled once (0.5-1 s for digits' MLP on 2 busy cores) and timed per run.
+_COMPILED: collections.OrderedDict = collections.OrderedDict()
+_KEEP = 4
+
+
+def _compile(jitted, state, batch, device: jax.Device):
+    """``jitted`` compiled for (state, batch), reusing an identical program compiled before."""
+    lowered = jitted.lower(state, batch)
+    key = (device.id, lowered.as_text())
+    if key not in _COMPILED:
+        _COMPILED[key] = lowered.compile()
+        while len(_COMPILED) > _KEEP:
+            _COMPILED.popitem(last=False)
+    _COMPILED.move_to_end(key)
+    return _COMPILED[key]
+
+
+class Probe:
+    """The compiled local step of one worker of ``setup`` on one device (this
+    process's first), from ``params`` / ``model_state`` (one worker's, e.g.
+    the run's), with one per-worker batch [1, B, ...] of the run's data."""
+
+    def __init__(self, setup: Setup, params: Any, model_state: Any, device: Optional[jax.Device] = None):
+        config, device = setup.config, device or jax.local_devices()[0]
+        layout = distributed.workers(1, [device])
+        _, loss_fn, _ = methods.model_fns(config, setup.dataset)
+        strategy = A.local_sgd(loss_fn, methods.make_optimizer(config, setup.lr_fn), schedules.constant(_NEVER),
+                               axis_name=layout.axes)
+        self.state = distributed.replicate(strategy.init(params, model_state, jax.random.PRNGKey(config.seed)), layout)
+        images, labels = setup.loader.batch(0, 0)  # this process's first worker's batch
+        self.batch = distributed.shard_batch({"image": images[:1], "label": labels[:1]}, layout)
+        self.step = _compile(distributed.shard_map_step(strategy.step, layout).compiled, self.state, self.batch,
+                             device)
+        self.time(2)  # the first steps after a compilation are slow
+
+    def time(self, steps: int) -> float:
+        """Mean seconds per step over ``steps`` consecutive steps (dispatched back to back, then waited for)."""
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.state, _ = self.step(self.state, self.batch)
+        jax.block_until_ready(self.state.params)
+        return (time.perf_counter() - start) / steps
+
+
+def step_seconds(setup: Setup, params: Any, model_state: Any) -> float:
+    """Seconds of one worker's local step of ``setup`` without communication
+    (``Probe``): the minimum over single timed steps.
+
+    Steps are timed one by one (dispatch to result) until ``BUDGET_S``
+    seconds and ``MIN_STEPS`` steps have passed, or ``MAX_STEPS`` steps.
+    The minimum is taken because on a shared machine other processes only
+    ever add time: the least-contended step is the best estimate of the
+    step's cost, and runs probed under different loads stay comparable,
+    where a mean or median moves with the share of steps that overlap
+    other work. Single steps rather than means of several: short windows
+    fall between other processes' time slices more often, and with the
+    state donated from step to step a step cannot start before the last
+    one ends, so one step's latency is its share of a run's throughput
+    (digits' MLP on 2 busy cores: minima of 97-125 us for single steps,
+    112-144 us for means of 10 or 50 steps).
+    """
+    probe = Probe(setup, params, model_state)
+    times, start = [], time.perf_counter()
+    while len(times) < MAX_STEPS and (len(times) < MIN_STEPS or time.perf_counter() - start < BUDGET_S):
+        times.append(probe.time(1))
+    return min(times)
