@@ -126,6 +126,31 @@ def markdown(table: list[dict], baseline: str) -> str:
     return "\n".join(lines + summary) + "\n"
 
 
+def pivot(table: list[dict], baseline: str) -> str:
+    """One row per setting, one column per method: the mean paired difference in final training
+    loss against the baseline x 1000, its 95% interval, and * where the verdict is lower / + higher."""
+    methods = list(dict.fromkeys(r["method"] for r in table if r["method"] != baseline))
+    settings = list(dict.fromkeys(r["setting"] for r in table))
+    cell = {(r["setting"], r["method"]): r for r in table}
+    mark = {"lower": " **↓**", "higher": " **↑**", "inconclusive": ""}
+    lines = [f"Δ final training loss against {baseline} × 1000, mean [95% CI] over seed pairs "
+             f"(↓ / ↑: the whole interval below / above 0):\n",
+             "| setting | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    for name in settings:
+        row = [name]
+        for m in methods:
+            r = cell.get((name, m))
+            if r is None:
+                row.append("")
+            elif math.isnan(r["loss_ci"][0]):
+                row.append(f"{1e3 * r['loss_diff']:+.2f}")
+            else:
+                lo, hi = 1e3 * r["loss_ci"][0], 1e3 * r["loss_ci"][1]
+                row.append(f"{1e3 * r['loss_diff']:+.2f} [{lo:+.2f}, {hi:+.2f}]{mark[r['verdict']]}")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _curve(rs: list, key: str, n: int) -> np.ndarray:
     return np.mean([[row[key] for row in r.metrics[:n]] for r in rs], axis=0)
 
@@ -166,7 +191,7 @@ def plot(grid, out: str, path: str) -> None:
 def write(grid, out: str, plots: bool = True) -> str:
     """Write study.md, study.json (and the plot) under ``out``; returns the Markdown."""
     table = rows(grid, out)
-    text = markdown(table, grid.baseline)
+    text = pivot(table, grid.baseline) + "\n" + markdown(table, grid.baseline)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, STUDY_MD), "w") as f:
         f.write(text)
