@@ -123,11 +123,12 @@ def test_time_model_in_report_matches_formula(compare_dir):
     run = next(r for r in results.finished_runs(str(compare_dir)) if r.method == "trigger")
     s = run.summary
     pair = s["steps"] * (2 * 7 * 10e-6 + 2 * 7 / 8 * 8 / bw)
-    expected = s["compute_s"] + s["syncs"] * (2 * 7 * 10e-6 + 2 * 7 / 8 * s["bytes"] / s["syncs"] / bw) + pair
+    compute = s["compute_step_s"] * s["steps"]
+    expected = compute + s["syncs"] * (2 * 7 * 10e-6 + 2 * 7 / 8 * s["bytes"] / s["syncs"] / bw) + pair
     assert report.simulated_time(run, 8, 10, 10e-6) == pytest.approx(expected)
     fast, slow = timemodel.Link(2400e9 / 8, 10e-6), timemodel.Link(bw, 10e-6)
     hierarchical = lambda b: timemodel.hierarchical_allreduce_time(b, 4, 8, fast, slow)  # noqa: E731
-    expected = s["compute_s"] + s["syncs"] * hierarchical(s["bytes"] / s["syncs"]) + s["steps"] * hierarchical(8)
+    expected = compute + s["syncs"] * hierarchical(s["bytes"] / s["syncs"]) + s["steps"] * hierarchical(8)
     assert report.cluster_time(run, 4, 8, 2400, 10, 10e-6) == pytest.approx(expected)
 
 
