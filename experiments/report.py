@@ -9,7 +9,8 @@ at 10 and 100 Gbps for ``--predict-workers`` workers (docs/algorithm.md, "Time m
 
 with t_compute the summary's ``compute_step_s`` (one worker's local step,
 measured alone on one device of the machine that ran it, no communication:
-the same probe for every method) and t_comm the ring all-reduce time (all-gather for
+the same probe for every method; ``build`` gives every run the median probe of
+the runs of its model and batch, ``results.pool_compute``) and t_comm the ring all-reduce time (all-gather for
 QSGD, whose quantised messages cannot be summed in the ring). Full sync
 assumes no overlap of communication with the backward pass; its row
 "allreduce (ideal overlap)" shows max(t_compute, t_comm) per step. "Time to
@@ -215,8 +216,9 @@ def table(runs: list[results.Run], workers: Optional[int] = None, latency: float
              f"lr {c['lr']} ({c['lr_schedule']}), partition {c['partition']}, budget avg_period {c['avg_period']}; "
              f"device {runs[0].summary['device_kind']}{_placement(runs[0].summary)}. Time model: {workers} workers, "
              f"latency {latency * 1e6:.0f} us, "
-             f"compute = steps x one worker's local step measured alone on one device (compute_step_s), "
-             f"the same for every method, no communication in it; target test accuracy {target:.4f}.\n")
+             f"compute = steps x one worker's local step measured alone on one device (compute_step_s; the median "
+             f"over the runs of one model and batch when the table is built from a folder), the same for every "
+             f"method, no communication in it; target test accuracy {target:.4f}.\n")
     return "\n".join(lines) + "\n" + notes
 
 
@@ -262,7 +264,7 @@ def cluster_table(runs: list[results.Run], hosts: int = CLUSTER["hosts"], per_ho
         if label == "allreduce":
             lines.append(_row(["allreduce (ideal overlap)", str(len(rs))] + [""] * 3 + time_cols(rs, overlap=True)))
     what_if = "" if payload_bytes is None else f"messages scaled to a {payload_bytes / 1e6:g} MB model; "
-    compute = ("one worker's compute per step as probed (compute_step_s)" if step_s is None
+    compute = ("one worker's compute per step as probed (compute_step_s, pooled as above)" if step_s is None
                else f"compute {step_s * 1e3:g} ms per step (assumed)")
     notes = (f"\nPredicted on {hosts} hosts x {per_host} devices: {intra_gbps:g} Gbps inside a host, 10 / 100 Gbps "
              f"between hosts, latency {latency * 1e6:.0f} us per message; flat runs pay hierarchical all-reduces, "
@@ -343,6 +345,7 @@ def build(out_dir: str, plots: bool = True, workers: Optional[int] = None, laten
     ``cluster``: hosts, per_host, intra_gbps of the two-level prediction (default ``CLUSTER``).
     """
     runs = list(results.finished_runs(out_dir))
+    results.pool_compute(runs)
     if not runs:
         raise FileNotFoundError(f"no finished runs (sub-folders with {results.SUMMARY}) in {out_dir!r}")
     text = table(runs, workers, latency, target) + "\n" + cluster_table(runs, **{**CLUSTER, **(cluster or {})},

@@ -33,6 +33,8 @@ import os
 import shutil
 from typing import Any, Iterator, Optional
 
+import numpy as np
+
 from experiments.config import from_saved
 
 SUMMARY = "summary.json"
@@ -163,6 +165,7 @@ class Run:
         self.summary = read_json(os.path.join(path, SUMMARY))
         self.metrics = read_jsonl(os.path.join(path, METRICS))
         self.evals = read_jsonl(os.path.join(path, EVAL))
+        self.pooled_step_s: Optional[float] = None  # set by pool_compute
 
     @property
     def method(self) -> str:
@@ -184,11 +187,26 @@ class Run:
 
     @property
     def compute_step_s(self) -> float:
-        """One worker's compute per step, measured without communication (the time model's compute term)."""
+        """One worker's compute per step, measured without communication (the time model's compute term):
+        the run's own probe, or after ``pool_compute`` the median probe of the runs sharing its program."""
         if self.summary.get("compute_step_s") is None:
             raise StaleSummary(f"{self.path}: summary.json has no compute_step_s (an older version's run, whose "
                                "compute_s included the run's own communication and all its workers): run it again")
-        return self.summary["compute_step_s"]
+        return self.summary["compute_step_s"] if self.pooled_step_s is None else self.pooled_step_s
+
+
+def pool_compute(runs: list[Run]) -> None:
+    """Give every run the median ``compute_step_s`` of the runs whose probe is the same program
+    (dataset, model, per-worker batch, dtype): every method then pays the same compute, as it does the
+    same local arithmetic, and one probe's load spike (a busy machine) moves no method against another."""
+    groups: dict = {}
+    for r in runs:
+        c = r.summary["config"]
+        groups.setdefault((c["dataset"], c["model"], c["batch_size"], c.get("dtype")), []).append(r)
+    for group in groups.values():
+        median = float(np.median([r.compute_step_s for r in group]))
+        for r in group:
+            r.pooled_step_s = median
 
 
 def finished_runs(out_dir: str) -> Iterator[Run]:

@@ -120,3 +120,18 @@ def test_report_refuses_a_summary_without_one_workers_compute(out, tmp_path, cap
     assert report.main([str(tmp_path), "--no-plots"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "no compute_step_s" in err and err.endswith("run it again")
+
+
+def test_pooled_compute_is_the_median_of_runs_sharing_the_probe():
+    def run(model, step_s):
+        r = object.__new__(results.Run)
+        r.path, r.pooled_step_s = model, None
+        r.summary = {"compute_step_s": step_s, "config": {"dataset": "digits", "model": model, "batch_size": 16,
+                                                          "dtype": "float32"}}
+        return r
+
+    mlp = [run("mlp", s) for s in (1e-4, 3e-4, 2e-4)]
+    cnn = [run("cnn", 5e-3)]
+    assert [r.compute_step_s for r in mlp] == [1e-4, 3e-4, 2e-4]  # each run's own probe until pooled
+    results.pool_compute(mlp + cnn)
+    assert [r.compute_step_s for r in mlp] == [2e-4] * 3 and cnn[0].compute_step_s == 5e-3
