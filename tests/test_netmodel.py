@@ -8,7 +8,7 @@ import os
 import pytest
 
 from adpsgd_jax import timemodel
-from experiments.net import model, ns
+from experiments.net import model, ns, worker
 
 
 def step_clock(durations, steps_per_epoch, eval_s):
@@ -83,11 +83,13 @@ def test_model_gloo_fits_on_the_unshaped_link_and_predicts_a_shaped_one(tmp_path
     shaped_rate = ns.payload_rate(100, 1500)
     records = [
         {"workload": "w", "rate_mbit": None, "mtu": 9000, "probe": {"rtt_s": 20e-6, "goodput_Bps": unshaped_rate},
-         "arrays": arrays, "to_target": True,
-         "runs": launch(tmp_path / "u", unshaped_rate, t_c, lam_full, lam_avg, arrays, nbytes)},
+         "arrays": arrays, "to_target": True, "repeats": [
+             {"order": ["allreduce", "cpsgd"],
+              "runs": launch(tmp_path / "u", unshaped_rate, t_c, lam_full, lam_avg, arrays, nbytes)}]},
         {"workload": "w", "rate_mbit": 100.0, "mtu": 1500, "probe": {"rtt_s": 20e-6, "goodput_Bps": 12e6},
-         "arrays": arrays, "to_target": True,
-         "runs": launch(tmp_path / "s", shaped_rate, t_c, lam_full, lam_avg, arrays, nbytes)},
+         "arrays": arrays, "to_target": True, "repeats": [
+             {"order": ["allreduce", "cpsgd"],
+              "runs": launch(tmp_path / "s", shaped_rate, t_c, lam_full, lam_avg, arrays, nbytes)}]},
     ]
     links, rows = model.summarise(records, 2)
     assert links[0]["gloo_per_array_s"] == pytest.approx((lam_full, lam_avg))
@@ -101,3 +103,67 @@ def test_model_gloo_fits_on_the_unshaped_link_and_predicts_a_shaped_one(tmp_path
     # ... while the model as written, one wire latency per round at the nominal rate, misses by far more.
     assert abs(shaped["disagreement_pct"]) > 15
     assert shaped["comm_compute_ratio_model"] == pytest.approx((2 * 10e-6 + nbytes / 12.5e6) / t_c)
+
+
+def test_rows_give_the_median_and_range_over_the_repeats_and_whether_the_model_agrees(tmp_path):
+    """Three repeats on one shaped link whose compute per step differs (1.0, 1.3, 2.0 ms): every
+    figure of the row is the median of the three repeats' figures, beside their min and max."""
+    arrays, nbytes, rate = (4, 5), 40_000, ns.payload_rate(100, 1500)
+    repeats = [{"order": worker.rotated(["allreduce", "cpsgd"], r),
+                "runs": launch(tmp_path / f"r{r}", rate, t_c, 0.3e-3, 0.4e-3, arrays, nbytes)}
+               for r, t_c in enumerate((1.0e-3, 2.0e-3, 1.3e-3))]
+    record = {"workload": "w", "rate_mbit": 100.0, "mtu": 1500, "arrays": arrays, "to_target": True,
+              "probe": {"rtt_s": 20e-6, "goodput_Bps": 12e6, "nbytes": 1 << 20}, "load_1min": [1.0, 1.0],
+              "repeats": repeats}
+    links, rows = model.summarise([record], 2)
+    (row,) = rows
+    models = model.models_for(record, None)
+    each = [model.analyse(x["runs"], 2, models, arrays) for x in repeats]
+    measured = [a["methods"]["allreduce"]["measured_s"] / a["methods"]["cpsgd"]["measured_s"] for a in each]
+    assert row["repeats"] == 3 and len(set(measured)) == 3
+    assert row["measured_speedup"] == pytest.approx(sorted(measured)[1])
+    assert row["measured_speedup_range"] == pytest.approx([min(measured), max(measured)])
+    assert row["predicted_speedup_gloo"] is None and row["agrees_gloo"] is None  # nothing calibrated it
+    predicted = row["predicted_speedup_range"]
+    overlap = predicted[0] <= max(measured) and min(measured) <= predicted[1]
+    assert row["agrees"] is overlap
+    link = links[0]
+    assert [x["order"] for x in link["repeats"]] == [["allreduce", "cpsgd"], ["cpsgd", "allreduce"],
+                                                     ["allreduce", "cpsgd"]]
+    assert link["compute_s_per_step"] == pytest.approx(1.3e-3) and link["compute_s_per_step_range"] == \
+        pytest.approx([1.0e-3, 2.0e-3])
+    # The wire checks: the probe's round trip of 1 MiB (at 12 MB/s: 87 ms) against 1 MiB at 100 Mbit/s
+    # (84 ms), and the fastest full-sync step against half of 40 KB at 100 Mbit/s; as numbers, not timings.
+    probe = link["checks"]["probe_transfer_at_least_wire_time"]
+    assert probe["measured_s"] == pytest.approx((1 << 20) / 12e6 + 20e-6)
+    assert probe["bound_s"] == pytest.approx((1 << 20) / 12.5e6) and probe["verdict"] == "met"
+    step = link["checks"]["full_sync_step_at_least_half_wire_time"]
+    assert step["bound_s"] == pytest.approx(0.5 * nbytes / 12.5e6) and step["verdict"] == "met"
+    table = model.table(links, rows)
+    assert "median over 3 repeats" in table and "the time model as written (timemodel.simulated_wall_clock" in table
+    assert f"{row['measured_speedup']:.2f}x ({min(measured):.2f}-{max(measured):.2f})" in table
+
+
+def test_spread_agreement_and_rotation():
+    assert model.spread([3.0, 1.0, 2.0]) == {"median": 2.0, "range": [1.0, 3.0]}
+    assert model.spread([1.0, None, 2.0]) == {"median": None, "range": None}
+    assert model.agrees({"range": [1.0, 2.0]}, {"range": [2.0, 3.0]}) is True  # touching ranges overlap
+    assert model.agrees({"range": [1.0, 1.9]}, {"range": [2.0, 3.0]}) is False
+    assert model.agrees({"range": [3.1, 4.0]}, {"range": [2.0, 3.0]}) is False
+    assert model.agrees({"range": None}, {"range": [2.0, 3.0]}) is None
+    methods = ["allreduce", "cpsgd", "adpsgd"]
+    orders = [worker.rotated(methods, r) for r in range(4)]
+    assert orders == [methods, ["cpsgd", "adpsgd", "allreduce"], ["adpsgd", "allreduce", "cpsgd"], methods]
+    # Over 3 repeats each method runs first, second and third once.
+    assert all(sorted(o.index(m) for o in orders[:3]) == [0, 1, 2] for m in methods)
+
+
+def test_a_shaped_link_slower_than_the_wire_fails_its_checks():
+    """The checks' verdicts as numbers: a probe or a full-sync step faster than the wire is 'missed'."""
+    record = {"rate_mbit": 100.0, "probe": {"rtt_s": 1e-4, "goodput_Bps": 50e6, "nbytes": 1 << 20}}
+    analyses = [{"full_sync_step_s": s, "methods": {"allreduce": {"bytes_per_round": 1e6}}} for s in (0.05, 0.03)]
+    checks = model.wire_checks(record, analyses)
+    assert checks["probe_transfer_at_least_wire_time"]["verdict"] == "missed"  # 21 ms < 84 ms
+    step = checks["full_sync_step_at_least_half_wire_time"]
+    assert step["measured_s"] == 0.03 and step["bound_s"] == pytest.approx(0.04) and step["verdict"] == "missed"
+    assert model.wire_checks({**record, "rate_mbit": None}, analyses) == {}

@@ -1,10 +1,20 @@
 """Performance benchmarks: ``python -m experiments.bench [--quick] [--out FILE]``.
 
 Every figure is measured in this one process, on the machine it runs on,
-after warm-up, as the median over ``--repeats`` repetitions of
-``--steps-per-repeat`` steps each, ending with ``jax.block_until_ready``.
-The two sides of a ratio are timed in alternation (A, B, A, B, ...) so that
-drift of the machine falls on both. Items:
+after warm-up, over ``--repeats`` repetitions of ``--steps-per-repeat`` steps
+each, ending with ``jax.block_until_ready``. The variants of an item are
+timed in turn within each repetition, in reverse order every other one
+(A B, B A, A B, ...), so that drift of the machine falls on both sides of a
+ratio. A ratio is the median of its per-repetition ratios, with a 95%
+distribution-free interval for that median from order statistics, and a
+verdict against its target: ``met`` when the whole interval meets it,
+``missed`` when none of it does, ``inconclusive`` otherwise (``stats``; the
+JSON has ``<name>_ratio``, ``<name>_ci`` and ``<name>_verdict``). Repetitions
+(defaults): 20 x 5 steps on a GPU; on CPU with ResNet-18 / VGG-16, 9 x 1
+step (a ResNet-18 step of 8 x 32 images takes about 6.5 s on the 2-core
+machine); 9 x 1 with ``--quick``. Nine repetitions are the fewest whose
+interval reaches 95% with one order statistic cut off each side (96.1%);
+six give the minimum to the maximum (96.9%), and fewer no verdict. Items:
 
 1. gate overhead: a local (non-sync) step of the gated ``average`` step over
    the same local step compiled with no collective and no gate. Target <= 1.02.
@@ -12,7 +22,8 @@ drift of the machine falls on both. Items:
 2. sync cost: a step that averages (schedule ``constant(1)``) over a
    full-sync ``allreduce`` step of the same model. Target <= 1.05.
 3. compilations of the train step over a whole run of every method, counted
-   from jax's backend-compile events while the run's steps execute. Target 1.
+   from jax's backend-compile events while the run's steps execute (item 6's
+   runs count for their methods; the others get a digits run). Target 1.
 4. throughput, images/s/device: ADPSGD's local step, the full-sync step and
    a plain single-device flax loop (``flax.training.train_state``, jitted,
    state donated). Target: ADPSGD local >= 0.98x the plain loop. The host
@@ -25,7 +36,11 @@ drift of the machine falls on both. Items:
    each strategy, from real training runs; predicted wall-clock for
    ``--predict-workers`` workers at 10 and 100 Gbps by the time model
    (docs/algorithm.md, "Time model") with measured compute time, and the
-   speedup over full sync.
+   speedup over full sync. Its projection (claim C3): those steps and syncs
+   with ResNet-18's 44.7 MB per round and ResNet-18's local step at batch 32,
+   without communication, measured in this run on one device
+   (``steps.projection_compute``), charged to every method alike, beside the
+   paper's ranges (1.46-1.95x at 10 Gbps, 1.14-1.27x at 100 Gbps).
 7. claim C2: bytes of ADPSGD versus QSGD at 8 bits (s = 127) and 4 bits
    (s = 7) to reach the same training loss.
 8. simulation: images/s of K workers vmapped on one device (``--sim-workers``,
@@ -41,6 +56,6 @@ several of them would measure the sharing, not the step.
 Modules: ``__main__`` (the command line and the order of the items),
 ``harness`` (alternating timing, compile counting, compiled memory),
 ``references`` (the task and the programs the step is measured against),
-``steps`` (items 1, 2, 4, 5), ``simulation`` (items 1b, 8), ``runs`` (items 3, 6, 7: real training runs)
-and ``render`` (the Markdown table).
+``steps`` (items 1, 2, 4, 5 and item 6's compute), ``simulation`` (items 1b, 8), ``runs`` (items 3, 6, 7:
+real training runs), ``stats`` (ratios, intervals, verdicts) and ``render`` (the Markdown table).
 """

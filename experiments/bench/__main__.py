@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from experiments import cifar, config as cfg, names, results  # none imports jax
-from experiments.bench import render, runs, simulation, steps
+from experiments.bench import render, runs, simulation, stats, steps
 
 BENCH_DATASETS = [d for d in names.DATASETS if d != "synthetic"]  # items 6-7: labels a model can learn
 
@@ -29,8 +29,11 @@ def parser() -> argparse.ArgumentParser:
                                    "(default resnet18; cnn with --quick)")
     p.add_argument("--batch-size", type=int, help="per-device batch of items 1, 2, 4, 5 (default 128; 16 with --quick; "
                                                   "32 for ResNet-18 / VGG-16 on CPU)")
-    p.add_argument("--repeats", type=int, help="timed repetitions per variant (default 20; 5 with --quick)")
-    p.add_argument("--steps-per-repeat", type=int, help="steps per repetition (default 5; 2 with --quick)")
+    p.add_argument("--repeats", type=int, help="timed repetitions per variant, each giving one sample of every "
+                                               "ratio (default 20; 9 for ResNet-18 / VGG-16 on CPU; 9 with --quick; "
+                                               ">= 6 for a 95%% interval, hence a verdict)")
+    p.add_argument("--steps-per-repeat", type=int, help="steps per repetition (default 5; 1 for ResNet-18 / VGG-16 "
+                                                        "on CPU and with --quick)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant after compiling")
     p.add_argument("--sim-model", help="model of items 1b and 8, workers simulated on one device (default: --model's "
                                        "on a GPU, mlp on CPU and with --quick)")
@@ -104,8 +107,8 @@ def main(argv=None) -> int:
     model = args.model or ("cnn" if args.quick else "resnet18")
     big = model in ("resnet18", "vgg16")
     batch = args.batch_size or (16 if args.quick else (32 if cpu and big else 128))
-    repeats = args.repeats or (5 if args.quick else 20)
-    per_repeat = args.steps_per_repeat or (2 if args.quick else 5)
+    repeats = args.repeats or (9 if args.quick or (cpu and big) else 20)
+    per_repeat = args.steps_per_repeat or (1 if args.quick or (cpu and big) else 5)
     seeds = _ints(args.seeds) or ([0] if args.quick else [0, 1, 2])
     sim_model = args.sim_model or ("mlp" if cpu or args.quick else model)
     sim_workers = _ints(args.sim_workers) or ([4, 8] if args.quick else
@@ -117,26 +120,30 @@ def main(argv=None) -> int:
     res: dict[str, Any] = {"device": f"{kind} x {len(devices)}" + (" (virtual devices)" if cpu else ""),
                            "platform": devices[0].platform,
                            "num_devices": len(devices), "jax_version": jax.__version__, "model": model,
-                           "batch_size": batch, "repeats": repeats, "steps_per_repeat": per_repeat, "quick": args.quick}
+                           "batch_size": batch, "repeats": repeats, "steps_per_repeat": per_repeat, "quick": args.quick,
+                           "interval": {"method": stats.METHOD, "level": stats.LEVEL}}
     started = time.perf_counter()
     res["steps"] = steps.step_benchmarks(model, batch, repeats, per_repeat, args.warmup)
     res["simulation"] = simulation.simulation_benchmarks(sim_model, sim_batch, sim_workers, repeats, per_repeat,
                                                          args.warmup)
-    for key in render.TARGETS:
-        res[key] = res["steps"][key] if key in res["steps"] else res["simulation"][key]
+    res.update(stats.judged({**res["steps"]["ratios"], **res["simulation"]["ratios"]}, render.TARGETS))
     runs_dir = os.path.splitext(args.out)[0] + "_runs"
-    compile_epochs = 2 if args.quick else 3
-    compile_runs = runs.compilation_counts(list(names.METHODS), compile_epochs, os.path.join(runs_dir, "compile"))
-    res["compilation_runs"] = compile_runs
-    res["compilations"] = {k: v["compilations"] for k, v in compile_runs.items()}
+    counted = None
     if not args.skip_training and len(devices) >= 2:
         acc = runs.training_comparison(args, seeds, epochs, runs_dir)
-        finished = acc.pop("runs")
+        finished, counted = acc.pop("runs"), acc.pop("counted")
         res["accuracy"] = acc
-        res["projection"] = runs.projection(acc, res["steps"], args.latency_us * 1e-6)
+        where = f"{kind}, one device" + (f" of {len(devices)} virtual" if cpu else "")
+        res["projection_compute"] = steps.projection_compute(where, repeats, 1, args.warmup)
+        res["projection"] = runs.projection(acc, res["projection_compute"], args.latency_us * 1e-6)
         res["qsgd"] = runs.qsgd_comparison(finished)
     elif not args.skip_training:
         res["accuracy_skipped"] = f"items 6-7 need >= 2 devices; {len(devices)} visible"
+    compile_epochs = 2 if args.quick else 3
+    compile_runs = runs.compilation_counts(list(names.METHODS), compile_epochs, os.path.join(runs_dir, "compile"),
+                                           counted)
+    res["compilation_runs"] = compile_runs
+    res["compilations"] = {k: v["compilations"] for k, v in compile_runs.items()}
     res["benchmark_s"] = time.perf_counter() - started
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     text = render.markdown(res)

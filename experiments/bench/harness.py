@@ -14,7 +14,11 @@ def time_alternating(variants: dict[str, tuple[Callable, Any]], batches: dict[st
 
     ``variants`` maps a name to ``(step_fn, state)``; ``step_fn(state, batch)
     -> (state, metrics)`` may donate ``state``. Variants are timed in turn
-    within every repetition, each ending with ``block_until_ready``.
+    within every repetition, each ending with ``block_until_ready``, in the
+    order given in even repetitions and in reverse in odd ones (A B C, C B A,
+    A B C, ...), so that each variant of a pair comes first equally often and a
+    steady drift of the machine falls on both sides of a ratio alike. Sample i of
+    every variant comes from repetition i (``stats.ratio`` pairs them).
     """
     import jax
 
@@ -32,8 +36,8 @@ def time_alternating(variants: dict[str, tuple[Callable, Any]], batches: dict[st
     for name in variants:
         run(name, warmup)
     samples = {name: [] for name in variants}
-    for _ in range(repeats):
-        for name in variants:
+    for r in range(repeats):
+        for name in list(variants)[::-1 if r % 2 else 1]:
             samples[name].append(run(name, steps))
     return samples
 

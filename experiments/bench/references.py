@@ -8,10 +8,11 @@ from typing import Any
 from experiments import config as cfg
 
 
-def image_task(model_name: str, per_device_batch: int, num_devices: int):
+def image_task(model_name: str, per_device_batch: int, num_devices: int, stand_in: bool = False):
     """The training run's model, loss and optimizer (``methods.model_fns`` / ``make_optimizer``, CIFAR recipe:
     lr 0.1, momentum 0.9, weight decay 5e-4) on the synthetic CIFAR-shaped set, and a fixed batch
-    [D, B, 32, 32, 3] of it."""
+    [D, B, 32, 32, 3] of it. ``stand_in``: the variables from ``stand_in_variables`` instead of the
+    model's initialisers."""
     import jax
 
     from experiments import data, methods, models
@@ -19,12 +20,41 @@ def image_task(model_name: str, per_device_batch: int, num_devices: int):
     config = cfg.Config(dataset="synthetic", model=model_name)
     dataset = data.load("synthetic", synthetic_size=num_devices * per_device_batch)
     model, loss_fn, _ = methods.model_fns(config, dataset)
-    params, model_state = models.init(model, jax.random.PRNGKey(0), dataset.train_images.shape[1:])
+    init = stand_in_variables if stand_in else models.init
+    params, model_state = init(model, jax.random.PRNGKey(0), dataset.train_images.shape[1:])
     shape = (num_devices, per_device_batch)
     batch = {"image": dataset.train_images.reshape(shape + dataset.train_images.shape[1:]),
              "label": dataset.train_labels.reshape(shape)}
     optimizer = methods.make_optimizer(config, config.lr)
     return model, params, model_state, loss_fn, optimizer, batch, (dataset.mean, dataset.std)
+
+
+def stand_in_variables(model, rng, input_shape):
+    """(params, model_state) at the shapes ``models.init`` gives, drawn with numpy instead of the model's
+    initialisers (ResNet-18's take 10-15 s on the 2-core CPU; its step takes about 1 s).
+
+    Kernels (2 or more axes) ~ N(0, 1 / fan_in), fan_in the product of all
+    but the last axis; batch-norm scales 1, other vectors 0; the running
+    variance 1 and every other model-state leaf 0. For timing only: a step's
+    time does not depend on these values (dense float32 arithmetic with no
+    data-dependent branch, and values of the usual magnitude, no denormals).
+    """
+    import jax
+    import numpy as np
+
+    from experiments import models
+
+    shapes = jax.eval_shape(lambda key: models.init(model, key, input_shape), rng)
+    draw = np.random.default_rng(int(jax.random.randint(rng, (), 0, 2**31 - 1)))
+
+    def fill(path, leaf, ones=("scale", "var")):
+        if len(leaf.shape) >= 2:
+            fan_in = int(np.prod(leaf.shape[:-1]))
+            return (draw.standard_normal(leaf.shape) / np.sqrt(fan_in)).astype(leaf.dtype)
+        name = getattr(path[-1], "key", None)
+        return np.full(leaf.shape, 1 if name in ones else 0, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def local_only_step(loss_fn, optimizer):

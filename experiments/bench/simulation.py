@@ -27,14 +27,15 @@ would not fit the ~10 minutes ``make bench`` has on the 2-core machine; the MLP
 workers adds 50 s with the README's flags (--repeats 5 --steps-per-repeat 2).
 
 Every timed variant's per-repetition samples are kept in the results
-(``gate_samples``, ``throughput[K]["samples"]``) for confidence intervals.
+(``gate_samples``, ``throughput[K]["samples"]``); each ratio is the median of
+the per-repetition ratios with its interval (``stats.ratio``, in ``ratios``).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from experiments.bench import harness, references
+from experiments.bench import harness, references, stats
 from experiments.bench.steps import built
 
 GATE_WORKERS = 8  # K of item 1b
@@ -52,8 +53,11 @@ def simulation_benchmarks(model_name: str, batch_size: int, worker_counts: list[
     params = task[1]
     out: dict[str, Any] = {"model": model_name, "batch_size_per_worker": batch_size,
                            "num_params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))}
-    out.update(gate_with_workers(task, GATE_WORKERS, device, repeats, steps, warmup))
-    out.update(simulation_throughput(task, worker_counts, device, repeats, steps, warmup))
+    gate = gate_with_workers(task, GATE_WORKERS, device, repeats, steps, warmup)
+    throughput = simulation_throughput(task, worker_counts, device, repeats, steps, warmup)
+    out["ratios"] = {"gate_with_workers": gate.pop("ratio"), "simulation_throughput": throughput.pop("ratios")}
+    out.update(gate)
+    out.update(throughput)
     return out
 
 
@@ -79,9 +83,8 @@ def gate_with_workers(task, k: int, device, repeats: int, steps: int, warmup: in
         variants[name], batches[name] = (step, state), b
     program = harness.compile_step(*variants["local_gated"], batches["local_gated"]).as_text()
     samples = harness.time_alternating(variants, batches, repeats, steps, warmup)
-    times = harness.medians(samples)
-    return {"gate_workers": k, "gate_step_seconds": times, "gate_samples": samples,
-            "gate_with_workers_ratio": times["local_gated"] / times["local_plain"],
+    return {"gate_workers": k, "gate_step_seconds": harness.medians(samples), "gate_samples": samples,
+            "ratio": stats.ratio(samples["local_gated"], samples["local_plain"]),
             "gate_conditional_in_program": "conditional" in program}
 
 
@@ -114,12 +117,13 @@ def simulation_throughput(task, worker_counts: list[int], device, repeats: int, 
         images = {name: k * per_worker / t[name] for name in ("workers", "big_batch")}
         images["one_worker"] = per_worker / t["one_worker"]
         workers_total = memory["workers"]["total"]
+        sequential = [k * x for x in samples["one_worker"]]
         per_k[str(k)] = {"step_seconds": t, "samples": samples, "images_per_s": images,
-                         "ratio": t["big_batch"] / t["workers"], "over_sequential": k * t["one_worker"] / t["workers"],
-                         "memory_bytes": memory,
+                         "ratio": stats.ratio(samples["big_batch"], samples["workers"]),
+                         "over_sequential": stats.ratio(sequential, samples["workers"]), "memory_bytes": memory,
                          "memory_per_worker": workers_total / k if workers_total is not None else None}
     return {"throughput": per_k, "one_worker_memory_bytes": one_worker_memory,
-            "simulation_throughput_ratio": {k: row["ratio"] for k, row in per_k.items()}}
+            "ratios": {k: row["ratio"] for k, row in per_k.items()}}
 
 
 def _rows(batch: dict, k: int) -> dict:

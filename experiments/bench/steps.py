@@ -1,7 +1,9 @@
-"""Items 1, 2, 4 and 5: the train step timed against its references, and its compiled memory.
+"""Items 1, 2, 4 and 5: the train step timed against its references, and its compiled memory;
+and item 6's compute: one worker's step of the projection's model.
 
-Items 1-2 run on every (virtual) device, items 4-5 on one device on CPU,
-where virtual devices share the cores (see the package docstring).
+Items 1-2 run on every (virtual) device, items 4-5 and item 6's compute on
+one device on CPU, where virtual devices share the cores (see the package
+docstring).
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from experiments.bench import harness, references
+from experiments.bench import harness, references, stats
 
 
 def step_benchmarks(model_name: str, batch_size: int, repeats: int, steps: int, warmup: int) -> dict:
@@ -19,8 +21,41 @@ def step_benchmarks(model_name: str, batch_size: int, repeats: int, steps: int, 
     devices = jax.devices()
     out = gate_and_sync(model_name, batch_size, devices, repeats, steps, warmup)
     tdevs = devices[:1] if devices[0].platform == "cpu" else devices
-    out.update(throughput_and_memory(model_name, batch_size, tdevs, repeats, steps, warmup))
+    more = throughput_and_memory(model_name, batch_size, tdevs, repeats, steps, warmup)
+    out["ratios"].update(more.pop("ratios"))
+    out.update(more)
     return out
+
+
+PROJECTION_MODEL, PROJECTION_BATCH = "resnet18", 32  # item 6's projection (claim C3): the paper's model
+
+
+def projection_compute(device_name: str, repeats: int, steps: int, warmup: int) -> dict:
+    """Item 6's compute: seconds of one worker's local step of ResNet-18 at batch 32, with no gate
+    and no collective (``references.local_only_step``), on the first device, measured here.
+
+    The projection charges it to every method alike, per step, beside the
+    modelled communication. Variables from ``references.stand_in_variables``
+    (a step's time does not depend on them). ``step_s`` is the median of
+    ``repeats`` samples of ``steps`` steps, ``step_s_ci`` its interval
+    (``stats.median_interval``).
+    """
+    import jax
+
+    import adpsgd_jax as A
+    from adpsgd_jax import comm, distributed, schedules
+
+    device = jax.devices()[0]
+    task = references.image_task(PROJECTION_MODEL, PROJECTION_BATCH, 1, stand_in=True)
+    _, params, model_state, loss_fn, optimizer, batch, _ = task
+    layout = distributed.workers(devices=[device])
+    strategy = A.local_sgd(loss_fn, optimizer, schedules.constant(10**9))  # its state; the step has no gate
+    step, state, b = built(layout, strategy, params, model_state, batch, references.local_only_step(loss_fn, optimizer))
+    samples = harness.time_alternating({"local": (step, state)}, {"local": b}, repeats, steps, warmup)["local"]
+    median, low, high, covered = stats.median_interval(samples)
+    return {"model": PROJECTION_MODEL, "batch_size": PROJECTION_BATCH, "device": device_name,
+            "param_bytes": comm.tree_bytes(params), "step_s": median, "step_s_ci": [low, high],
+            "coverage": covered, "samples": samples}
 
 
 def built(layout, strategy, params, model_state, images, step_fn=None):
@@ -37,15 +72,16 @@ def built(layout, strategy, params, model_state, images, step_fn=None):
 
 def gate_and_sync(model_name: str, batch_size: int, devices: list, repeats: int, steps: int, warmup: int) -> dict:
     """Items 1 and 2: the gated local step over the step with no gate, and a syncing step over
-    full sync, each pair timed in alternation on ``devices``."""
+    full sync, the four timed in alternation on ``devices`` (one block, so that the four
+    medians compare too)."""
     import jax
     import numpy as np
 
     import adpsgd_jax as A
     from adpsgd_jax import comm, distributed, schedules
 
-    model, params, model_state, loss_fn, optimizer, batch, stats = references.image_task(model_name, batch_size,
-                                                                                         len(devices))
+    model, params, model_state, loss_fn, optimizer, batch, _ = references.image_task(model_name, batch_size,
+                                                                                     len(devices))
     layout = distributed.workers(devices=devices)
     gated = A.local_sgd(loss_fn, optimizer, schedules.constant(10**9))  # the gate stays shut throughout
     variants, batches = {}, {}
@@ -57,17 +93,10 @@ def gate_and_sync(model_name: str, batch_size: int, devices: list, repeats: int,
     ]:
         step, state, b = built(layout, strategy, params, model_state, batch, step_fn)
         variants[name], batches[name] = (step, state), b
-    pairs = (("local_gated", "local_plain"), ("sync", "allreduce"))
-    times = {}
-    for a, b in pairs:
-        samples = harness.time_alternating({a: variants[a], b: variants[b]}, {a: batches[a], b: batches[b]},
-                                           repeats, steps, warmup)
-        times.update(harness.medians(samples))
-        for k in (a, b):
-            variants.pop(k)
-    return {"step_devices": len(devices), "step_seconds": times,
-            "gate_overhead_ratio": times["local_gated"] / times["local_plain"],
-            "sync_over_allreduce_ratio": times["sync"] / times["allreduce"],
+    samples = harness.time_alternating(variants, batches, repeats, steps, warmup)
+    return {"step_devices": len(devices), "step_seconds": harness.medians(samples), "step_samples": samples,
+            "ratios": {"gate_overhead": stats.ratio(samples["local_gated"], samples["local_plain"]),
+                       "sync_over_allreduce": stats.ratio(samples["sync"], samples["allreduce"])},
             "param_bytes": comm.tree_bytes(params),
             "num_params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))}
 
@@ -82,8 +111,8 @@ def throughput_and_memory(model_name: str, batch_size: int, tdevs: list, repeats
     import adpsgd_jax as A
     from adpsgd_jax import comm, distributed, schedules
 
-    model, params, model_state, loss_fn, optimizer, batch, stats = references.image_task(model_name, batch_size,
-                                                                                         len(tdevs))
+    model, params, model_state, loss_fn, optimizer, batch, mean_std = references.image_task(model_name, batch_size,
+                                                                                            len(tdevs))
     layout = distributed.workers(devices=tdevs)
     adp = schedules.adpsgd(10**6, 10**5, lr_schedule=lambda t: 0.1)  # first sync far beyond the benchmark
     runs, batches = {}, {}
@@ -91,7 +120,7 @@ def throughput_and_memory(model_name: str, batch_size: int, tdevs: list, repeats
                            ("allreduce", A.allreduce(loss_fn, optimizer))]:
         step, state, b = built(layout, strategy, params, model_state, batch)
         runs[name], batches[name] = (step, state), b
-    plain_step, plain_state = references.plain_flax_loop(model, params, model_state, optimizer, stats)
+    plain_step, plain_state = references.plain_flax_loop(model, params, model_state, optimizer, mean_std)
     batches["plain"] = jax.device_put(jax.tree.map(lambda x: x[0], batch), tdevs[0])
     # A copy of its own: the donated plain state must not share buffers with ``params``.
     runs["plain"] = (plain_step, jax.device_put(jax.tree.map(np.array, plain_state), tdevs[0]))
@@ -101,9 +130,11 @@ def throughput_and_memory(model_name: str, batch_size: int, tdevs: list, repeats
     out: dict[str, Any] = {
         "throughput_devices": len(tdevs),
         "throughput_images_per_s_per_device": {k: batch_size / v for k, v in per_step.items()},
-        "throughput_ratio_vs_plain": per_step["plain"] / per_step["adpsgd_local"],
-        "allreduce_throughput_ratio_vs_plain": per_step["plain"] / per_step["allreduce"],
-        "step_compute_s": per_step["adpsgd_local"], "memory_bytes": memory}
+        "throughput_samples": samples,
+        # images/s of A over those of the plain loop = the plain loop's step time over A's, per repetition
+        "ratios": {"throughput_vs_plain": stats.ratio(samples["plain"], samples["adpsgd_local"]),
+                   "allreduce_throughput_vs_plain": stats.ratio(samples["plain"], samples["allreduce"])},
+        "memory_bytes": memory}
     if memory["plain"]["total"] and memory["adpsgd_local"]["total"]:
         extra = memory["adpsgd_local"]["total"] - memory["plain"]["total"]
         out["memory_ratio_vs_plain"] = memory["adpsgd_local"]["total"] / memory["plain"]["total"]

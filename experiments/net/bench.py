@@ -3,9 +3,12 @@
 For each link setting (``unshaped`` or a rate in Mbit/s) ``measure`` shapes
 the lab's links, probes them, and trains every method as P processes of
 ``experiments.net.worker`` (jax.distributed, gloo CPU collectives over TCP,
-one CPU device each), one in each namespace, on the same data order; it
-returns one record per setting for ``model.summarise``. The workloads and
-what they measure: ``experiments/net/__main__.py``.
+one CPU device each), one in each namespace, on the same data order,
+``--repeats`` times in one launch: repeat r runs the methods in their order
+rotated by r (``worker.rotated``), so each method runs first, second, ...
+equally often when the repeats are a multiple of the methods. It returns one
+record per setting, with one entry per repeat, for ``model.summarise``. The workloads and what they
+measure: ``experiments/net/__main__.py``.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import sys
 import time
 from typing import Optional
 
-from experiments.net import model, ns
+from experiments.net import model, ns, worker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the clone: cwd of the workers
 
@@ -109,10 +112,12 @@ def _wait_until_quiet(max_busy: Optional[float], until: float) -> Optional[float
 
 def measure(lab: ns.Lab, workload: str, settings: list[Optional[float]], args, folder: str,
             deadline: float) -> list[dict]:
-    """Train every method on every link setting; returns one record per setting, with its Runs."""
+    """Train every method ``args.repeats`` times on every link setting (one launch per setting); returns
+    one record per setting, with one entry per repeat ({order, runs}) under ``repeats``."""
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     cifar_args = [*WORKLOADS[workload], *(["--epochs", str(args.epochs)] if args.epochs else []),
-                  "--workers", str(lab.workers),
+                  "--workers", str(lab.workers), "--repeats", str(args.repeats),
+                  "--compile-cache", os.path.join(folder, "compile-cache"),
                   "--avg-period", str(args.avg_period), "--compare", ",".join(methods), "--quiet", "--no-plots",
                   "--checkpoint-every", "0"]
     records = []
@@ -125,9 +130,11 @@ def measure(lab: ns.Lab, workload: str, settings: list[Optional[float]], args, f
         out = os.path.join(folder, f"{workload}-{'unshaped' if rate is None else f'{rate:g}mbit'}")
         load_before = load_average()
         launch(lab, cifar_args, out, deadline)
+        repeats = [{"order": worker.rotated(methods, r),
+                    "runs": {m: model.Run(os.path.join(worker.repeat_folder(out, r), f"{m}-seed0"), lab.workers)
+                             for m in methods}} for r in range(args.repeats)]
         records.append({"workload": workload, "rate_mbit": rate, "mtu": lab.mtu, "probe": probe,
                         "arrays": arrays_per_round(tuple(WORKLOADS[workload])),
                         "to_target": workload not in THROUGHPUT_ONLY, "cpu_busy_before": busy,
-                        "load_1min": [load_before, load_average()],
-                        "runs": {m: model.Run(os.path.join(out, f"{m}-seed0"), lab.workers) for m in methods}})
+                        "load_1min": [load_before, load_average()], "repeats": repeats})
     return records

@@ -27,6 +27,13 @@ against two predictions of ``adpsgd_jax.timemodel`` (docs/algorithm.md,
   beta_eff the TCP payload rate of the link (``ns.payload_rate``).
 * comm/compute: per full-sync step, measured (step - t_compute) / t_compute,
   and the model's t_allreduce / t_compute.
+
+Each link setting runs every method several times (repeats, ``bench.measure``);
+every figure is computed per repeat and reported as the median over the
+repeats with its range, min to max (``spread``). A prediction agrees with the
+measurement when the two ranges overlap (``agrees``). t_compute, and so each
+prediction, is measured per repeat too; model+gloo's lambda_a is the median of
+the fits of the unshaped repeats.
 """
 
 from __future__ import annotations
@@ -228,73 +235,166 @@ def models_for(record: dict, per_array_s: Optional[tuple[float, float]]) -> dict
     return models
 
 
+def spread(values: list) -> dict:
+    """{"median", "range": [min, max]} of one figure over the repeats (None when any repeat has none)."""
+    if not values or any(v is None for v in values):
+        return {"median": None, "range": None}
+    return {"median": statistics.median(values), "range": [min(values), max(values)]}
+
+
+def agrees(predicted: dict, measured: dict) -> Optional[bool]:
+    """Whether a prediction and a measurement agree within their spread: their ranges over the repeats
+    (``spread``) overlap. None when either is missing."""
+    if predicted["range"] is None or measured["range"] is None:
+        return None
+    return predicted["range"][0] <= measured["range"][1] and measured["range"][0] <= predicted["range"][1]
+
+
+def wire_checks(record: dict, analyses: list[dict]) -> dict:
+    """What a shaped link must show whatever the machine's load (load makes transfers and steps slower,
+    never faster than the wire): the probe's transfer (``nbytes`` / goodput + rtt, its round trip) takes
+    at least ``nbytes`` / rate, and the fastest repeat's full-sync step at least half the wire time of
+    its round, B / rate (each step sends the round once; tbf's bucket lets two frames through early).
+    name -> {"measured_s", "bound_s", "verdict": met / missed}; {} on an unshaped link."""
+    rate = record["rate_mbit"]
+    if rate is None:
+        return {}
+    beta, probe = rate * 1e6 / 8, record["probe"]
+    nbytes = probe.get("nbytes", 1 << 20)
+    full = analyses[0]["methods"]["allreduce"]["bytes_per_round"]
+    pairs = {"probe_transfer_at_least_wire_time": (nbytes / probe["goodput_Bps"] + probe["rtt_s"], nbytes / beta),
+             "full_sync_step_at_least_half_wire_time": (min(a["full_sync_step_s"] for a in analyses),
+                                                        0.5 * full / beta)}
+    return {name: {"measured_s": m, "bound_s": b, "verdict": "met" if m >= b else "missed"}
+            for name, (m, b) in pairs.items()}
+
+
+def _speedups(analysis: dict, method: str) -> dict:
+    """The figures of one repeat's row for ``method``: speedups over full sync, and Δ = predicted / measured - 1."""
+    full, m = analysis["methods"]["allreduce"], analysis["methods"][method]
+    speedup = lambda key: full[key] / m[key] if key in m else None  # noqa: E731
+    row = {"comm_compute_ratio": analysis["comm_compute_ratio"],
+           "comm_compute_ratio_model": analysis["comm_compute_ratio_model"],
+           "epoch_s": m["epoch_s"], "full_sync_epoch_s": full["epoch_s"],
+           "measured_speedup": speedup("measured_s"), "predicted_speedup": speedup("model_s"),
+           "predicted_speedup_gloo": speedup("gloo_s"),
+           "predicted_speedup_vs_overlapped_full_sync": full["model_overlap_s"] / m["model_s"],
+           "measured_speedup_to_target": speedup("measured_to_target_s"),
+           "predicted_speedup_to_target": speedup("model_to_target_s"),
+           "predicted_speedup_to_target_gloo": speedup("gloo_to_target_s")}
+    for key in ("", "_gloo"):
+        predicted = row[f"predicted_speedup{key}"]
+        row[f"disagreement{key}_pct"] = 100 * (predicted / row["measured_speedup"] - 1) if predicted is not None \
+            else None
+    return row
+
+
+def _calibrated(records: list[dict], workers: int) -> dict:
+    """workload -> (lambda_a of a full-sync step, of an averaging sync): ``calibrate`` on each repeat of
+    the workload's first unshaped record, the median of each over its repeats."""
+    per_array = {}
+    for record in records:
+        if record["rate_mbit"] is not None or record["workload"] in per_array:
+            continue
+        fits = []
+        for rep in record["repeats"]:
+            t_c = compute_step_s(rep["runs"], workers)
+            if t_c is not None:
+                fits.append(calibrate(rep["runs"], t_c, workers, record["probe"]["goodput_Bps"], record["arrays"]))
+        if fits:
+            per_array[record["workload"]] = tuple(statistics.median(f[i] for f in fits) for i in range(2))
+    return per_array
+
+
+LINK_FIGURES = ("compute_s_per_step", "full_sync_step_s", "comm_compute_ratio", "comm_compute_ratio_model")
+
+
 def summarise(records: list[dict], workers: int) -> tuple[list[dict], list[dict]]:
     """(links, rows): per-setting analyses, and one row per averaging method and setting.
 
-    A record is one launch: workload, rate_mbit (None: unshaped), mtu, probe
-    ({rtt_s, goodput_Bps}), arrays (per full-sync step, per sync), to_target,
-    runs (method -> Run, allreduce first), and what else to pass on (loads).
-    The first unshaped record of a workload calibrates its model+gloo.
+    A record is one setting: workload, rate_mbit (None: unshaped), mtu, probe
+    ({rtt_s, goodput_Bps, nbytes}), arrays (per full-sync step, per sync),
+    to_target, what else to pass on (loads), and repeats: one entry per repeat,
+    {order, runs (method -> Run, allreduce among them)}. The first unshaped
+    record of a workload calibrates its model+gloo. Every figure of a row is
+    the median over the repeats, with its range (min, max) beside it as
+    ``<figure>_range``; ``agrees`` / ``agrees_gloo``: whether the model's
+    speedup and the measured one agree within their spread (``agrees``).
     """
-    links, rows, per_array = [], [], {}
-    for record in records:
-        workload, runs, arrays = record["workload"], record["runs"], record["arrays"]
-        t_c = compute_step_s(runs, workers)
-        if record["rate_mbit"] is None and workload not in per_array and t_c is not None:
-            per_array[workload] = calibrate(runs, t_c, workers, record["probe"]["goodput_Bps"], arrays)
+    links, rows, per_array = [], [], _calibrated(records, workers)
     for record in records:
         workload, rate, arrays = record["workload"], record["rate_mbit"], record["arrays"]
-        analysis = analyse(record["runs"], workers, models_for(record, per_array.get(workload)), arrays,
-                           to_target=record["to_target"])
-        passed_on = {k: v for k, v in record.items() if k not in ("workload", "rate_mbit", "arrays", "runs")}
-        links.append({"workload": workload, "bandwidth": link_label(rate), "bandwidth_mbit": rate, **passed_on,
-                      "arrays_per_round": arrays, "gloo_per_array_s": per_array.get(workload), **analysis})
-        full = analysis["methods"]["allreduce"]
-        for method, m in analysis["methods"].items():
-            if method == "allreduce" or "model_s" not in m:
+        models = models_for(record, per_array.get(workload))
+        analyses = [analyse(rep["runs"], workers, models, arrays, to_target=record["to_target"])
+                    for rep in record["repeats"]]
+        passed_on = {k: v for k, v in record.items() if k not in ("workload", "rate_mbit", "arrays", "repeats")}
+        label = {"workload": workload, "bandwidth": link_label(rate), "bandwidth_mbit": rate}
+        link = {**label, **passed_on, "arrays_per_round": arrays, "gloo_per_array_s": per_array.get(workload),
+                "methods": analyses[0]["methods"], "checks": wire_checks(record, analyses),
+                "repeats": [{**{k: v for k, v in rep.items() if k != "runs"}, **analysis}
+                            for rep, analysis in zip(record["repeats"], analyses)]}
+        for key in LINK_FIGURES:
+            figure = spread([a.get(key) for a in analyses])
+            link[key], link[f"{key}_range"] = figure["median"], figure["range"]
+        links.append(link)
+        for method in analyses[0]["methods"]:
+            if method == "allreduce" or "model_s" not in analyses[0]["methods"][method]:
                 continue
-            speedup = lambda key: full[key] / m[key] if key in m else None  # noqa: E731
-            row = {"workload": workload, "bandwidth": link_label(rate), "bandwidth_mbit": rate, "strategy": method,
-                   "comm_compute_ratio": analysis["comm_compute_ratio"],
-                   "comm_compute_ratio_model": analysis["comm_compute_ratio_model"],
-                   "epoch_s": m["epoch_s"], "full_sync_epoch_s": full["epoch_s"],
-                   "measured_speedup": speedup("measured_s"), "predicted_speedup": speedup("model_s"),
-                   "predicted_speedup_gloo": speedup("gloo_s"),
-                   "predicted_speedup_vs_overlapped_full_sync": full["model_overlap_s"] / m["model_s"],
-                   "measured_speedup_to_target": speedup("measured_to_target_s"),
-                   "predicted_speedup_to_target": speedup("model_to_target_s"),
-                   "predicted_speedup_to_target_gloo": speedup("gloo_to_target_s")}
+            per_repeat = [_speedups(a, method) for a in analyses]
+            row = {**label, "strategy": method, "repeats": len(per_repeat)}
+            for key in per_repeat[0]:
+                figure = spread([r[key] for r in per_repeat])
+                row[key], row[f"{key}_range"] = figure["median"], figure["range"]
             for key in ("", "_gloo"):
-                predicted = row[f"predicted_speedup{key}"]
-                row[f"disagreement{key}_pct"] = (100 * (predicted / row["measured_speedup"] - 1)
-                                                 if predicted is not None else None)
+                row[f"agrees{key}"] = agrees({"range": row[f"predicted_speedup{key}_range"]},
+                                             {"range": row["measured_speedup_range"]})
             rows.append(row)
     return links, rows
 
 
+PREDICTED_BY = {"": "the time model as written (timemodel.simulated_wall_clock, docs/algorithm.md)",
+                "_gloo": "the time model with gloo's per-array cost fitted on the unshaped link (model.calibrate)"}
+
+
 def table(links: list[dict], rows: list[dict]) -> str:
-    """Markdown: one line per averaging method and link setting."""
-    def pct(row, key):
-        return f"{row[key]:+.0f}%" if row[key] is not None else "—"
+    """Markdown: one line per averaging method and link setting, each figure the median over the repeats
+    with its range (min-max) in brackets; then one note per link (its probe, medians, loads and wire checks)."""
+    def cell(row, key, unit="x", digits=2):
+        if row[key] is None:
+            return "—"
+        low, high = row[f"{key}_range"]
+        return f"{row[key]:.{digits}f}{unit} ({low:.{digits}f}-{high:.{digits}f})"
 
-    def num(row, key):
-        return f"{row[key]:.2f}x" if row[key] is not None else "—"
+    def delta(row, key):
+        if row[f"disagreement{key}_pct"] is None:
+            return "—"
+        return f"{row[f'disagreement{key}_pct']:+.0f}% ({'agrees' if row[f'agrees{key}'] else 'differs'})"
 
-    lines = ["| workload | link | comm/compute measured (model) | method | s/epoch (full sync) | measured speedup | "
-             "model | Δ | model+gloo | Δ | to target: measured | model | model+gloo |",
+    repeats = sorted({r["repeats"] for r in rows}) or sorted({len(link["repeats"]) for link in links})
+    lines = [f"Each figure: the median over {', '.join(map(str, repeats))} repeats, in brackets its range (min-max); "
+             "Δ = predicted / measured - 1 (median), 'agrees' when the two ranges overlap. Predicted by: "
+             + "; ".join(f"{name} = {what}" for name, what in (("model", PREDICTED_BY[""]),
+                                                                ("model+gloo", PREDICTED_BY["_gloo"]))) + ".", "",
+             "| workload | link | comm/compute measured (model) | method | s/epoch (full sync) | measured speedup | "
+             "predicted: model | Δ | predicted: model+gloo | Δ | to target: measured | model | model+gloo |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['workload']} | {r['bandwidth']} | {r['comm_compute_ratio']:.2f} ({r['comm_compute_ratio_model']:.2f}) "
-            f"| {r['strategy']} | {r['epoch_s']:.3f} ({r['full_sync_epoch_s']:.3f}) | {r['measured_speedup']:.2f}x "
-            f"| {r['predicted_speedup']:.2f}x | {pct(r, 'disagreement_pct')} | {num(r, 'predicted_speedup_gloo')} "
-            f"| {pct(r, 'disagreement_gloo_pct')} | {num(r, 'measured_speedup_to_target')} "
-            f"| {num(r, 'predicted_speedup_to_target')} | {num(r, 'predicted_speedup_to_target_gloo')} |")
-    notes = []
-    for link in links:
-        t_c, probe = link["compute_s_per_step"], link["probe"]
-        notes.append(f"{link['workload']} @ {link['bandwidth']}: rtt {probe['rtt_s'] * 1e6:.0f} us, 1 MiB at "
-                     f"{probe['goodput_Bps'] * 8 / 1e6:.0f} Mbit/s, full-sync step {link['full_sync_step_s'] * 1e3:.2f} ms"
-                     + (f", compute {t_c * 1e3:.2f} ms" if t_c else "")
-                     + f", load {link['load_1min'][0]:.2f}/{link['load_1min'][1]:.2f}")
-    return "\n".join(lines + [""] + notes)
+            f"| {r['strategy']} | {r['epoch_s']:.3f} ({r['full_sync_epoch_s']:.3f}) | {cell(r, 'measured_speedup')} "
+            f"| {cell(r, 'predicted_speedup')} | {delta(r, '')} | {cell(r, 'predicted_speedup_gloo')} "
+            f"| {delta(r, '_gloo')} | {cell(r, 'measured_speedup_to_target')} "
+            f"| {cell(r, 'predicted_speedup_to_target')} | {cell(r, 'predicted_speedup_to_target_gloo')} |")
+    return "\n".join(lines + [""] + [_link_note(link) for link in links])
+
+
+def _link_note(link: dict) -> str:
+    """One line per link setting: probe, median full-sync step and compute, loads, and the wire checks."""
+    t_c, probe = link["compute_s_per_step"], link["probe"]
+    checks = "; ".join(f"{name.replace('_', ' ')}: {c['verdict']} ({c['measured_s'] * 1e3:.2f} >= "
+                       f"{c['bound_s'] * 1e3:.2f} ms)" for name, c in link["checks"].items())
+    return (f"{link['workload']} @ {link['bandwidth']}: rtt {probe['rtt_s'] * 1e6:.0f} us, 1 MiB at "
+            f"{probe['goodput_Bps'] * 8 / 1e6:.0f} Mbit/s, full-sync step {link['full_sync_step_s'] * 1e3:.2f} ms"
+            + (f", compute {t_c * 1e3:.2f} ms" if t_c else "")
+            + f", load {link['load_1min'][0]:.2f}/{link['load_1min'][1]:.2f}"
+            + (f"; {checks}" if checks else ""))

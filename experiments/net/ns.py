@@ -229,7 +229,7 @@ class Lab:
 
     def probe(self, src: int = 0, dst: int = 1, nbytes: int = 1 << 20, pings: int = 200) -> dict:
         """Round-trip time of 1-byte TCP messages and payload rate of ``nbytes``
-        transfers from worker ``src`` to ``dst`` (medians): {'rtt_s', 'goodput_Bps'}."""
+        transfers from worker ``src`` to ``dst`` (medians): {'rtt_s', 'goodput_Bps', 'nbytes'}."""
         server = self.spawn(dst, [sys.executable, "-c", _PROBE, "serve", self.address(dst)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         client = subprocess.run(self.command(src, [sys.executable, "-c", _PROBE, "ping", self.address(dst),
@@ -240,7 +240,7 @@ class Lab:
         if client.returncode:
             raise LabError(f"link probe failed: {client.stderr.strip()[-500:]}")
         rtt, transfer = (float(x) for x in client.stdout.split())
-        return {"rtt_s": rtt, "goodput_Bps": nbytes / max(transfer - rtt, 1e-9)}
+        return {"rtt_s": rtt, "goodput_Bps": nbytes / max(transfer - rtt, 1e-9), "nbytes": nbytes}
 
 
 # Ping-pong over one TCP connection: "serve ADDR" answers each length-prefixed
