@@ -119,7 +119,8 @@ def _time_to_target(acc: dict) -> list[str]:
     lines = ["", f"Time to test accuracy {acc['target_test_accuracy']:.4f} on {acc['dataset']} "
              f"({acc['model']}, {acc['workers']} workers, {acc['epochs']} epochs, seeds {acc['seeds']}, "
              f"budget avg_period {acc['avg_period']}); predicted for {acc['predict_workers']} workers, "
-             f"latency {acc['latency_s'] * 1e6:.0f} us, with the runs' measured compute per step; full sync "
+             f"latency {acc['latency_s'] * 1e6:.0f} us, with one worker's probed compute per step "
+             "(compute_step_s, no communication); full sync "
              "without overlap (ideal overlap in brackets):", "",
              _row(["strategy", "steps", "syncs", "MB / worker"]
                   + [c for g in BANDWIDTHS_GBPS for c in (f"s @{g} Gbps", f"speedup @{g}")]),
