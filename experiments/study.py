@@ -255,7 +255,8 @@ def main(argv=None) -> int:
             grid["seeds"] = args.seeds
         if args.baseline is not None:
             grid["baseline"] = args.baseline
-        planned = plan(parse_grid(grid), args.out)
+        parsed = parse_grid(grid)
+        planned = plan(parsed, args.out)
     except StudyError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -274,7 +275,7 @@ def main(argv=None) -> int:
         except train.Interrupted as err:
             print(f"stopped: {err}; the same command continues the study", file=sys.stderr)
             return 128 + err.signum
-    print(study_report.write(parse_grid(grid), args.out))
+    print(study_report.write(parsed, args.out))
     return 0
 
 
