@@ -49,9 +49,15 @@ def medians(samples: dict[str, list[float]]) -> dict[str, float]:
 
 @contextlib.contextmanager
 def counting_compiles():
-    """Collect jax's backend compilations (one event per XLA executable built)."""
+    """Collect jax's backend compilations (one event per XLA executable built).
+
+    jax's persistent compilation cache is off inside the block (and restored
+    after it): an executable loaded from that cache is not compiled, so it
+    sends no event, and a program that an earlier process or run had built
+    would be counted 0 times."""
     import jax
     from jax._src import dispatch
+    from jax.experimental.compilation_cache import compilation_cache
 
     events: list[str] = []
 
@@ -59,11 +65,16 @@ def counting_compiles():
         if event == dispatch.BACKEND_COMPILE_EVENT:
             events.append(kwargs.get("fun_name", "?"))
 
+    enabled = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()  # jax decides once per process whether the cache is used; ask again
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
         yield events
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
+        jax.config.update("jax_enable_compilation_cache", enabled)
+        compilation_cache.reset_cache()
 
 
 def compile_step(step_fn, state, batch):
