@@ -76,3 +76,17 @@ def test_bad_flags_are_refused_before_anything_runs(tmp_path, capsys, argv, mess
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
     assert not os.path.exists(tmp_path / "sub")
+
+
+def test_the_compute_probe_is_not_counted_as_the_train_step(tmp_path):
+    """Item 3 counts the compilations of a run's train step by its program's name. Every run also
+    compiles its compute probe (experiments/compute.py), a local_sgd step, as full sync's step is:
+    the probe's program has a name of its own, so a run compiling both counts 1."""
+    from experiments import compute, config as cfg, data
+    from experiments.bench import runs
+
+    compute._COMPILED.clear()  # the probe is compiled in this run, not reused from an earlier test's
+    c = cfg.Config(method="full_sync", dataset="digits", model="mlp", workers=8, batch_size=24, epochs=2, lr=0.1,
+                   momentum=0.0, weight_decay=0.0)
+    count = runs.counted_run(c, data.load("digits"), runs._options(str(tmp_path)))
+    assert count["compilations"] == 1 and count["all"] >= 3, count  # the step, the probe, the evaluation at least
