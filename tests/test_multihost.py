@@ -190,12 +190,12 @@ def test_killing_one_process_stops_the_other(tmp_path, victim):
     text = log.read()
     # Whichever comes first: the survivor's next collective fails (our one-line
     # error, exit 4), or the distributed runtime's heartbeat check stops it
-    # (jax's fatal message). Process 1 always gets the latter when process 0,
-    # which hosts the coordinator, dies.
+    # (jax's fatal message). Either can come first whichever process dies: when
+    # process 0, which hosts the coordinator, died, process 1 was stopped by the
+    # heartbeat in most runs and by gloo's "connection reset" in one of eight
+    # fresh-clone runs on the loaded 2-core machine.
     ours, runtime = "a collective failed at step", "another task died"
     assert (ours in text and code == 4) or runtime in text, text[-2000:]
-    if victim == 0:
-        assert runtime in text
 
 
 def test_unreachable_coordinator_fails_within_the_timeout(tmp_path):
