@@ -16,7 +16,8 @@ import sys
 from typing import NamedTuple, Optional, Union
 
 from experiments.names import (CPU_DEVICES, DATASETS, DEFAULT_COMPARE, DTYPES, LR_SCHEDULES, MAX_QSGD_LEVELS, METHODS,  # noqa: F401
-                               MODELS, OUTER_DEFAULTS, OUTER_OPTIMIZERS, SCHEDULES, STRATEGIES)
+                               MODELS, OUTER_DEFAULTS, OUTER_OPTIMIZERS, PLUGIN_FORM, SCHEDULES, STRATEGIES, is_plugin,
+                               method_parts)
 
 # Per-dataset defaults: the usual CIFAR ResNet recipe, and the digits setting
 # of the prototype in docs/algorithm.md (MLP, plain SGD, batch 16 per worker, 30 epochs).
@@ -106,7 +107,7 @@ class Config:
     @property
     def averaging(self) -> bool:
         """Whether the method averages parameters (the only methods with groups and outer optimizers)."""
-        return METHODS[self.method][0] == "average"
+        return method_parts(self.method)[0] == "average"
 
     @property
     def label(self) -> str:
@@ -315,10 +316,12 @@ def _method_flags(p: argparse.ArgumentParser) -> None:
     """The flags of what is trained: methods, seeds, workers and devices, optimisation, budget, options."""
     p.add_argument("--strategy", help=f"one of {', '.join(STRATEGIES)} (default average)")
     p.add_argument("--schedule", help=f"averaging schedule for --strategy average: one of {', '.join(SCHEDULES)} "
-                                      "(constant is CPSGD; default adpsgd)")
+                                      f"(constant is CPSGD; default adpsgd), or a schedule of your own, {PLUGIN_FORM}: "
+                                      "a factory called with total_steps, avg_period and lr_schedule that returns "
+                                      "an adpsgd_jax.schedules.Schedule (docs/custom_schedule.md)")
     p.add_argument("--compare", nargs="?", const=",".join(DEFAULT_COMPARE),
                    help=f"comma-separated methods to run on the same data order and seed, from "
-                        f"{', '.join(METHODS)} (default list: {','.join(DEFAULT_COMPARE)})")
+                        f"{', '.join(METHODS)} or {PLUGIN_FORM} (default list: {','.join(DEFAULT_COMPARE)})")
     p.add_argument("--seeds", help="comma-separated seeds in [0, 2**32): every method runs once per seed "
                                    "(default: --seed); not with --seed")
     p.add_argument("--partition", default="iid", help="iid or dirichlet:ALPHA (non-identical data per worker)")
@@ -387,8 +390,9 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
 def _method(strategy: Optional[str], schedule: Optional[str]) -> str:
     if strategy is not None and strategy not in STRATEGIES:
         raise ConfigError(f"--strategy {strategy!r} is unknown; accepted values: {', '.join(STRATEGIES)}")
-    if schedule is not None and schedule not in SCHEDULES:
-        raise ConfigError(f"--schedule {schedule!r} is unknown; accepted values: {', '.join(SCHEDULES)}")
+    if schedule is not None and schedule not in SCHEDULES and not is_plugin(schedule):
+        raise ConfigError(f"--schedule {schedule!r} is unknown; accepted values: {', '.join(SCHEDULES)}, "
+                          f"or {PLUGIN_FORM} for a schedule of your own")
     strategy = strategy or "average"
     if strategy != "average":
         if schedule is not None:
@@ -412,8 +416,9 @@ def from_args(args: argparse.Namespace) -> tuple[list[Config], RunOptions]:
             raise ConfigError("--compare takes the methods itself; drop --strategy / --schedule")
         methods = [m.strip() for m in args.compare.split(",") if m.strip()]
         for m in methods:
-            if m not in METHODS:
-                raise ConfigError(f"--compare: unknown method {m!r}; accepted values: {', '.join(METHODS)}")
+            if m not in METHODS and not is_plugin(m):
+                raise ConfigError(f"--compare: unknown method {m!r}; accepted values: {', '.join(METHODS)}, "
+                                  f"or {PLUGIN_FORM} for a schedule of your own")
         if not methods:
             raise ConfigError(f"--compare needs at least one method; accepted values: {', '.join(METHODS)}")
         twice = sorted({m for m in methods if methods.count(m) > 1})
@@ -421,6 +426,7 @@ def from_args(args: argparse.Namespace) -> tuple[list[Config], RunOptions]:
             raise ConfigError(f"--compare names {', '.join(twice)} twice: each method runs once per seed")
     else:
         methods = [_method(args.strategy, args.schedule)]
+    _load_plugins(methods, "--compare" if args.compare is not None else "--schedule")
     seeds = _seeds(args.seeds, args.seed)
     for warning in unread_flags(args, methods, dataset):
         print(f"warning: {warning}", file=sys.stderr)
@@ -473,6 +479,16 @@ def from_args(args: argparse.Namespace) -> tuple[list[Config], RunOptions]:
     return [c if c.averaging else c.replace(**flat) for c in runs], options
 
 
+def _load_plugins(methods: list[str], flag: str) -> None:
+    """Import every plug-in schedule's factory now, so that a bad name is refused with the other flags
+    (the factory itself is called in ``setup.prepare``, once the run's steps are known)."""
+    from experiments import plugins  # imports this module
+
+    for method in methods:
+        if is_plugin(method):
+            plugins.load(method, flag)
+
+
 def unread_flags(args: argparse.Namespace, methods: list[str], dataset: str) -> list[str]:
     """Refuse (ConfigError) a flag that was given (is not None) but that no run of ``methods`` on
     ``dataset`` reads; returns one-line warnings for the flags that are only warned about.
@@ -481,8 +497,9 @@ def unread_flags(args: argparse.Namespace, methods: list[str], dataset: str) -> 
     (``experiments.net`` does), and refusing it would break them.
     """
     schedule = args.lr_schedule or "step"
-    averaging = [m for m, (strategy, _) in METHODS.items() if strategy == "average"]
-    with_period = [m for m, (_, name) in METHODS.items() if name not in (None, "full_sync")]
+    plugins = [m for m in methods if is_plugin(m)]  # a schedule of one's own averages and reads the budget
+    averaging = [m for m, (strategy, _) in METHODS.items() if strategy == "average"] + plugins
+    with_period = [m for m, (_, name) in METHODS.items() if name not in (None, "full_sync")] + plugins
     trains = f"this run trains {', '.join(methods)}"
     on_schedule = (schedule == "step", "--lr-schedule step", f"this run has --lr-schedule {schedule}")
     with_groups = (bool(set(methods) & set(averaging)), f"the averaging methods ({', '.join(averaging)})", trains)
@@ -572,7 +589,8 @@ def validate(c: Config) -> None:
     need(c.dataset in DATASETS or is_tfds(c.dataset),
          f"--dataset {c.dataset!r} is unknown; accepted values: {', '.join(DATASETS)}, or tfds:NAME")
     need(c.augment in AUGMENTATIONS, f"--augment {c.augment!r} is unknown; accepted values: {', '.join(AUGMENTATIONS)}")
-    need(c.method in METHODS, f"method {c.method!r} is unknown; accepted values: {', '.join(METHODS)}")
+    need(c.method in METHODS or is_plugin(c.method),
+         f"method {c.method!r} is unknown; accepted values: {', '.join(METHODS)}, or {PLUGIN_FORM}")
     need(c.model in MODELS, f"--model {c.model!r} is unknown; accepted values: {', '.join(MODELS)}")
     need(c.lr_schedule in LR_SCHEDULES, f"--lr-schedule {c.lr_schedule!r} is unknown; accepted values: {', '.join(LR_SCHEDULES)}")
     need(c.dtype in DTYPES, f"--dtype {c.dtype!r} is unknown; accepted values: {', '.join(DTYPES)}")

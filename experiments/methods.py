@@ -15,8 +15,9 @@ import optax
 
 import adpsgd_jax as A
 from adpsgd_jax import distributed, schedules
-from experiments import data, models
-from experiments.config import METHODS, Config
+from experiments import data, models, plugins
+from experiments.config import Config
+from experiments.names import is_plugin, method_parts
 
 
 def lr_schedule(config: Config, steps_per_epoch: int, total_steps: int):
@@ -54,10 +55,12 @@ def stagewise_base_period(total_steps: int, boundaries: list[int], budget: int, 
 
 def make_schedule(config: Config, total_steps: int, steps_per_epoch: int, lr_fn) -> Optional[schedules.Schedule]:
     """The schedule of ``config.method`` at budget ``avg_period`` (None for allreduce / qsgd)."""
-    _, name = METHODS[config.method]
+    _, name = method_parts(config.method)
     p = config.avg_period
     if name is None:
         return None
+    if is_plugin(name):
+        return plugins.build(name, total_steps=total_steps, avg_period=p, lr_schedule=lr_fn)
     if name == "constant":
         return schedules.constant(p)
     if name == "full_sync":
@@ -146,7 +149,7 @@ def make_strategy(config: Config, loss_fn, lr_fn, schedule: Optional[schedules.S
     Two-level: the schedule averages across groups, gradients are averaged inside them.
     """
     optimizer = make_optimizer(config, lr_fn)
-    strategy = METHODS[config.method][0]
+    strategy = method_parts(config.method)[0]
     if strategy == "allreduce":
         return A.allreduce(loss_fn, optimizer, axis_name=layout.axes)
     if strategy == "qsgd":

@@ -27,6 +27,18 @@ METHODS = {
 }
 STRATEGIES = ("average", "allreduce", "qsgd")
 SCHEDULES = tuple(sorted({s for _, s in METHODS.values() if s}))
+PLUGIN_FORM = "PACKAGE.MODULE:FUNCTION"  # a user's schedule factory (experiments/plugins.py)
+
+
+def is_plugin(method: str) -> bool:
+    """Whether ``method`` names a user's schedule factory, ``PACKAGE.MODULE:FUNCTION``, rather than a
+    method of ``METHODS``."""
+    return ":" in method
+
+
+def method_parts(method: str) -> tuple:
+    """(strategy, schedule) of a method: ``METHODS[method]``; a plug-in averages with its own schedule."""
+    return ("average", method) if is_plugin(method) else METHODS[method]
 DEFAULT_COMPARE = ("allreduce", "cpsgd", "adpsgd", "qsgd")
 
 # Outer optimizers applied to the averaged change at each sync, and their

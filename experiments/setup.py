@@ -17,8 +17,9 @@ import jax
 
 from adpsgd_jax import distributed, schedules
 from experiments import checkpoint, data, methods, results
-from experiments.config import (CHANGED_MEANING, METHODS, Config, ConfigError, RunOptions, config_differences,
+from experiments.config import (CHANGED_MEANING, Config, ConfigError, RunOptions, config_differences,
                                 default_cpu_devices)
+from experiments.names import method_parts
 
 @dataclasses.dataclass
 class Setup:
@@ -37,7 +38,7 @@ class Setup:
 
     @property
     def strategy(self) -> str:
-        return METHODS[self.config.method][0]
+        return method_parts(self.config.method)[0]
 
     @property
     def mesh(self):
@@ -139,6 +140,8 @@ def prepare(config: Config, dataset: Optional[data.Dataset] = None, options: Run
     lr_fn = methods.lr_schedule(config, loader.steps_per_epoch, total)
     try:
         schedule = methods.make_schedule(config, total, loader.steps_per_epoch, lr_fn)
+    except ConfigError:  # a plug-in schedule's refusal names its flag already
+        raise
     except ValueError as err:
         raise ConfigError(f"{config.method}: {err}") from None
     run_dir = os.path.join(options.out, results.run_name(config.label, config.seed))

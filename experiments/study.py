@@ -41,7 +41,7 @@ import time
 import tomllib
 from typing import NamedTuple
 
-from experiments.names import LR_SCHEDULES, METHODS
+from experiments.names import LR_SCHEDULES, METHODS, PLUGIN_FORM, is_plugin
 
 # The offline preset: digits (ships with scikit-learn), the paper's budget (--avg-period 8), 330 steps a run.
 PRESETS = {
@@ -109,8 +109,9 @@ def parse_grid(grid: dict) -> Grid:
         raise StudyError(f"unknown grid key(s) {', '.join(unknown)}; accepted keys: {', '.join(GRID_KEYS)}")
     methods = _list(grid, "methods", str)
     for m in methods:
-        if m not in METHODS:
-            raise StudyError(f"grid key 'methods': unknown method {m!r}; accepted values: {', '.join(METHODS)}")
+        if m not in METHODS and not is_plugin(m):
+            raise StudyError(f"grid key 'methods': unknown method {m!r}; accepted values: {', '.join(METHODS)}, "
+                             f"or {PLUGIN_FORM} for a schedule of your own")
     baseline = grid.get("baseline", "cpsgd")
     if baseline not in methods:
         raise StudyError(f"grid key 'baseline' must be one of the grid's methods ({', '.join(methods)}), "

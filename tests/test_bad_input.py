@@ -27,6 +27,8 @@ CASES = [
     (["--model", "transformer"], "--model"),
     (["--strategy", "gossip"], "--strategy"),
     (["--schedule", "sometimes"], "--schedule"),
+    (["--schedule", "no_such_module_anywhere:ramp"], "--schedule"),
+    (["--compare", "cpsgd,my schedules:ramp"], "--compare"),
     (["--strategy", "qsgd", "--schedule", "adpsgd"], "--schedule"),
     (["--compare", "cpsgd,magic"], "--compare"),
     (["--compare", "cpsgd,cpsgd"], "--compare"),
