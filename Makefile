@@ -15,7 +15,7 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m experiments.cifar --dataset digits --compare --seeds 0,1,2 --out results/digits $(ARGS)
+	$(PY) -m experiments.cifar --dataset digits --partition dirichlet:0.5 --compare allreduce,cpsgd,adpsgd --seeds 0,1,2 --out results/demo $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest $(ARGS)

@@ -45,7 +45,7 @@ import numpy as np
 
 from adpsgd_jax import timemodel
 from adpsgd_jax.timemodel import Link
-from experiments import results
+from experiments import conclusion, results
 from experiments.names import BANDWIDTHS_GBPS, GBPS
 
 # The two-level prediction: NVLink-class 300 GB/s inside a host; payload and compute per step as measured
@@ -340,7 +340,8 @@ def write_plots(runs: list[results.Run], out_dir: str) -> list[str]:
 
 def build(out_dir: str, plots: bool = True, workers: Optional[int] = None, latency: float = 10e-6,
           target: Optional[float] = None, cluster: Optional[dict] = None) -> str:
-    """Read every finished run in ``out_dir``; write report.md (and plots); return the tables.
+    """Read every finished run in ``out_dir``; write report.md (and plots); return the tables and the
+    closing sentences (``conclusion.sentences``).
 
     ``cluster``: hosts, per_host, intra_gbps of the two-level prediction (default ``CLUSTER``).
     """
@@ -350,6 +351,7 @@ def build(out_dir: str, plots: bool = True, workers: Optional[int] = None, laten
         raise FileNotFoundError(f"no finished runs (sub-folders with {results.SUMMARY}) in {out_dir!r}")
     text = table(runs, workers, latency, target) + "\n" + cluster_table(runs, **{**CLUSTER, **(cluster or {})},
                                                                          latency=latency, target=target)
+    text += "\n" + conclusion.sentences(runs, os.path.join(out_dir, "loss_vs_bytes.png") if plots else None)
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write(text)
     if plots:
