@@ -56,6 +56,12 @@ HARMLESS_ON_RESUME = ("data_dir",)
 # and are read as "parameters", so that --resume refuses them.
 POST_LOCAL_WARMUP = "gradient"
 POST_LOCAL_WARMUP_BEFORE = "parameters"
+# What qsr computes: "reference", the rule of the QSR paper's code (plain int() of the power, init_h and
+# min_h apart, every sync of the rule kept in the budgeted form). qsr runs saved before it lack the field
+# and are read as "tolerance-capped" (a floor with a 1e-9 tolerance, one base period, the budgeted rule cut
+# at C syncs), so that --resume refuses them; their qsr_base_period is read as both periods.
+QSR_RULE = "reference"
+QSR_RULE_BEFORE = "tolerance-capped"
 CHANGED_MEANING = "the configuration changed meaning"  # in a difference that no flag can undo
 
 
@@ -87,8 +93,11 @@ class Config:
     post_local_warmup: str = POST_LOCAL_WARMUP  # the meaning of that phase; saved runs may hold an older one
     qsgd_levels: int = 127
     qsgd_bucket_size: int = 512
-    qsr_alpha: Optional[float] = None  # QSR's alpha: the published rule, no budget; None = solved for avg_period
-    qsr_base_period: int = 1  # QSR's H_base
+    qsr_alpha: Optional[float] = None  # QSR's alpha: the published rule, no budget (0 = constant); None = searched
+    qsr_init_period: int = 1  # QSR's init_h: the period of a warm-up, and the constant period at alpha 0
+    qsr_min_period: int = 1  # QSR's min_h: the floor of the period
+    qsr_power: float = 2.0  # QSR's exponent p of alpha / lr
+    qsr_rule: str = QSR_RULE  # the meaning of qsr; saved runs may hold an older one
     group_size: Union[int, str] = 1  # workers per group (two-level averaging); "host" = devices per process
     outer_optimizer: str = "none"  # none | sgd | nesterov, applied to the averaged change at each sync
     outer_lr: Optional[float] = None  # None when outer_optimizer is none
@@ -156,11 +165,13 @@ def config_differences(saved: dict, current: Config) -> list[str]:
 
     A field missing from ``saved`` (a run saved before the field existed) counts
     as its default, except where its absence records an older meaning
-    (``post_local_warmup`` of a post_local run), and ``augment`` is compared
+    (``post_local_warmup`` of a post_local run, ``qsr_rule`` of a qsr run; an old
+    ``qsr_base_period`` is read as both QSR periods), and ``augment`` is compared
     after resolving ``auto``.
     """
     now = current.to_dict()
-    saved = {**{k: v for k, v in Config().to_dict().items() if k != "dataset"}, **_older_meaning(saved), **saved}
+    saved = {**{k: v for k, v in Config().to_dict().items() if k != "dataset"}, **_older_meaning(saved),
+             **_renamed(saved)}
     diffs = []
     for key in sorted(set(saved) | set(now)):
         if key in HARMLESS_ON_RESUME:
@@ -175,19 +186,36 @@ def config_differences(saved: dict, current: Config) -> list[str]:
             if key == "post_local_warmup":
                 diffs[-1] += (f" ({CHANGED_MEANING}: post_local's warm-up now all-reduces gradients and its "
                               "averages follow PyTorch's step count, docs/pytorch.md)")
+            if key == "qsr_rule":
+                diffs[-1] += (f" ({CHANGED_MEANING}: qsr now computes the reference implementation's rule and "
+                              "keeps every sync of it, docs/algorithm.md)")
     return diffs
 
 
 def _older_meaning(saved: dict) -> dict:
     """The fields whose absence from ``saved`` records an older meaning rather than the default."""
+    older = {}
     if saved.get("method") == "post_local" and "post_local_warmup" not in saved:
-        return {"post_local_warmup": POST_LOCAL_WARMUP_BEFORE}
-    return {}
+        older["post_local_warmup"] = POST_LOCAL_WARMUP_BEFORE
+    if saved.get("method") == "qsr" and "qsr_rule" not in saved:
+        older["qsr_rule"] = QSR_RULE_BEFORE
+    return older
+
+
+def _renamed(saved: dict) -> dict:
+    """``saved`` with an old ``qsr_base_period`` (one period for both roles) as both QSR periods."""
+    saved = dict(saved)
+    if "qsr_base_period" in saved:
+        base = saved.pop("qsr_base_period")
+        saved.setdefault("qsr_init_period", base)
+        saved.setdefault("qsr_min_period", base)
+    return saved
 
 
 def from_saved(saved: dict) -> Config:
     """The Config a summary or config.json recorded (an old post_local run's with its old warm-up)."""
-    return Config(**{**_older_meaning(saved), **saved, "lr_decay_epochs": tuple(saved.get("lr_decay_epochs", ()))})
+    return Config(**{**_older_meaning(saved), **_renamed(saved),
+                     "lr_decay_epochs": tuple(saved.get("lr_decay_epochs", ()))})
 
 
 def is_tfds(dataset: str) -> bool:
@@ -349,9 +377,15 @@ def _method_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--qsgd-levels", type=int, help=f"QSGD's levels s in [1, {MAX_QSGD_LEVELS}] (default 127); qsgd only")
     p.add_argument("--qsgd-bucket-size", type=int, help="coordinates per QSGD bucket (default 512); qsgd only")
     p.add_argument("--qsr-alpha", type=float,
-                   help="QSR's alpha: the published rule H = max(H_base, floor((alpha / lr)^2)) with no budget "
-                        "(default: alpha solved so that qsr spends the --avg-period budget); qsr only")
-    p.add_argument("--qsr-base-period", type=int, help="QSR's H_base, the shortest period (default 1); qsr only")
+                   help="QSR's alpha >= 0: the published rule H = max(int((alpha / lr)^power), min period), cut at "
+                        "the end of the run, with no budget; 0 = every --qsr-init-period steps (default: alpha "
+                        "searched so that the rule's own sync count is nearest the --avg-period budget); qsr only")
+    p.add_argument("--qsr-init-period", type=int,
+                   help="QSR's init_h: the period during a learning-rate warm-up and at --qsr-alpha 0 (default 1); "
+                        "qsr only")
+    p.add_argument("--qsr-min-period", type=int, help="QSR's min_h, the shortest period (default 1); qsr only")
+    p.add_argument("--qsr-power", type=float, help="QSR's exponent of alpha / lr, > 0 (default 2); qsr only")
+    p.add_argument("--qsr-base-period", type=int, help=argparse.SUPPRESS)  # refused: see from_args
     p.add_argument("--group-size",
                    help="two-level averaging: workers per group, whose gradients are averaged every step while the "
                         "schedule averages parameters across groups; an integer dividing --workers, or 'host' (the "
@@ -428,6 +462,9 @@ def from_args(args: argparse.Namespace) -> tuple[list[Config], RunOptions]:
         methods = [_method(args.strategy, args.schedule)]
     _load_plugins(methods, "--compare" if args.compare is not None else "--schedule")
     seeds = _seeds(args.seeds, args.seed)
+    if args.qsr_base_period is not None:
+        raise ConfigError("--qsr-base-period is no longer accepted: QSR's periods are --qsr-init-period (warm-up "
+                          "and --qsr-alpha 0) and --qsr-min-period (the shortest period)")
     for warning in unread_flags(args, methods, dataset):
         print(f"warning: {warning}", file=sys.stderr)
     group_size = _group_size(args.group_size or str(Config.group_size))
@@ -453,7 +490,9 @@ def from_args(args: argparse.Namespace) -> tuple[list[Config], RunOptions]:
         qsgd_levels=given(args.qsgd_levels, Config.qsgd_levels),
         qsgd_bucket_size=given(args.qsgd_bucket_size, Config.qsgd_bucket_size),
         qsr_alpha=args.qsr_alpha,
-        qsr_base_period=given(args.qsr_base_period, Config.qsr_base_period),
+        qsr_init_period=given(args.qsr_init_period, Config.qsr_init_period),
+        qsr_min_period=given(args.qsr_min_period, Config.qsr_min_period),
+        qsr_power=given(args.qsr_power, Config.qsr_power),
         group_size=group_size,
         **outer,
         dtype=args.dtype,
@@ -511,7 +550,9 @@ def unread_flags(args: argparse.Namespace, methods: list[str], dataset: str) -> 
         "--qsgd-levels": (args.qsgd_levels, "qsgd" in methods, "qsgd", trains),
         "--qsgd-bucket-size": (args.qsgd_bucket_size, "qsgd" in methods, "qsgd", trains),
         "--qsr-alpha": (args.qsr_alpha, "qsr" in methods, "qsr", trains),
-        "--qsr-base-period": (args.qsr_base_period, "qsr" in methods, "qsr", trains),
+        "--qsr-init-period": (args.qsr_init_period, "qsr" in methods, "qsr", trains),
+        "--qsr-min-period": (args.qsr_min_period, "qsr" in methods, "qsr", trains),
+        "--qsr-power": (args.qsr_power, "qsr" in methods, "qsr", trains),
         "--synthetic-size": (args.synthetic_size, dataset == "synthetic", "--dataset synthetic",
                              f"this run has --dataset {dataset}"),
         "--data-dir": (args.data_dir, dataset in ("cifar10", "cifar100") or is_tfds(dataset),
@@ -615,9 +656,13 @@ def validate(c: Config) -> None:
          f"{POST_LOCAL_WARMUP!r} (full-sync steps)")
     need(1 <= c.qsgd_levels <= MAX_QSGD_LEVELS, f"--qsgd-levels must be in [1, {MAX_QSGD_LEVELS}], got {c.qsgd_levels}")
     need(c.qsgd_bucket_size >= 1, f"--qsgd-bucket-size must be >= 1, got {c.qsgd_bucket_size}")
-    need(c.qsr_alpha is None or (math.isfinite(c.qsr_alpha) and c.qsr_alpha > 0),
-         f"--qsr-alpha must be a finite number > 0, got {c.qsr_alpha}")
-    need(c.qsr_base_period >= 1, f"--qsr-base-period must be an integer >= 1, got {c.qsr_base_period}")
+    need(c.qsr_alpha is None or (math.isfinite(c.qsr_alpha) and c.qsr_alpha >= 0),
+         f"--qsr-alpha must be a finite number >= 0 (0: a constant period), got {c.qsr_alpha}")
+    need(c.qsr_init_period >= 1, f"--qsr-init-period must be an integer >= 1, got {c.qsr_init_period}")
+    need(c.qsr_min_period >= 1, f"--qsr-min-period must be an integer >= 1, got {c.qsr_min_period}")
+    need(math.isfinite(c.qsr_power) and c.qsr_power > 0, f"--qsr-power must be a finite number > 0, got {c.qsr_power}")
+    need(c.qsr_rule == QSR_RULE, f"qsr_rule {c.qsr_rule!r} is no longer implemented: qsr is {QSR_RULE!r} "
+                                 "(the reference implementation's rule, docs/algorithm.md)")
     need(c.synthetic_size >= 1, f"--synthetic-size must be >= 1, got {c.synthetic_size}")
     need(type(c.seed) is int and 0 <= c.seed < SEED_LIMIT, f"--seed must be an integer in [0, 2**32), got {c.seed!r}")
     try:

@@ -88,14 +88,17 @@ def make_schedule(config: Config, total_steps: int, steps_per_epoch: int, lr_fn)
 
 
 def qsr_schedule(config: Config, total_steps: int, lr_fn) -> schedules.Schedule:
-    """QSR: the published rule at ``--qsr-alpha`` (no budget), else alpha solved for ``--avg-period``'s budget."""
-    h = config.qsr_base_period
+    """QSR: the published rule at ``--qsr-alpha`` (no budget), else the rule whose alpha is searched so
+    that its own sync count is nearest ``--avg-period``'s budget."""
+    kw = dict(init_h=config.qsr_init_period, min_h=config.qsr_min_period, power=config.qsr_power,
+              lr_schedule=lr_fn)
     if config.qsr_alpha is not None:
-        return schedules.qsr(total_steps, alpha=config.qsr_alpha, base_period=h, lr_schedule=lr_fn)
+        return schedules.qsr(total_steps, alpha=config.qsr_alpha, **kw)
     try:
-        return schedules.qsr(total_steps, config.avg_period, base_period=h, lr_schedule=lr_fn)
+        return schedules.qsr(total_steps, config.avg_period, **kw)
     except ValueError as err:
-        raise ValueError(f"--qsr-base-period {h} with --avg-period {config.avg_period}: {err}") from None
+        raise ValueError(f"--qsr-min-period {config.qsr_min_period} with --avg-period {config.avg_period}: "
+                         f"{err}") from None
 
 
 def make_optimizer(config: Config, lr) -> optax.GradientTransformation:

@@ -58,10 +58,14 @@ CASES = [
     (["--schedule", "post_local", "--local-warmup-epochs", "30"], "--local-warmup-epochs"),
     (["--strategy", "qsgd", "--qsgd-levels", "0"], "--qsgd-levels"),
     (["--strategy", "qsgd", "--qsgd-bucket-size", "0"], "--qsgd-bucket-size"),
-    (["--schedule", "qsr", "--qsr-alpha", "0"], "--qsr-alpha"),
+    (["--schedule", "qsr", "--qsr-alpha", "-0.1"], "--qsr-alpha"),
     (["--schedule", "qsr", "--qsr-alpha", "nan"], "--qsr-alpha"),
-    (["--schedule", "qsr", "--qsr-base-period", "0"], "--qsr-base-period"),
-    (["--schedule", "qsr", "--qsr-base-period", "16"], "--qsr-base-period"),
+    (["--schedule", "qsr", "--qsr-init-period", "0"], "--qsr-init-period"),
+    (["--schedule", "qsr", "--qsr-min-period", "0"], "--qsr-min-period"),
+    (["--schedule", "qsr", "--qsr-min-period", "16"], "--qsr-min-period"),
+    (["--schedule", "qsr", "--qsr-power", "0"], "--qsr-power"),
+    (["--schedule", "qsr", "--qsr-power", "inf"], "--qsr-power"),
+    (["--schedule", "qsr", "--qsr-base-period", "2"], "--qsr-base-period"),
     (["--dataset", "synthetic", "--synthetic-size", "0"], "--synthetic-size"),
     (["--partition", "dirichlet:0"], "--partition"),
     (["--partition", "dirichlet:1e-300"], "--partition"),
@@ -90,7 +94,8 @@ CASES = [
     (["--qsgd-levels", "4"], "--qsgd-levels"),
     (["--compare", "cpsgd,adpsgd", "--qsgd-bucket-size", "64"], "--qsgd-bucket-size"),
     (["--qsr-alpha", "0.2"], "--qsr-alpha"),
-    (["--compare", "cpsgd,trigger", "--qsr-base-period", "2"], "--qsr-base-period"),
+    (["--compare", "cpsgd,trigger", "--qsr-min-period", "2"], "--qsr-min-period"),
+    (["--qsr-power", "3"], "--qsr-power"),
     (["--synthetic-size", "100"], "--synthetic-size"),
     (["--data-dir", "{tmp}"], "--data-dir"),
     (["--dataset", "synthetic", "--data-dir", "{tmp}"], "--data-dir"),
@@ -127,7 +132,7 @@ CASES = [
 ]
 # The cases that need the devices or the data: refused by setup.prepare, after jax starts but before
 # anything compiles. All others are refused by config.from_args, which imports no jax.
-LATE = ["--avg-period 10000", "--schedule qsr --qsr-base-period 16", "--partition dirichlet:0.01 --workers 16",
+LATE = ["--avg-period 10000", "--schedule qsr --qsr-min-period 16", "--partition dirichlet:0.01 --workers 16",
         "--workers 16 --devices 16", "--batch-size 1000"]
 # Given explicitly but read by no run: only warned about (a sweep passes the budget to every method).
 WARNED = [["--strategy", "allreduce", "--avg-period", "4"]]
