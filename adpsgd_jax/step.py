@@ -440,7 +440,8 @@ def qsgd(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, levels: in
     return _full_sync("qsgd_step", loss_fn, optimizer, axis_name, mean_grads)
 
 
-def make_eval_step(eval_fn: Callable[[Any, Any, Any], dict], axis_name: AxisName = "batch"):
+def make_eval_step(eval_fn: Callable[[Any, Any, Any], dict], axis_name: AxisName = "batch",
+                   per_example: Sequence[str] = ()):
     """Build ``(state, batch) -> sums`` evaluating the averaged model.
 
     ``axis_name``: every axis the workers live on (("group", "local") for the
@@ -453,9 +454,11 @@ def make_eval_step(eval_fn: Callable[[Any, Any, Any], dict], axis_name: AxisName
     an optional boolean ``batch["mask"]`` [K, B] marks padding.
 
     Returns {name: float32[] global sum over unmasked examples, "count":
-    float32[] number of them}, identical on every worker.
+    float32[] number of them}, identical on every worker. With
+    ``per_example`` names, also "per_example": {name: float32[K, B]} the
+    worker's own unsummed values of those names, 0 on padding.
     """
-    axes = _check_axes(axis_name)
+    axes, keep = _check_axes(axis_name), tuple(per_example)
 
     def eval_step(state: TrainState, batch: dict):
         params = tree_pmean(state.params, axes)
@@ -466,14 +469,16 @@ def make_eval_step(eval_fn: Callable[[Any, Any, Any], dict], axis_name: AxisName
             batch_size = next(iter(values.values())).shape[0]
             mask = chunk.get("mask", jnp.ones((batch_size,), bool)).astype(jnp.float32)
             sums = {k: jnp.sum(v.astype(jnp.float32) * mask) for k, v in values.items()}
-            return {**sums, "count": jnp.sum(mask)}
+            return {**sums, "count": jnp.sum(mask)}, {k: values[k].astype(jnp.float32) * mask for k in keep}
 
         def body(totals, chunk):
-            return jax.tree.map(jnp.add, totals, chunk_sums(chunk)), None
+            sums, kept = chunk_sums(chunk)
+            return jax.tree.map(jnp.add, totals, sums), kept
 
-        shapes = jax.eval_shape(chunk_sums, jax.tree.map(lambda x: x[0], batch))
+        shapes = jax.eval_shape(chunk_sums, jax.tree.map(lambda x: x[0], batch))[0]
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-        totals, _ = lax.scan(body, zeros, batch)
-        return lax.psum(totals, axes)
+        totals, kept = lax.scan(body, zeros, batch)
+        totals = lax.psum(totals, axes)
+        return {**totals, "per_example": kept} if keep else totals
 
     return eval_step

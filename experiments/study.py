@@ -2,8 +2,12 @@
 
 Runs a grid of methods x data partitions x learning-rate schedules x
 worker counts x seeds at one communication budget, then writes one table
-(``study.md``, ``study.json``) comparing every method with a baseline
-(CPSGD by default) per setting, and ``loss_vs_bytes.png``.
+(``study.md``, ``study.json``) comparing every method with the grid's
+baseline (CPSGD by default) per setting, and ``loss_vs_bytes.png``.
+``--baseline a,b,...`` writes one table per baseline instead:
+``study.md`` for the grid's, ``study_vs_<baseline>.md`` / ``.json`` for the
+others (experiments/study_report.py: the tests and the correction), e.g.
+``--report-only --baseline cpsgd,lr_proportional,adpsgd``.
 
 A setting is one (partition, lr schedule, workers) triple; its runs are
 ``experiments.cifar`` runs (every method, every seed) in ``OUT/<setting>/``.
@@ -235,12 +239,26 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="offline", choices=sorted(PRESETS), help="the grid to run (default offline)")
     p.add_argument("--grid", help="a TOML grid file instead of the preset (keys: " + ", ".join(GRID_KEYS) + ")")
     p.add_argument("--seeds", type=int, help="override the grid's seeds with 0 .. N-1")
-    p.add_argument("--baseline", help="override the grid's baseline (one of its methods), e.g. to compare "
-                                      "ADPSGD with lr_proportional")
+    p.add_argument("--baseline", help="the baselines to write tables against, comma-separated (each one of "
+                                      "the grid's methods; default the grid's baseline): study.md for the "
+                                      "grid's, study_vs_<baseline>.md / .json for the others")
     p.add_argument("--out", default="results/study", help="output folder (default results/study)")
     p.add_argument("--report-only", action="store_true", help="only write the table from the finished runs")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
+
+
+def baseline_list(flag, grid: Grid) -> list:
+    """The baselines of ``--baseline a,b,...`` (default: the grid's), each checked against the grid's methods."""
+    if flag is None:
+        return [grid.baseline]
+    names = [b.strip() for b in flag.split(",") if b.strip()]
+    if not names:
+        raise StudyError("--baseline needs one or more of the grid's methods, comma-separated")
+    for name in names:
+        if name not in grid.methods:
+            raise StudyError(f"--baseline {name!r} must be one of the grid's methods ({', '.join(grid.methods)})")
+    return list(dict.fromkeys(names))
 
 
 def main(argv=None) -> int:
@@ -254,9 +272,8 @@ def main(argv=None) -> int:
             if args.seeds < 1:
                 raise StudyError(f"--seeds must be >= 1, got {args.seeds}")
             grid["seeds"] = args.seeds
-        if args.baseline is not None:
-            grid["baseline"] = args.baseline
         parsed = parse_grid(grid)
+        baselines = baseline_list(args.baseline, parsed)
         planned = plan(parsed, args.out)
     except StudyError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -276,7 +293,8 @@ def main(argv=None) -> int:
         except train.Interrupted as err:
             print(f"stopped: {err}; the same command continues the study", file=sys.stderr)
             return 128 + err.signum
-    print(study_report.write(parsed, args.out))
+    for index, baseline in enumerate(baselines):
+        print(study_report.write(parsed, args.out, plots=index == 0, baseline=baseline))
     return 0
 
 

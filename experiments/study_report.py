@@ -1,17 +1,43 @@
-"""The study's table and plot, from the finished runs of ``experiments.study``.
+"""The study's tables and plot, from the finished runs of ``experiments.study``.
 
-Per setting and method, against the baseline (CPSGD in the preset), over
-the seeds both ran (runs of one seed share data order and initialisation,
-so the differences are paired):
+One table per baseline: ``study.md`` / ``study.json`` against the grid's
+baseline, ``study_vs_<baseline>.md`` / ``.json`` against any other. Per
+setting and method, against the baseline, over the seeds both ran (runs of
+one seed share data order and initialisation, so they pair):
 
 * seeds won: seeds on which the method's final training loss (of the
   averaged model, whole training set) is below the baseline's;
-* d_k = (method - baseline) on seed k, for the final training loss and the
-  test accuracy: the mean of d_k with the 95% t-interval
-  mean +- t_{0.975, n-1} * sd(d) / sqrt(n) over the n seeds;
-* verdict on the training loss: ``lower`` when the whole interval is below
-  0, ``higher`` when it is above, ``inconclusive`` otherwise (always with
-  one seed).
+* final training loss, d_k = (method - baseline) on seed k: the mean of d_k,
+  its 95% t-interval mean +- t_{0.975, n-1} sd(d) / sqrt(n) (unadjusted),
+  and the two-sided p-value of the paired t-test, t = mean / (sd / sqrt(n))
+  on n - 1 degrees of freedom (no p with one seed; p = 0 when every d_k is
+  the same non-zero value, 1 when all are 0);
+* test accuracy, tested per example: the same test set is evaluated by both
+  models, so each example of seed k is a pair (method right?, baseline
+  right?). With b_k = examples the method gets right and the baseline
+  wrong, c_k the reverse, the stratified McNemar test pooled over the seeds
+  is the exact binomial test of sum b of sum (b + c) discordant pairs at
+  1/2 (two-sided; p = 1 without a discordant pair). The difference is
+  D = sum_k (b_k - c_k) / (n S) over S seeds of n examples, with the Wald
+  interval D +- 1.96 sqrt(sum_k v_k) / S, v_k = ((b_k + c_k)/n - d_k^2) / n
+  the paired-proportion variance of d_k = (b_k - c_k) / n. Both treat the
+  seeds' trained models as fixed strata: they measure how far the test
+  set's sampling explains the difference, not the spread over seeds.
+  Summaries without the per-example array (``test_correct``, older runs)
+  give n/a.
+
+Multiple comparisons: the family of a table is every one of its rows,
+all methods x all settings against its baseline, one family for the
+training loss and one for the accuracy. The p-values are Holm-adjusted
+within their family (step-down: the i-th smallest of m is multiplied by
+m - i + 1, capped at 1, made monotone). Holm controls the family-wise error
+rate: the chance that any verdict of the table is wrong is at most 5%,
+which a claim over the whole table ("lower in every setting", "higher
+nowhere") needs; Benjamini-Hochberg would bound only the expected share of
+wrong verdicts among the significant ones (FDR). The verdict is ``lower``
+/ ``higher`` (by the sign of the mean difference) when the adjusted p is
+below 0.05, else ``inconclusive``; the raw verdict, from the unadjusted p,
+is kept beside it, and the page counts the verdicts the correction changes.
 
 ``loss_vs_bytes.png``: the seed-mean training loss (minibatch, one-epoch
 running mean) against the bytes each worker sent, one panel per setting.
@@ -29,7 +55,16 @@ from scipy import stats
 from experiments import results
 
 VERDICTS = ("lower", "higher", "inconclusive")
+ALPHA = 0.05  # the family-wise error rate of a table's verdicts
 STUDY_MD, STUDY_JSON, STUDY_PLOT = "study.md", "study.json", "loss_vs_bytes.png"
+NO_CORRECT = "n/a: a summary.json without test_correct (an older run): no per-example test"
+
+
+def outputs(baseline: str, grid_baseline: str) -> tuple[str, str]:
+    """(Markdown, JSON) file names of the table against ``baseline``: study.* for the grid's own."""
+    if baseline == grid_baseline:
+        return STUDY_MD, STUDY_JSON
+    return f"study_vs_{baseline}.md", f"study_vs_{baseline}.json"
 
 
 def paired(differences) -> tuple[float, float, float]:
@@ -43,6 +78,38 @@ def paired(differences) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
+def paired_p(differences) -> float:
+    """Two-sided p of the paired t-test of mean(d) = 0 (NaN with fewer than 2 pairs)."""
+    d = np.asarray(differences, float)
+    if d.size < 2:
+        return math.nan
+    sd = d.std(ddof=1)
+    if sd == 0:
+        return 1.0 if d.mean() == 0 else 0.0
+    t = d.mean() / (sd / math.sqrt(d.size))
+    return float(2 * stats.t.sf(abs(t), d.size - 1))
+
+
+def holm(pvalues) -> list[float]:
+    """Holm's step-down adjustment of a family of p-values (NaN entries stay NaN, outside the family)."""
+    p = np.asarray(pvalues, float)
+    adjusted = np.full(p.shape, math.nan)
+    finite = np.flatnonzero(~np.isnan(p))
+    order = finite[np.argsort(p[finite], kind="stable")]
+    m, running = len(order), 0.0
+    for i, index in enumerate(order):
+        running = max(running, min(1.0, (m - i) * p[index]))
+        adjusted[index] = running
+    return [float(x) for x in adjusted]
+
+
+def decide(mean: float, p: float, alpha: float = ALPHA) -> str:
+    """``lower`` / ``higher`` by the sign of the mean when p < alpha, else ``inconclusive`` (also NaN p)."""
+    if not p < alpha or mean == 0:
+        return "inconclusive"
+    return "lower" if mean < 0 else "higher"
+
+
 def verdict(low: float, high: float) -> str:
     """``lower`` / ``higher`` when the whole interval is below / above 0, else ``inconclusive``."""
     if high < 0:
@@ -50,6 +117,21 @@ def verdict(low: float, high: float) -> str:
     if low > 0:
         return "higher"
     return "inconclusive"  # also NaN bounds (one seed)
+
+
+def per_example(pairs: list) -> dict:
+    """The stratified paired test of accuracy: ``pairs`` [(mine, base)] boolean correctness arrays, one
+    pair per seed over the same examples. Returns b, c (summed), n (examples per seed), the difference
+    D, its 95% Wald interval and the exact two-sided binomial p of b in b + c."""
+    n = len(pairs[0][0])
+    b = np.array([int(np.sum(m & ~o)) for m, o in pairs])
+    c = np.array([int(np.sum(~m & o)) for m, o in pairs])
+    d = (b - c) / n
+    var = np.maximum((b + c) / n - d**2, 0.0) / n
+    diff, half = float(d.mean()), 1.959963984540054 * math.sqrt(var.sum()) / len(pairs)
+    B, C = int(b.sum()), int(c.sum())
+    p = float(stats.binomtest(B, B + C, 0.5).pvalue) if B + C else 1.0
+    return {"b": B, "c": C, "n": n, "diff": diff, "ci": [diff - half, diff + half], "p": p}
 
 
 def _runs(folder: str) -> dict:
@@ -61,94 +143,181 @@ def _runs(folder: str) -> dict:
     return by_label
 
 
+def _accuracy(mine: dict, base: dict, seeds: list) -> dict:
+    """The per-example accuracy test of one row, or n/a with the reason."""
+    pairs = [(results.unpack_correct(mine[k].summary.get("test_correct")),
+              results.unpack_correct(base[k].summary.get("test_correct"))) for k in seeds]
+    if any(m is None or o is None for m, o in pairs):
+        return {"acc_diff": None, "acc_ci": [None, None], "acc_p": None, "acc_b": None, "acc_c": None,
+                "acc_n": None, "acc_note": NO_CORRECT}
+    if len({len(m) for pair in pairs for m in pair}) != 1:
+        return {"acc_diff": None, "acc_ci": [None, None], "acc_p": None, "acc_b": None, "acc_c": None,
+                "acc_n": None, "acc_note": "n/a: the runs' test sets differ in size"}
+    t = per_example(pairs)
+    return {"acc_diff": t["diff"], "acc_ci": t["ci"], "acc_p": t["p"], "acc_b": t["b"], "acc_c": t["c"],
+            "acc_n": t["n"], "acc_note": None}
+
+
 def compare(runs: dict, method: str, baseline: str) -> Optional[dict]:
-    """One row of the table: ``method`` against ``baseline`` over the seeds both finished."""
+    """One row of the table: ``method`` against ``baseline`` over the seeds both finished (raw p-values;
+    ``adjust`` adds the adjusted ones and the verdicts)."""
     mine, base = runs.get(method, {}), runs.get(baseline, {})
     seeds = sorted(set(mine) & set(base))
     if not seeds:
         return None
     loss = [mine[k].summary["final_train_loss"] - base[k].summary["final_train_loss"] for k in seeds]
-    acc = [mine[k].summary["test_accuracy"] - base[k].summary["test_accuracy"] for k in seeds]
-    d_loss, d_acc = paired(loss), paired(acc)
-    return {
+    d_loss, ours = paired(loss), method != baseline
+    row = {
         "method": method,
         "seeds": seeds,
         "final_train_loss": float(np.mean([mine[k].summary["final_train_loss"] for k in seeds])),
         "test_accuracy": float(np.mean([mine[k].summary["test_accuracy"] for k in seeds])),
         "syncs": float(np.mean([mine[k].summary["syncs"] for k in seeds])),
         "bytes": float(np.mean([mine[k].summary["bytes"] for k in seeds])),
-        "seeds_won": int(sum(d < 0 for d in loss)) if method != baseline else None,
+        "seeds_won": int(sum(d < 0 for d in loss)) if ours else None,
         "loss_diff": d_loss[0], "loss_ci": [d_loss[1], d_loss[2]],
-        "acc_diff": d_acc[0], "acc_ci": [d_acc[1], d_acc[2]],
-        "verdict": verdict(d_loss[1], d_loss[2]) if method != baseline else None,
+        "loss_p": paired_p(loss) if ours else None,
     }
+    if ours:
+        row.update(_accuracy(mine, base, seeds))
+    return row
 
 
-def rows(grid, out: str) -> list[dict]:
-    """Every (setting, method) row, the baseline first in each setting."""
+def adjust(table: list[dict], baseline: str) -> None:
+    """Holm-adjust each family (the loss rows, the accuracy rows) over the whole table and set the verdicts."""
+    ours = [r for r in table if r["method"] != baseline]
+    for key, prefix in (("loss_p", "loss"), ("acc_p", "acc")):
+        raw = [math.nan if r.get(key) is None else r[key] for r in ours]
+        for r, p_raw, p_adj in zip(ours, raw, holm(raw)):
+            mean = r["loss_diff"] if prefix == "loss" else r["acc_diff"]
+            r[f"{key}_holm"] = None if math.isnan(p_adj) else p_adj
+            r[f"{prefix}_raw_verdict"] = decide(mean, p_raw) if mean is not None else None
+            r[f"{prefix}_verdict"] = decide(mean, p_adj) if mean is not None else None
+    for r in table:
+        r["verdict"], r["raw_verdict"] = r.pop("loss_verdict", None), r.pop("loss_raw_verdict", None)
+
+
+def rows(grid, out: str, baseline: Optional[str] = None) -> list[dict]:
+    """Every (setting, method) row against ``baseline`` (default the grid's), the baseline first in each
+    setting, with Holm-adjusted p-values and verdicts over the whole table."""
+    baseline = baseline or grid.baseline
     table = []
     for setting in grid.settings:
         runs = _runs(os.path.join(out, setting.name))
-        order = [grid.baseline] + [m for m in grid.methods if m != grid.baseline]
+        order = [baseline] + [m for m in grid.methods if m != baseline]
         for method in order:
-            row = compare(runs, method, grid.baseline)
+            row = compare(runs, method, baseline)
             if row is not None:
                 table.append({"setting": setting.name, **row})
+    adjust(table, baseline)
     return table
 
 
-def _interval(mean: float, ci: list, digits: int) -> str:
-    if math.isnan(ci[0]):
-        return f"{mean:+.{digits}f}"
-    return f"{mean:+.{digits}f} [{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]"
+def _interval(mean, ci: list, digits: int, scale: float = 1.0) -> str:
+    if mean is None:
+        return "n/a"
+    if ci[0] is None or math.isnan(ci[0]):
+        return f"{scale * mean:+.{digits}f}"
+    return f"{scale * mean:+.{digits}f} [{scale * ci[0]:+.{digits}f}, {scale * ci[1]:+.{digits}f}]"
+
+
+def _p(p) -> str:
+    return "n/a" if p is None or math.isnan(p) else f"{p:.2g}" if p >= 1e-4 else f"{p:.1e}"
+
+
+def _cells(r: dict) -> list[str]:
+    """The compared columns of one method's row."""
+    if r.get("acc_b") is None:
+        acc = ["n/a"] * 5
+    else:
+        acc = [_interval(r["acc_diff"], r["acc_ci"], 4), f"{r['acc_b']} / {r['acc_c']}", _p(r["acc_p"]), _p(r["acc_p_holm"]),
+               r["acc_verdict"]]
+    return [f"{r['seeds_won']} / {len(r['seeds'])}", _interval(r["loss_diff"], r["loss_ci"], 4), _p(r["loss_p"]),
+            _p(r["loss_p_holm"]), r["verdict"], r["raw_verdict"], *acc]
+
+
+def _changed(table: list[dict], baseline: str, prefix: str) -> tuple[int, int]:
+    """(verdicts the correction changed, verdicts) of one family."""
+    key = "verdict" if prefix == "loss" else "acc_verdict"
+    raw = "raw_verdict" if prefix == "loss" else "acc_raw_verdict"
+    ours = [r for r in table if r["method"] != baseline and r.get(key) is not None]
+    return sum(r[key] != r[raw] for r in ours), len(ours)
 
 
 def markdown(table: list[dict], baseline: str) -> str:
-    """The per-setting table and, per method, how many settings each verdict got."""
+    """The per-setting table and, per method, how many settings each (adjusted) verdict got."""
     head = ["setting", "method", "syncs", "MB / worker", "train loss", f"seeds won vs {baseline}",
-            "Δ train loss [95% CI]", "verdict", "Δ test acc [95% CI]"]
+            "Δ train loss [95% t-CI, unadjusted]", "p", "p (Holm)", "verdict (Holm)", "raw verdict",
+            "Δ test acc [95% Wald CI]", "b / c", "p acc", "p acc (Holm)", "acc verdict (Holm)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table:
-        ours = r["method"] != baseline
-        lines.append("| " + " | ".join([
-            r["setting"], r["method"], f"{r['syncs']:.0f}", f"{r['bytes'] / 1e6:.2f}", f"{r['final_train_loss']:.4f}",
-            f"{r['seeds_won']} / {len(r['seeds'])}" if ours else "—",
-            _interval(r["loss_diff"], r["loss_ci"], 4) if ours else "—",
-            r["verdict"] if ours else "—",
-            _interval(r["acc_diff"], r["acc_ci"], 4) if ours else "—"]) + " |")
+        cells = _cells(r) if r["method"] != baseline else ["—"] * 11
+        lines.append("| " + " | ".join([r["setting"], r["method"], f"{r['syncs']:.0f}", f"{r['bytes'] / 1e6:.2f}",
+                                        f"{r['final_train_loss']:.4f}", *cells]) + " |")
     counts: dict = {}
     for r in table:
         if r["method"] != baseline:
             counts.setdefault(r["method"], dict.fromkeys(VERDICTS, 0))[r["verdict"]] += 1
-    summary = [f"\nTraining loss against {baseline}, settings per verdict:\n",
+    summary = [f"\nTraining loss against {baseline}, settings per verdict (Holm-adjusted):\n",
                "| method | " + " | ".join(VERDICTS) + " |", "|---|" + "---|" * len(VERDICTS)]
     summary += [f"| {m} | " + " | ".join(str(c[v]) for v in VERDICTS) + " |" for m, c in counts.items()]
+    (loss_changed, loss_n), (acc_changed, acc_n) = _changed(table, baseline, "loss"), _changed(table, baseline, "acc")
+    summary.append(f"\nThe correction changes {loss_changed} of {loss_n} training-loss verdicts and {acc_changed} of "
+                   f"{acc_n} test-accuracy verdicts (against the raw p < {ALPHA}).")
+    missing = sum(r["method"] != baseline and r.get("acc_b") is None for r in table)
+    if missing:
+        summary.append(f"\nAccuracy n/a in {missing} rows: {NO_CORRECT}.")
     return "\n".join(lines + summary) + "\n"
 
 
 def pivot(table: list[dict], baseline: str) -> str:
     """One row per setting, one column per method: the mean paired difference in final training
-    loss against the baseline x 1000, its 95% interval, and * where the verdict is lower / + higher."""
+    loss against the baseline x 1000, its unadjusted 95% interval, and ↓ / ↑ where the Holm verdict
+    is lower / higher."""
     methods = list(dict.fromkeys(r["method"] for r in table if r["method"] != baseline))
     settings = list(dict.fromkeys(r["setting"] for r in table))
     cell = {(r["setting"], r["method"]): r for r in table}
     mark = {"lower": " **↓**", "higher": " **↑**", "inconclusive": ""}
-    lines = [f"Δ final training loss against {baseline} × 1000, mean [95% CI] over seed pairs "
-             f"(↓ / ↑: the whole interval below / above 0):\n",
+    lines = [f"Δ final training loss against {baseline} × 1000, mean [95% t-CI, unadjusted] over seed pairs "
+             f"(↓ / ↑: lower / higher at Holm-adjusted p < {ALPHA} over the whole table):\n",
              "| setting | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
     for name in settings:
         row = [name]
         for m in methods:
             r = cell.get((name, m))
-            if r is None:
-                row.append("")
-            elif math.isnan(r["loss_ci"][0]):
-                row.append(f"{1e3 * r['loss_diff']:+.2f}")
-            else:
-                lo, hi = 1e3 * r["loss_ci"][0], 1e3 * r["loss_ci"][1]
-                row.append(f"{1e3 * r['loss_diff']:+.2f} [{lo:+.2f}, {hi:+.2f}]{mark[r['verdict']]}")
+            row.append("" if r is None else _interval(r["loss_diff"], r["loss_ci"], 2, 1e3) + mark[r["verdict"]])
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _config(grid, out: str) -> Optional[dict]:
+    """The saved config of one finished run of the grid (the flags every setting shares), or None."""
+    for setting in grid.settings:
+        for by_seed in _runs(os.path.join(out, setting.name)).values():
+            for r in by_seed.values():
+                return r.summary["config"]
+    return None
+
+
+def scope(grid, out: str, baseline: str, table: list[dict]) -> str:
+    """The paragraph that opens a page: the family, the tests, the correction and what the table rests on."""
+    ours = sum(r["method"] != baseline for r in table)
+    c = _config(grid, out) or {}
+    model = c.get("model", "?")
+    run = (f"model {model}, {c.get('epochs', '?')} epochs, lr {c.get('lr', '?')}, budget --avg-period "
+           f"{c.get('avg_period', '?')}" if c else "no finished run")
+    return (f"Against **{baseline}**. Scope: dataset {grid.dataset}; {run}; partitions "
+            f"{', '.join(dict.fromkeys(s.partition for s in grid.settings))}; lr schedules "
+            f"{', '.join(dict.fromkeys(s.lr_schedule for s in grid.settings))}; workers "
+            f"{', '.join(str(n) for n in dict.fromkeys(s.workers for s in grid.settings))} (batch per worker "
+            f"{', '.join(str(b) for b in dict.fromkeys(s.batch_size for s in grid.settings))}); seeds "
+            f"{', '.join(map(str, grid.seeds))}; extra flags `{' '.join(grid.args) or '(none)'}`. "
+            f"Family: the {ours} rows of this table (every method × every setting against {baseline}), one "
+            f"family for the final training loss and one for the test accuracy. Tests: the paired t-test over "
+            f"seeds of the training loss; for the accuracy, the exact binomial test of the discordant examples "
+            f"pooled over seeds (stratified McNemar) with a Wald interval. Correction: Holm over each family "
+            f"(family-wise error rate {ALPHA}); the verdicts and arrows are Holm's, the raw verdict uses the "
+            f"unadjusted p. Nothing here speaks for other data, models, worker counts or budgets.\n")
 
 
 def _curve(rs: list, key: str, n: int) -> np.ndarray:
@@ -188,16 +357,21 @@ def plot(grid, out: str, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def write(grid, out: str, plots: bool = True) -> str:
-    """Write study.md, study.json (and the plot) under ``out``; returns the Markdown."""
-    table = rows(grid, out)
-    text = pivot(table, grid.baseline) + "\n" + markdown(table, grid.baseline)
+def write(grid, out: str, plots: bool = True, baseline: Optional[str] = None) -> str:
+    """Write the table against ``baseline`` (default the grid's) under ``out``, as study.md / study.json
+    for the grid's baseline and study_vs_<baseline>.md / .json for another, and the plot; returns the
+    Markdown."""
+    baseline = baseline or grid.baseline
+    table = rows(grid, out, baseline)
+    text = scope(grid, out, baseline, table) + "\n" + pivot(table, baseline) + "\n" + markdown(table, baseline)
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, STUDY_MD), "w") as f:
+    md, js = outputs(baseline, grid.baseline)
+    with open(os.path.join(out, md), "w") as f:
         f.write(text)
     clean = [{k: [results.clean(x) for x in v] if isinstance(v, list) else results.clean(v) for k, v in r.items()}
              for r in table]  # NaN bounds (one seed) as null
-    results.write_json_atomic(os.path.join(out, STUDY_JSON), {"baseline": grid.baseline, "rows": clean})
+    results.write_json_atomic(os.path.join(out, js), {"baseline": baseline, "family_size": sum(
+        r["method"] != baseline for r in table), "correction": "holm", "alpha": ALPHA, "rows": clean})
     if plots and table:
         plot(grid, out, os.path.join(out, STUDY_PLOT))
     return text

@@ -109,7 +109,7 @@ class Run:
         strategy = methods.make_strategy(config, loss_fn, setup.lr_fn, setup.schedule, layout)
         # shard_map over the layout's devices: one code path for one process or many, one worker per device or K.
         self.p_train_step = distributed.shard_map_step(strategy.step, layout)
-        self.p_eval_step = distributed.shard_map_step(A.make_eval_step(eval_fn, layout.axes), layout,
+        self.p_eval_step = distributed.shard_map_step(A.make_eval_step(eval_fn, layout.axes, ("correct",)), layout,
                                                       donate_state=False)
         self.state = distributed.replicate(strategy.init(params, model_state, jax.random.PRNGKey(config.seed)), layout)
         # Compile the check that guards every checkpoint now: compiled at the first save, it made that save
@@ -118,6 +118,7 @@ class Run:
         self.primary = jax.process_index() == 0  # writes the shared files; every process writes checkpoint shards
         self.start, self.timed_s, self.timed_steps, self.last = 0, 0.0, 0, {}
         self.eval_rounds, self.final_test = 0, None  # evaluations so far; (loss, accuracy) of the last test one
+        self.final_correct = None  # the final test evaluation per example (results.pack_correct)
         name = results.run_name(config.label, config.seed)
         if setup.resume_from is None:  # a fresh run clears its folder first
             self.writer = results.RunWriter(options.out, name, config.to_dict(), enabled=self.primary)
@@ -131,6 +132,7 @@ class Run:
             # Checkpoints from before these were saved: one evaluation per epoch end so far, none kept.
             self.eval_rounds = meta.get("eval_rounds", self.start // setup.loader.steps_per_epoch)
             self.final_test = tuple(meta["final_test"]) if meta.get("final_test") else None
+            self.final_correct = meta.get("final_correct")  # None in checkpoints from before it was kept
             self.writer = results.RunWriter(options.out, name, config.to_dict(), resume_step=self.start,
                                             enabled=self.primary)
         ds = setup.dataset
@@ -141,10 +143,15 @@ class Run:
         self.every = default_checkpoint_every(setup.loader.steps_per_epoch) if every is None else every
         self.saved = setup.resume_from  # the last checkpoint's step
 
-    def evaluate(self, split) -> tuple[float, float]:
-        """(mean loss, accuracy) of the averaged model on a whole split (one round of averaging, counted)."""
+    def evaluate(self, split, keep_correct: bool = False) -> tuple[float, float]:
+        """(mean loss, accuracy) of the averaged model on a whole split (one round of averaging, counted).
+        ``keep_correct``: also keep its per-example correctness in ``final_correct`` (the test split)."""
         self.eval_rounds += 1
-        sums = jax.tree.map(lambda x: float(distributed.local_rows(x)[0]), self.p_eval_step(self.state, split))
+        out = self.p_eval_step(self.state, split)
+        per_example = out.pop("per_example")
+        sums = jax.tree.map(lambda x: float(distributed.local_rows(x)[0]), out)
+        if keep_correct:
+            self.final_correct = results.pack_correct(_in_order(per_example["correct"], int(sums["count"])))
         return sums["loss"] / sums["count"], sums["correct"] / sums["count"]
 
     def log(self, t: int, metrics: A.StepMetrics) -> dict:
@@ -180,7 +187,7 @@ class Run:
             raise NonFiniteError(step, "parameters", float("nan"), self.saved, self.checkpoints.dir)
         self.writer.flush()
         meta = {"step": step, "timed_s": self.timed_s, "timed_steps": self.timed_steps, "last": self.last,
-                "eval_rounds": self.eval_rounds, "final_test": self.final_test}
+                "eval_rounds": self.eval_rounds, "final_test": self.final_test, "final_correct": self.final_correct}
         self.checkpoints.save(step, self.state, meta)
         self.saved = step
 
@@ -232,7 +239,7 @@ def train(run: Run, on_step: Optional[Callable[[int, dict], None]] = None) -> No
                 run.timed_s += time.perf_counter() - segment_start
                 run.timed_steps += t - first
                 if epoch_end:
-                    run.final_test = test_loss, test_acc = run.evaluate(run.test_set)
+                    run.final_test = test_loss, test_acc = run.evaluate(run.test_set, keep_correct=t + 1 == T)
                     run.writer.evaluation({"epoch": (t + 1) / spe, "step": t + 1, "test_loss": test_loss,
                                            "test_accuracy": test_acc})
                 if due or caught["signum"]:
@@ -257,7 +264,9 @@ def summarise(run: Run) -> dict:
     train_loss, train_acc = run.evaluate(run.train_set)
     # Step T is an epoch end, so the loop evaluated the final state already
     # (a resume at T restored that evaluation from the checkpoint).
-    test_loss, test_acc = run.final_test if run.final_test is not None else run.evaluate(run.test_set)
+    if run.final_test is None:
+        run.final_test = run.evaluate(run.test_set, keep_correct=True)
+    test_loss, test_acc = run.final_test
     layout, wall_clock_s = setup.layout, time.perf_counter() - run.started
     step_s = compute.step_seconds(setup, distributed.unreplicate(run.state.params),
                                   distributed.unreplicate(run.state.model_state))
@@ -266,6 +275,8 @@ def summarise(run: Run) -> dict:
         "final_train_accuracy": train_acc,
         "test_loss": test_loss,
         "test_accuracy": test_acc,
+        # Per example of the test set, in its order: packed bits (results.pack_correct; null from an older checkpoint).
+        "test_correct": run.final_correct,
         "last_minibatch_loss": last["loss"],
         "syncs": last["syncs"],
         "bytes": last["bytes"],
@@ -319,6 +330,19 @@ def train_and_evaluate(setup: Setup, options: RunOptions = RunOptions(),
     run = Run(setup, options)
     train(run, on_step)
     return summarise(run)
+
+
+def _in_order(values: jax.Array, count: int) -> np.ndarray:
+    """Per-example booleans in the split's order from the eval step's per-worker [N, K, B] values (chunk k,
+    worker w, slot b is example (k N + w) B + b; ``_eval_set``), the padding after the last example cut
+    off. Every process gathers all the workers' rows."""
+    if values.is_fully_addressable:
+        rows = np.asarray(values)
+    else:
+        from jax.experimental import multihost_utils
+
+        rows = np.asarray(multihost_utils.process_allgather(values, tiled=True))
+    return np.transpose(rows, (1, 0, 2)).reshape(-1)[:count] > 0.5
 
 
 def _counted(counter: comm.CommCounter) -> tuple[int, int]:

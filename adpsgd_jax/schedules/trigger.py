@@ -50,7 +50,7 @@ def variance_trigger(
 
         B = mean_i ||Delta_i||^2 - (mean_i <Delta_i, u>)^2  >=  V
 
-    (``Drift``). The workers sync after step t when B > s * gamma(t)^kappa,
+    (``Drift``). The workers sync after step t when B >= s * gamma(t)^kappa,
     kappa = 2 / (alpha + 1): the pre-sync variance of the optimal density,
     a^(1/(alpha+1)) with a ~ gamma^2. At each sync at position u, after tau
     local steps: a_hat <- EMA(B / (tau^alpha g2)) (g2 the period's mean
@@ -67,7 +67,11 @@ def variance_trigger(
     sync is also forced when the period reaches ``max_period`` and when the
     owed syncs would otherwise no longer fit at ``min_period`` each; no sync
     comes sooner than ``min_period`` steps after the last, and never more
-    than C are made.
+    than C are made. Exactly C are made in every run, whatever B: the first
+    sync comes at the latest at W(0) / C (clipped to leave (C - 1) *
+    ``min_period`` steps), and each forced sync at the latest position that
+    leaves ``min_period`` steps per owed sync, which is at least
+    ``min_period`` steps after the previous sync.
 
     Args:
       total_steps: T.
