@@ -107,9 +107,10 @@ def test_tiny_study_writes_the_table_and_skips_finished_runs(tiny_study, capsys)
     assert capsys.readouterr().out == table
     assert study.main(["--grid", str(grid), "--out", out, "--report-only", "--baseline", "cpsgd,adpsgd"]) == 0
     assert json.load(open(os.path.join(out, study_report.STUDY_JSON)))["rows"] == rows  # the grid's table kept
-    page = open(os.path.join(out, "study_vs_adpsgd.md")).read()
+    md, js = study_report.outputs("adpsgd", "cpsgd")  # the page against another baseline than the grid's
+    page = open(os.path.join(out, md)).read()
     assert page.startswith("Against **adpsgd**. Scope: dataset digits; model mlp") and "Holm" in page
-    against = json.load(open(os.path.join(out, "study_vs_adpsgd.json")))
+    against = json.load(open(os.path.join(out, js)))
     assert against["baseline"] == "adpsgd" and against["correction"] == "holm" and against["family_size"] == 1
     back = against["rows"][1]
     assert [r["method"] for r in against["rows"]] == ["adpsgd", "cpsgd"]
