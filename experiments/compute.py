@@ -6,21 +6,37 @@ communication and must be one worker's: the run's own measured step
 (summary ``measured_step_s``) includes its in-process all-reduce or QSGD
 all-gather, and with K workers on a device it is K workers' steps.
 
-The probe here runs the run's model, per-worker batch and optimizer as
-``adpsgd_jax.local_sgd`` with one worker on one device and a schedule that
-never syncs inside the probe: the gradient, the optimizer update and the
-step's bookkeeping, no collective. Every strategy gets the same probe,
-since full sync and QSGD do this same local arithmetic around their
-collective (QSGD's quantising and dequantising are therefore not in it).
+The probe here runs each run's own local step with one worker on one
+device: the strategy ``experiments.methods.make_strategy`` builds for the
+run's config (model, per-worker batch, optimizer, outer optimizer) around
+the run's own schedule with its averaging gate shut (``shut``:
+``should_sync`` always false, no full-sync step), so no sync happens inside
+the probe, while a schedule's per-step work stays in it. For the variance
+trigger (``Schedule.drift``) that is the squared distance to the anchor, the
+projection on u and the pmean of the pair, a collective that is trivial with
+one worker: its compute, not its communication (the time model charges the
+pair's all-reduce apart, ``monitor_rounds``). Two-level runs probe one
+worker, hence no in-group mean. ``allreduce`` and ``qsgd`` have no schedule:
+their probe is the local step of the same model and optimizer
+(``local_sgd`` with a shut ``constant`` schedule), since they do this local
+arithmetic around their collective (QSGD's quantising and dequantising are
+therefore not in it). CPSGD's probe and full sync's are then one program;
+the trigger's is another, with the monitor's work in it.
+
+``step_seconds`` returns the seconds and the probe's program id (a hash of
+its lowered text, summary ``compute_program``): ``results.pool_compute``
+pools the probes of runs that share a program.
 """
 
 from __future__ import annotations
 
 import collections
+import hashlib
 import time
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 
 import adpsgd_jax as A
 from adpsgd_jax import distributed, schedules
@@ -30,23 +46,40 @@ from experiments.setup import Setup
 # The probe times single steps until it has timed BUDGET_S seconds and at least MIN_STEPS steps (ResNet-18
 # on CPU, ~1 s a step: 3 steps), or MAX_STEPS steps (digits' MLP, ~0.1 ms a step: about 0.1 s).
 BUDGET_S, MIN_STEPS, MAX_STEPS = 2.0, 3, 300
-_NEVER = 2**30  # the probe's schedule period: no sync within any probe
-# Compiled probes by (device, program text): the runs of one --compare share a model, a batch and an
-# optimizer, hence one program, compiled once (0.5-1 s for digits' MLP on 2 busy cores) and timed per run.
+_NEVER = 2**30  # the period of allreduce's and qsgd's probe schedule (its gate is shut anyway)
+# Compiled probes by (device, program text): runs whose probes are one program (CPSGD, full sync and QSGD of
+# one --compare: a model, a batch, an optimizer) compile it once (0.5-1 s for digits' MLP on 2 busy cores) and timed per run.
 _COMPILED: collections.OrderedDict = collections.OrderedDict()
 _KEEP = 4
 
 
 def _compile(jitted, state, batch, device: jax.Device):
-    """``jitted`` compiled for (state, batch), reusing an identical program compiled before."""
+    """(``jitted`` compiled for (state, batch), its program id), reusing an identical program compiled before."""
     lowered = jitted.lower(state, batch)
-    key = (device.id, lowered.as_text())
+    text = lowered.as_text()
+    key = (device.id, text)
     if key not in _COMPILED:
         _COMPILED[key] = lowered.compile()
         while len(_COMPILED) > _KEEP:
             _COMPILED.popitem(last=False)
     _COMPILED.move_to_end(key)
-    return _COMPILED[key]
+    return _COMPILED[key], hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def shut(schedule: schedules.Schedule) -> schedules.Schedule:
+    """``schedule`` with its averaging gate shut: never a sync, never a full-sync step; its state, its
+    ``drift`` (the per-step bound and ``observe``) unchanged."""
+    return schedule._replace(should_sync=lambda state, step: jnp.zeros((), bool), full_sync_step=None)
+
+
+def probe_strategy(setup: Setup, loss_fn, layout) -> A.Strategy:
+    """The run's local step on ``layout`` (one worker): its own strategy and schedule, the gate shut; a
+    schedule-less strategy (allreduce, qsgd) gets ``local_sgd`` of its model and optimizer."""
+    config = setup.config
+    if setup.schedule is None:
+        return A.local_sgd(loss_fn, methods.make_optimizer(config, setup.lr_fn), shut(schedules.constant(_NEVER)),
+                           axis_name=layout.axis_name)
+    return methods.make_strategy(config, loss_fn, setup.lr_fn, shut(setup.schedule), layout)
 
 
 class Probe:
@@ -58,8 +91,7 @@ class Probe:
         config, device = setup.config, device or jax.local_devices()[0]
         layout = distributed.workers(1, [device])
         _, loss_fn, _ = methods.model_fns(config, setup.dataset)
-        strategy = A.local_sgd(loss_fn, methods.make_optimizer(config, setup.lr_fn), schedules.constant(_NEVER),
-                               axis_name=layout.axes)
+        strategy = probe_strategy(setup, loss_fn, layout)
         self.state = distributed.replicate(strategy.init(params, model_state, jax.random.PRNGKey(config.seed)), layout)
         images, labels = setup.loader.batch(0, 0)  # this process's first worker's batch
         self.batch = distributed.shard_batch({"image": images[:1], "label": labels[:1]}, layout)
@@ -67,7 +99,8 @@ class Probe:
         def probe_step(state, batch):  # a program name of its own: compile counts of the run's step leave it out
             return strategy.step(state, batch)
 
-        self.step = _compile(distributed.shard_map_step(probe_step, layout).compiled, self.state, self.batch, device)
+        self.step, self.program = _compile(distributed.shard_map_step(probe_step, layout).compiled, self.state,
+                                           self.batch, device)
         self.time(2)  # the first steps after a compilation are slow
 
     def time(self, steps: int) -> float:
@@ -79,9 +112,9 @@ class Probe:
         return (time.perf_counter() - start) / steps
 
 
-def step_seconds(setup: Setup, params: Any, model_state: Any) -> float:
-    """Seconds of one worker's local step of ``setup`` without communication
-    (``Probe``): the minimum over single timed steps.
+def step_seconds(setup: Setup, params: Any, model_state: Any) -> tuple[float, str]:
+    """(seconds, program id) of one worker's local step of ``setup`` without
+    communication (``Probe``): the minimum over single timed steps.
 
     Steps are timed one by one (dispatch to result) until ``BUDGET_S``
     seconds and ``MIN_STEPS`` steps have passed, or ``MAX_STEPS`` steps.
@@ -100,4 +133,4 @@ def step_seconds(setup: Setup, params: Any, model_state: Any) -> float:
     times, start = [], time.perf_counter()
     while len(times) < MAX_STEPS and (len(times) < MIN_STEPS or time.perf_counter() - start < BUDGET_S):
         times.append(probe.time(1))
-    return min(times)
+    return min(times), probe.program

@@ -9,8 +9,9 @@ at 10 and 100 Gbps for ``--predict-workers`` workers (docs/algorithm.md, "Time m
 
 with t_compute the summary's ``compute_step_s`` (one worker's local step,
 measured alone on one device of the machine that ran it, no communication:
-the same probe for every method; ``build`` gives every run the median probe of
-the runs of its model and batch, ``results.pool_compute``) and t_comm the ring all-reduce time (all-gather for
+the run's own local step with its averaging gate shut, experiments/compute.py;
+``build`` gives every run the median probe of the runs sharing its probe's
+program, ``results.pool_compute``) and t_comm the ring all-reduce time (all-gather for
 QSGD, whose quantised messages cannot be summed in the ring). Full sync
 assumes no overlap of communication with the backward pass; its row
 "allreduce (ideal overlap)" shows max(t_compute, t_comm) per step. "Time to

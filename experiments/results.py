@@ -216,13 +216,15 @@ class Run:
 
 
 def pool_compute(runs: list[Run]) -> None:
-    """Give every run the median ``compute_step_s`` of the runs whose probe is the same program
-    (dataset, model, per-worker batch, dtype): every method then pays the same compute, as it does the
-    same local arithmetic, and one probe's load spike (a busy machine) moves no method against another."""
+    """Give every run the median ``compute_step_s`` of the runs whose probe is the same program (the
+    summary's ``compute_program``; older summaries: dataset, model, per-worker batch, dtype): methods
+    that do the same local arithmetic then pay the same compute, and one probe's load spike (a busy
+    machine) moves no method against another."""
     groups: dict = {}
     for r in runs:
         c = r.summary["config"]
-        groups.setdefault((c["dataset"], c["model"], c["batch_size"], c.get("dtype")), []).append(r)
+        key = (c["dataset"], c["model"], c["batch_size"], c.get("dtype"), r.summary.get("compute_program"))
+        groups.setdefault(key, []).append(r)
     for group in groups.values():
         median = float(np.median([r.compute_step_s for r in group]))
         for r in group:

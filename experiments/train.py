@@ -268,7 +268,7 @@ def summarise(run: Run) -> dict:
         run.final_test = run.evaluate(run.test_set, keep_correct=True)
     test_loss, test_acc = run.final_test
     layout, wall_clock_s = setup.layout, time.perf_counter() - run.started
-    step_s = compute.step_seconds(setup, distributed.unreplicate(run.state.params),
+    step_s, program = compute.step_seconds(setup, distributed.unreplicate(run.state.params),
                                   distributed.unreplicate(run.state.model_state))
     summary = {
         "final_train_loss": train_loss,
@@ -298,8 +298,11 @@ def summarise(run: Run) -> dict:
         "num_params": run.num_params,
         "param_bytes": run.param_bytes,
         "wall_clock_s": wall_clock_s,  # the run so far, the compute probe excluded
-        # The time model's compute: one worker's local step, alone on one device, no communication.
+        # The time model's compute: one worker's local step (the run's own, its averaging gate shut), alone on
+        # one device, no communication.
         "compute_step_s": step_s,
+        # The probe's program (a hash of its text): runs that share it do the same local arithmetic.
+        "compute_program": program,
         # The run's own seconds per step here (compiling steps left out): its K workers per device and
         # its in-process collectives included; null when no step was timed.
         "measured_step_s": run.timed_s / run.timed_steps if run.timed_steps else None,

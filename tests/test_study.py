@@ -3,11 +3,13 @@
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 import pytest
+from scipy import stats
 
-from experiments import study, study_report
+from experiments import results, study, study_report
 
 TINY = dict(dataset="digits", methods=["cpsgd", "adpsgd"], partitions=["iid"], lr_schedules=["cosine"], workers=[4],
             seeds=2, total_batch=32, args=["--epochs", "1", "--avg-period", "4"])
@@ -71,11 +73,22 @@ def test_unreadable_grid_file_is_one_line(tmp_path, capsys):
     assert study.main(["--grid", str(tmp_path / "none.toml"), "--out", str(tmp_path / "o")]) == 2
 
 
-def test_tiny_study_writes_the_table_and_skips_finished_runs(tmp_path, capsys):
-    grid = tmp_path / "grid.toml"
-    grid.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in TINY.items()) + "\n")
-    out = str(tmp_path / "study")
-    assert study.main(["--grid", str(grid), "--out", out, "--quiet"]) == 0
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory):
+    """(out, {run name: summary}) of TINY, run once: cpsgd and adpsgd, 2 seeds, 1 epoch."""
+    folder = tmp_path_factory.mktemp("tiny")
+    (folder / "grid.toml").write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in TINY.items()) + "\n")
+    out = str(folder / "study")
+    assert study.main(["--grid", str(folder / "grid.toml"), "--out", out, "--quiet"]) == 0
+    runs = os.path.join(out, "iid-cosine-n4")
+    return out, {name: results.read_json(os.path.join(runs, name, results.SUMMARY)) for name in os.listdir(runs)}
+
+
+def test_tiny_study_writes_the_table_and_skips_finished_runs(tiny_study, capsys):
+    out, _ = tiny_study
+    grid = os.path.join(os.path.dirname(out), "grid.toml")
+    capsys.readouterr()
+    assert study.main(["--grid", str(grid), "--out", out, "--quiet", "--report-only"]) == 0
     table = capsys.readouterr().out
     rows = json.load(open(os.path.join(out, study_report.STUDY_JSON)))["rows"]
     assert [(r["setting"], r["method"]) for r in rows] == [("iid-cosine-n4", "cpsgd"), ("iid-cosine-n4", "adpsgd")]
@@ -92,6 +105,52 @@ def test_tiny_study_writes_the_table_and_skips_finished_runs(tmp_path, capsys):
     assert study.main(["--grid", str(grid), "--out", out, "--quiet"]) == 0  # everything finished: nothing retrains
     assert stamps == {name: os.path.getmtime(os.path.join(folder, name, "metrics.jsonl")) for name in summaries}
     assert capsys.readouterr().out == table
-    assert study.main(["--grid", str(grid), "--out", out, "--report-only", "--baseline", "adpsgd"]) == 0
+    assert study.main(["--grid", str(grid), "--out", out, "--report-only", "--baseline", "cpsgd,adpsgd"]) == 0
+    assert json.load(open(os.path.join(out, study_report.STUDY_JSON)))["rows"] == rows  # the grid's table kept
+    md, js = study_report.outputs("adpsgd", "cpsgd")  # the page against another baseline than the grid's
+    page = open(os.path.join(out, md)).read()
+    assert page.startswith("Against **adpsgd**. Scope: dataset digits; model mlp") and "Holm" in page
+    against = json.load(open(os.path.join(out, js)))
+    assert against["baseline"] == "adpsgd" and against["correction"] == "holm" and against["family_size"] == 1
+    back = against["rows"][1]
+    assert [r["method"] for r in against["rows"]] == ["adpsgd", "cpsgd"]
+    assert back["loss_diff"] == pytest.approx(-np.mean(loss)) and back["acc_diff"] == pytest.approx(-adpsgd["acc_diff"])
+    assert (back["acc_b"], back["acc_c"]) == (adpsgd["acc_c"], adpsgd["acc_b"])
+    assert back["acc_p"] == pytest.approx(adpsgd["acc_p"])
+    assert study.main(["--grid", str(grid), "--out", out, "--report-only", "--baseline", "sgd"]) == 2
+
+
+def test_tiny_study_has_adjusted_verdicts_and_per_example_accuracy(tiny_study):
+    out, summaries = tiny_study
     rows = json.load(open(os.path.join(out, study_report.STUDY_JSON)))["rows"]
-    assert [r["method"] for r in rows] == ["adpsgd", "cpsgd"] and rows[1]["loss_diff"] == pytest.approx(-np.mean(loss))
+    adpsgd = rows[1]
+    # One row in the family: Holm changes nothing; the verdicts follow the p-values.
+    assert adpsgd["loss_p_holm"] == pytest.approx(adpsgd["loss_p"]) and adpsgd["acc_p_holm"] == pytest.approx(
+        adpsgd["acc_p"])
+    assert adpsgd["verdict"] == study_report.decide(adpsgd["loss_diff"], adpsgd["loss_p_holm"]) == adpsgd["raw_verdict"]
+    pairs = []
+    for k in (0, 1):
+        mine, base = (results.unpack_correct(summaries[f"{m}-seed{k}"]["test_correct"]) for m in ("adpsgd", "cpsgd"))
+        assert mine.mean() == summaries[f"adpsgd-seed{k}"]["test_accuracy"] and len(mine) == 360
+        pairs.append((mine, base))
+    b = sum(int(np.sum(m & ~o)) for m, o in pairs)
+    c = sum(int(np.sum(~m & o)) for m, o in pairs)
+    assert (adpsgd["acc_b"], adpsgd["acc_c"], adpsgd["acc_n"]) == (b, c, 360)
+    assert adpsgd["acc_diff"] == pytest.approx((b - c) / 720)
+    assert adpsgd["acc_p"] == pytest.approx(stats.binomtest(b, b + c).pvalue if b + c else 1.0)
+
+
+def test_summary_without_per_example_correctness_reports_na(tiny_study, tmp_path):
+    out, _ = tiny_study
+    copy = str(tmp_path / "old")
+    shutil.copytree(out, copy)
+    name = os.path.join(copy, "iid-cosine-n4", "cpsgd-seed1", results.SUMMARY)
+    summary = results.read_json(name)
+    del summary["test_correct"]  # a run written before the summary kept it
+    results.write_json_atomic(name, summary)
+    grid = study.parse_grid(TINY)
+    text = study_report.write(grid, copy, plots=False)
+    row = json.load(open(os.path.join(copy, study_report.STUDY_JSON)))["rows"][1]
+    assert row["acc_diff"] is None and row["acc_p"] is None and row["acc_verdict"] is None
+    assert row["acc_note"] == study_report.NO_CORRECT and row["verdict"] in study_report.VERDICTS
+    assert "| n/a | n/a | n/a | n/a | n/a |" in text and "Accuracy n/a in 1 rows" in text
