@@ -53,8 +53,19 @@ def _skip_namedtuple_fields(app, what, name, obj, skip, options):
     return None
 
 
+# study.md is written by experiments/study_report.py without a title of its own; the site gives it one.
+GENERATED_TITLES = {"study": "The schedule study: tables"}
+
+
+def _title_generated_pages(app, docname, source):
+    title = GENERATED_TITLES.get(docname)
+    if title and not source[0].lstrip().startswith("# "):
+        source[0] = f"# {title}\n\n" + source[0]
+
+
 def setup(app):
     app.connect("autodoc-skip-member", _skip_namedtuple_fields)
+    app.connect("source-read", _title_generated_pages)
 
 # Names from other libraries (no network for intersphinx in CI): not cross-referenced.
 nitpick_ignore_regex = [
