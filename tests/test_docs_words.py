@@ -135,3 +135,9 @@ def test_every_public_name_has_an_api_entry():
     modules = {f"adpsgd_jax.{name}" for name in adpsgd_jax._SUBMODULES}
     assert modules | {"adpsgd_jax", "adpsgd_jax.step"} <= documented
     assert "adpsgd_jax.step" in documented and set(adpsgd_jax._FROM_STEP) <= set(dir(adpsgd_jax))
+
+
+def test_getting_started_shows_the_tested_readme_example():
+    """docs/getting_started.md repeats the README's library example, which tests/test_readme.py runs."""
+    block = re.search(r"<!-- library example: begin -->\n```python\n(.*?)```", README.read_text(), re.S)
+    assert block and f"```python\n{block.group(1)}```" in (DOCS / "getting_started.md").read_text()
