@@ -78,8 +78,9 @@ def variance_bound(tree: Any, anchor: Any, direction: Any, direction_norm: jnp.n
     (docs/algorithm.md, "variance_trigger"). Returns float32[], the same on every worker.
 
     With Delta_i = x_i - x_s (``tree`` minus ``anchor``) and u = ``direction``
-    (None: no direction), each worker sends (||Delta_i||^2, <Delta_i, u> / ||u||)
-    and, since ||mean_i Delta_i|| >= |<mean_i Delta_i, u>| / ||u||,
+    (None: no direction), each worker sends ``(||Delta_i||^2, <Delta_i, u> / ||u||)``
+    and, since ``||mean_i Delta_i|| >= |<mean_i Delta_i, u>| / ||u||``,
+    ::
 
         B = mean_i ||Delta_i||^2 - (mean_i <Delta_i, u> / ||u||)^2
           >= mean_i ||Delta_i||^2 - ||mean_i Delta_i||^2 = V.
@@ -107,15 +108,15 @@ def qsgd_quantize(v: jnp.ndarray, key: jax.Array, levels: int, bucket_size: Opti
     """Stochastic s-level quantisation of one gradient leaf (docs/algorithm.md, "Strategies", qsgd).
 
     Per bucket of ``bucket_size`` coordinates (the whole leaf when None):
-    Q(v)_j = ||v||_2 * sign(v_j) * xi_j / s, with xi_j = floor(s |v_j| / ||v|| + u_j),
-    u_j ~ U[0, 1), so that E[Q(v)] = v and xi_j is in {0, ..., s}.
+    ``Q(v)_j = ||v||_2 * sign(v_j) * xi_j / s``, with ``xi_j = floor(s |v_j| / ||v|| + u_j)``,
+    ``u_j ~ U[0, 1)``, so that E[Q(v)] = v and xi_j is in {0, ..., s}.
 
     Args:
       v: gradient leaf of any shape with n coordinates.
       key: PRNG key.
       levels: s >= 1.
     Returns:
-      (signed_levels, norms): int8 (s <= 127) or int16 [rows, bucket] holding
+      A pair ``(signed_levels, norms)``: int8 (s <= 127) or int16 [rows, bucket] holding
       sign(v_j) * xi_j, and float32 [rows] bucket norms.
     """
     rows = _buckets(v, bucket_size)
@@ -158,7 +159,7 @@ def qsgd_pack(signed_levels: jnp.ndarray, levels: int) -> jnp.ndarray:
 
 
 def qsgd_unpack(wire: jnp.ndarray, levels: int, shape) -> jnp.ndarray:
-    """Inverse of ``qsgd_pack``: [..., wire bytes] -> signed levels [..., *shape]
+    """Inverse of ``qsgd_pack``: [..., wire bytes] -> signed levels ``[..., *shape]``
     (int8 for s <= 127, int16 above), leading axes kept."""
     lead, count = wire.shape[:-1], math.prod(shape)
     if levels > comm.NIBBLE_MAX_LEVELS:

@@ -317,7 +317,7 @@ def _in_axes(state) -> Any:
 
 def shard_map_step(step: Callable, where: Union[Layout, Mesh], donate_state: bool = True) -> Callable:
     """A per-worker ``step(state, batch)`` as one ``jax.jit(jax.shard_map(...))``
-    program over the layout's devices, its K workers per device ``vmap``ped
+    program over the layout's devices, its K workers per device vmapped
     over the layout's named worker axes inside.
 
     Inputs and outputs are per-worker arrays [N, ...] sharded over the mesh.

@@ -75,7 +75,8 @@ def variance_trigger(
 
     Args:
       total_steps: T.
-      avg_period / num_syncs: the budget (give one).
+      avg_period: the budget as an average period p_bar (give this or ``num_syncs``).
+      num_syncs: the budget as a sync count C.
       lr_schedule: step -> learning rate; None is a constant rate.
       alpha: growth exponent of the variance within a period, V ~ a tau^alpha.
       ema: weight of the newest measurement in a_hat.
