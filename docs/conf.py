@@ -53,8 +53,10 @@ def _skip_namedtuple_fields(app, what, name, obj, skip, options):
     return None
 
 
-# study.md is written by experiments/study_report.py without a title of its own; the site gives it one.
-GENERATED_TITLES = {"study": "The schedule study: tables"}
+# study.md and study_vs_*.md are written by experiments/study_report.py without a title of its own; the site gives it one.
+GENERATED_TITLES = {"study": "The schedule study: tables against CPSGD",
+                    "study_vs_lr_proportional": "The schedule study: tables against lr_proportional",
+                    "study_vs_adpsgd": "The schedule study: tables against ADPSGD"}
 
 
 def _title_generated_pages(app, docname, source):

@@ -358,7 +358,7 @@ def _method_flags(p: argparse.ArgumentParser) -> None:
                    help="devices that carry the workers, K = N / D each (must divide --workers). Default: all "
                         f"local accelerators on GPU/TPU (the most that divides --workers); on CPU {CPU_DEVICES} virtual "
                         "device(s) per process, the count measured fastest for the digits demo on a 2-core machine "
-                        "(README, 'Many workers per device')")
+                        "(docs/scale.md)")
     p.add_argument("--batch-size", type=int, help="per-worker batch size")
     p.add_argument("--epochs", type=int)
     p.add_argument("--lr", type=float)

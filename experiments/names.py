@@ -48,7 +48,7 @@ OUTER_DEFAULTS = {"sgd": (1.0, 0.0), "nesterov": (0.7, 0.9)}
 
 # Virtual CPU devices that carry the workers by default on a CPU-only machine
 # (or the most of them that divides --workers): measured fastest for the
-# digits demo on the project's 2-core machine (README, "Many workers per device").
+# digits demo on the project's 2-core machine (docs/scale.md).
 CPU_DEVICES = 1
 
 # Link speeds of the time model's tables (the paper's two clusters), in Gbit/s.

@@ -24,7 +24,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 README = ROOT / "README.md"
-GENERATED = {DOCS / "study.md", DOCS / "bad_input.md"}
+GENERATED = {DOCS / "study.md", DOCS / "study_vs_lr_proportional.md", DOCS / "study_vs_adpsgd.md", DOCS / "bad_input.md"}
 README_LIMIT = 16_000
 
 DIARY = {
