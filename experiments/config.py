@@ -463,8 +463,7 @@ def from_args(args: argparse.Namespace) -> tuple[list[Config], RunOptions]:
     _load_plugins(methods, "--compare" if args.compare is not None else "--schedule")
     seeds = _seeds(args.seeds, args.seed)
     if args.qsr_base_period is not None:
-        raise ConfigError("--qsr-base-period is no longer accepted: QSR's periods are --qsr-init-period (warm-up "
-                          "and --qsr-alpha 0) and --qsr-min-period (the shortest period)")
+        raise ConfigError(_QSR_BASE_PERIOD_GONE)
     for warning in unread_flags(args, methods, dataset):
         print(f"warning: {warning}", file=sys.stderr)
     group_size = _group_size(args.group_size or str(Config.group_size))
@@ -516,6 +515,10 @@ def from_args(args: argparse.Namespace) -> tuple[list[Config], RunOptions]:
     # Groups and outer optimizers belong to parameter averaging; allreduce and qsgd run without them.
     runs = [base.replace(method=m, seed=s) for s in seeds for m in methods]
     return [c if c.averaging else c.replace(**flat) for c in runs], options
+
+
+_QSR_BASE_PERIOD_GONE = ("--qsr-base-period is no longer accepted: QSR's periods are --qsr-init-period (warm-up "
+                         "and --qsr-alpha 0) and --qsr-min-period (the shortest period)")
 
 
 def _load_plugins(methods: list[str], flag: str) -> None:
