@@ -3,7 +3,8 @@
 Modules: ``schedules`` (when to average), ``step`` (train state and the pure
 train / eval steps of each strategy), ``collectives`` (tree means, variance,
 QSGD), ``distributed`` (meshes, replication, the wrappers that map a step over
-devices), ``comm`` (exact byte accounting inside the step), ``timemodel``
+devices), ``loops`` (how the workers sharing a device run: vmap, map,
+unrolled), ``comm`` (exact byte accounting inside the step), ``timemodel``
 (turning counted bytes into seconds; pure Python) and ``limits``.
 
 Submodules load on first use, so ``import adpsgd_jax.limits`` (or
@@ -13,7 +14,7 @@ set the CPU device count first.
 
 import importlib
 
-_SUBMODULES = ("collectives", "comm", "distributed", "limits", "schedules", "step", "timemodel")
+_SUBMODULES = ("collectives", "comm", "distributed", "limits", "loops", "schedules", "step", "timemodel")
 _FROM_STEP = ("StepMetrics", "Strategy", "TrainState", "allreduce", "local_sgd", "make_eval_step", "qsgd")
 
 __all__ = list(_SUBMODULES + _FROM_STEP)

@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from adpsgd_jax import loops
+
 
 def set_cpu_devices(count: int) -> bool:
     """Ask jax for ``count`` CPU devices (``jax_num_cpu_devices``; it overrides
@@ -88,12 +90,16 @@ class Layout(NamedTuple):
         device program; () with one worker per device.
       axis_name: the axes a sync averages over (all workers, or across groups).
       group_axis_name: the axes inside a group (two-level averaging), else ().
+      loop: how a device's workers run their forward and backward passes
+        (``loops``: "vmap", "map" or a chunk size); "vmap" with one worker
+        per device.
     """
 
     mesh: Mesh
     vmap_axes: tuple = ()
     axis_name: tuple = ("batch",)
     group_axis_name: tuple = ()
+    loop: loops.Loop = "vmap"
 
     @property
     def workers_per_device(self) -> int:
@@ -110,9 +116,11 @@ class Layout(NamedTuple):
 
 
 def workers(num_workers: Optional[int] = None, devices: Optional[Sequence[jax.Device]] = None, *,
-            group_size: int = 1, axis_name: str = "batch") -> Layout:
+            group_size: int = 1, axis_name: str = "batch", loop: loops.Loop = "vmap") -> Layout:
     """Lay ``num_workers`` workers (default: one per device) over ``devices``
-    (default: every device of every process), K = N / D on each device.
+    (default: every device of every process), K = N / D on each device, whose
+    forward and backward passes run as ``loop`` says (``loops``: "vmap",
+    "map" or a chunk size in [1, K]; with one worker per device, "vmap").
 
     Flat (``group_size`` 1): mesh (axis_name,), the K workers of a device on
     the vmapped axis ``WORKER_AXIS``; syncs average over both.
@@ -124,7 +132,8 @@ def workers(num_workers: Optional[int] = None, devices: Optional[Sequence[jax.De
     (``_GROUP_WORKER_AXIS``, "local")).
 
     Raises ValueError, naming the argument and the accepted values, when D does
-    not divide N, L does not divide N, or neither of K and L divides the other.
+    not divide N, L does not divide N, neither of K and L divides the other,
+    or ``loop`` is not one of the loops.
     """
     devices = jax.devices() if devices is None else list(devices)
     d = len(devices)
@@ -132,20 +141,21 @@ def workers(num_workers: Optional[int] = None, devices: Optional[Sequence[jax.De
     if isinstance(n, bool) or int(n) != n or n < 1 or n % d:
         raise ValueError(f"num_workers must be a positive multiple of the number of devices ({d}), got {n!r}")
     k = n // d
+    loop = loops.check(loop, k) if k > 1 else "vmap"
     if isinstance(group_size, bool) or int(group_size) != group_size or group_size < 1 or n % group_size:
         raise ValueError(f"group_size must be an integer >= 1 that divides the number of workers ({n}), "
                          f"got {group_size!r}")
     worker = ((WORKER_AXIS, k),) if k > 1 else ()
     grid = np.asarray(devices)
     if group_size == 1:
-        return Layout(Mesh(grid, (axis_name,)), worker, (axis_name,) + tuple(a for a, _ in worker))
+        return Layout(Mesh(grid, (axis_name,)), worker, (axis_name,) + tuple(a for a, _ in worker), (), loop)
     if group_size % k == 0:
         mesh = Mesh(grid.reshape(n // group_size, group_size // k), ("group", "local"))
-        return Layout(mesh, worker, ("group",), ("local",) + tuple(a for a, _ in worker))
+        return Layout(mesh, worker, ("group",), ("local",) + tuple(a for a, _ in worker), loop)
     if k % group_size == 0:
         groups = ((_GROUP_WORKER_AXIS, k // group_size),) if k > group_size else ()
         return Layout(Mesh(grid, ("group",)), groups + (("local", group_size),),
-                      ("group",) + tuple(a for a, _ in groups), ("local",))
+                      ("group",) + tuple(a for a, _ in groups), ("local",), loop)
     raise ValueError(f"group_size {group_size} and the {k} workers per device: one must divide the other "
                      f"(accepted group sizes: {', '.join(str(g) for g in range(1, n + 1) if not n % g and (g % k == 0 or k % g == 0))})")
 

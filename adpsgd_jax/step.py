@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from adpsgd_jax import collectives, comm
+from adpsgd_jax import collectives, comm, loops
 from adpsgd_jax.collectives import tree_pmean
 from adpsgd_jax.limits import MAX_QSGD_LEVELS
 from adpsgd_jax.schedules import Schedule
@@ -158,14 +158,47 @@ def _check_optimizer(name: str, optimizer) -> None:
         raise ValueError(f"{name} must be an optax.GradientTransformation, got {type(optimizer).__name__}")
 
 
-def _check_axes(axis_name, group_axis_name=None) -> tuple:
+class WorkerAxes(NamedTuple):
+    """Where a strategy's workers live, as its collectives name them.
+
+    across: the axes a sync averages over (every worker, or across groups);
+    inside: the axes inside a group (two-level averaging), else ();
+    loop: how the workers of one device run their gradient (``loops``).
+    """
+
+    across: tuple
+    inside: tuple = ()
+    loop: loops.Loop = "vmap"
+
+    @property
+    def all(self) -> tuple:
+        """Every worker axis, worker index major to minor."""
+        return self.across + self.inside
+
+
+def _check_axes(axis_name=None, group_axis_name=None, workers=None) -> WorkerAxes:
+    """The worker axes from ``workers`` (a ``distributed.Layout``) or from explicit axis names."""
+    if workers is not None:
+        if axis_name is not None or group_axis_name is not None:
+            raise ValueError("give workers (a distributed.Layout) or axis_name / group_axis_name, not both")
+        if not all(hasattr(workers, a) for a in ("axis_name", "group_axis_name", "loop")):
+            raise ValueError(f"workers must be an adpsgd_jax.distributed.Layout (distributed.workers(...)), "
+                             f"got {type(workers).__name__}")
+        axis_name, group_axis_name, loop = workers.axis_name, workers.group_axis_name or None, workers.loop
+    else:
+        axis_name, loop = ("batch" if axis_name is None else axis_name), "vmap"
     axes, group = _names(axis_name), _names(group_axis_name)
     if not axes or not all(isinstance(a, str) for a in axes + group):
         raise ValueError(f"axis_name must be a name or a tuple of names, got {axis_name!r}")
     if set(axes) & set(group):
         raise ValueError(f"group_axis_name must not share a name with axis_name, got {group_axis_name!r} and "
                          f"{axis_name!r}")
-    return axes + group  # every worker, worker index major to minor
+    return WorkerAxes(axes, group, loop)
+
+
+def _grad_fn(loss_fn, loop):
+    """value_and_grad of ``loss_fn``, run over a device's workers as ``loop`` says."""
+    return loops.looped(jax.value_and_grad(loss_fn, has_aux=True), loop)
 
 
 def _monitor(params, drift) -> Optional[Monitor]:
@@ -216,6 +249,18 @@ def _apply(optimizer, params, grads, opt_state):
     return optax.apply_updates(params, updates), opt_state
 
 
+def _over(local, average, variance):
+    """``average``, written over ``local``'s buffers once ``variance`` (read from
+    both) is known: select(V >= 0, average, local), V >= 0 unless it is NaN.
+
+    Its dependence on V orders the write after the last read of ``local``, so
+    XLA writes the averaged parameters in place and the conditional's two
+    branches return them in one buffer: without it the local branch copies
+    every parameter each step (XLA cannot reuse a buffer that the averaging
+    branch still reads after its all-reduce)."""
+    return jax.tree.map(lambda a, x: jnp.where(variance >= 0, a, x), average, local)
+
+
 def _float_bytes(*trees) -> int:
     return sum(comm.tree_bytes(collectives.float_leaves(t)) for t in trees)
 
@@ -229,7 +274,8 @@ def local_sgd(
     optimizer: optax.GradientTransformation,
     schedule: Schedule,
     *,
-    axis_name: AxisName = "batch",
+    workers=None,
+    axis_name: Optional[AxisName] = None,
     average_opt_state: bool = False,
     group_axis_name: Optional[AxisName] = None,
     outer_optimizer: Optional[optax.GradientTransformation] = None,
@@ -263,9 +309,12 @@ def local_sgd(
       loss_fn: ``(params, model_state, batch, rng) -> (loss, (model_state, aux))``.
       optimizer: any optax GradientTransformation, applied locally.
       schedule: when to average (``adpsgd_jax.schedules``).
-      axis_name: the axis (or tuple of axes) the workers live on; with
-        ``group_axis_name``, the axis across groups, over which the schedule
-        averages parameters.
+      workers: the ``distributed.Layout`` the step runs on (flat or two-level,
+        any number of workers per device): its axes, group axes and worker
+        loop. The alternative to naming the axes (under ``jax.pmap``, say).
+      axis_name: the axis (or tuple of axes) the workers live on (default
+        "batch"); with ``group_axis_name``, the axis across groups, over
+        which the schedule averages parameters.
       average_opt_state: also average the optimizer state's floating leaves
         at each sync (counted in the bytes).
       group_axis_name: two-level averaging: the axis (or axes) inside a
@@ -292,9 +341,9 @@ def local_sgd(
                          f"got {type(schedule).__name__}")
     if outer_optimizer is not None:
         _check_optimizer("outer_optimizer", outer_optimizer)
-    workers = _check_axes(axis_name, group_axis_name)
-    across, inside = _names(axis_name), _names(group_axis_name)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    axes = _check_axes(axis_name, group_axis_name, workers)
+    workers, across, inside = axes.all, axes.across, axes.inside
+    grad_fn = _grad_fn(loss_fn, axes.loop)
     drift = schedule.drift
 
     def outer_step(params_avg, anchor, outer_state):
@@ -352,6 +401,7 @@ def local_sgd(
             sq = collectives.squared_distance(params, params_avg)
             # Over every worker: the mean over groups, as a group's replicas are identical.
             variance, loss_avg = lax.pmean(jnp.stack([sq, loss.astype(jnp.float32)]), workers)
+            params_avg = _over(params, params_avg, variance)
             model_state = tree_pmean(model_state, across)
             if average_opt_state:
                 opt_state = tree_pmean(opt_state, across)
@@ -386,13 +436,13 @@ def local_sgd(
     return Strategy(_init(optimizer, schedule, outer_optimizer), local_sgd_step)
 
 
-def _full_sync(name: str, loss_fn: LossFn, optimizer, axis_name: AxisName, mean_grads: Callable) -> Strategy:
-    """A strategy that communicates every step: ``mean_grads(grads, key) ->
+def _full_sync(name: str, loss_fn: LossFn, optimizer, axes: WorkerAxes, mean_grads: Callable) -> Strategy:
+    """A strategy that communicates every step over all of ``axes``: ``mean_grads(grads, key) ->
     (mean gradient tree, bytes one worker sends)`` then one optimizer update."""
     _check_loss(loss_fn)
     _check_optimizer("optimizer", optimizer)
-    workers = _check_axes(axis_name)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    workers = axes.all
+    grad_fn = _grad_fn(loss_fn, axes.loop)
 
     def step(state: TrainState, batch) -> tuple[TrainState, StepMetrics]:
         loss, model_state, aux, grads, comm_rng = _local_grads(grad_fn, state, batch, workers)
@@ -409,19 +459,24 @@ def _full_sync(name: str, loss_fn: LossFn, optimizer, axis_name: AxisName, mean_
     return Strategy(_init(optimizer, None), step)
 
 
-def allreduce(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, axis_name: AxisName = "batch") -> Strategy:
+def allreduce(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, workers=None,
+              axis_name: Optional[AxisName] = None) -> Strategy:
     """Full-sync SGD: g = (1/N) sum_i g_i (one all-reduce of the gradient and
-    model-state bytes every step), then one optimizer update on every worker."""
+    model-state bytes every step), then one optimizer update on every worker.
+
+    ``workers`` (a ``distributed.Layout``) or ``axis_name`` (default "batch")
+    as for ``local_sgd``; the mean spans every worker axis, group axes included."""
+    axes = _check_axes(axis_name, None, workers)
 
     def mean_grads(grads, key):
         del key
-        return tree_pmean(grads, _names(axis_name)), _float_bytes(grads)
+        return tree_pmean(grads, axes.all), _float_bytes(grads)
 
-    return _full_sync("allreduce_step", loss_fn, optimizer, axis_name, mean_grads)
+    return _full_sync("allreduce_step", loss_fn, optimizer, axes, mean_grads)
 
 
 def qsgd(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, levels: int = 127,
-         bucket_size: Optional[int] = None, axis_name: AxisName = "batch") -> Strategy:
+         bucket_size: Optional[int] = None, workers=None, axis_name: Optional[AxisName] = None) -> Strategy:
     """QSGD: g = (1/N) sum_i Q_s(g_i), each worker's gradient quantised to
     s = ``levels`` levels per bucket of ``bucket_size`` coordinates (None: one
     bucket per leaf) and all-gathered in its wire form, two 4-bit levels per
@@ -433,19 +488,22 @@ def qsgd(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, levels: in
                                     or bucket_size < 1):
         raise ValueError(f"qsgd bucket_size must be None or an integer >= 1, got {bucket_size!r}")
 
+    axes = _check_axes(axis_name, None, workers)
+
     def mean_grads(grads, key):
-        mean = collectives.qsgd_mean(grads, key, levels, _names(axis_name), bucket_size)
+        mean = collectives.qsgd_mean(grads, key, levels, axes.all, bucket_size)
         return mean, comm.qsgd_bytes(collectives.float_leaves(grads), levels, bucket_size)
 
-    return _full_sync("qsgd_step", loss_fn, optimizer, axis_name, mean_grads)
+    return _full_sync("qsgd_step", loss_fn, optimizer, axes, mean_grads)
 
 
-def make_eval_step(eval_fn: Callable[[Any, Any, Any], dict], axis_name: AxisName = "batch",
-                   per_example: Sequence[str] = ()):
+def make_eval_step(eval_fn: Callable[[Any, Any, Any], dict], axis_name: Optional[AxisName] = None,
+                   per_example: Sequence[str] = (), *, workers=None):
     """Build ``(state, batch) -> sums`` evaluating the averaged model.
 
-    ``axis_name``: every axis the workers live on (("group", "local") for the
-    mesh of two-level averaging).
+    ``workers``: the ``distributed.Layout`` (its axes and worker loop), or
+    ``axis_name``: every axis the workers live on (default "batch";
+    ("group", "local") for the mesh of two-level averaging).
 
     The replicas' parameters and model state are averaged once per call
     (xbar = (1/N) sum_i x_i), then ``eval_fn(params, model_state, chunk) ->
@@ -458,14 +516,15 @@ def make_eval_step(eval_fn: Callable[[Any, Any, Any], dict], axis_name: AxisName
     ``per_example`` names, also "per_example": {name: float32[K, B]} the
     worker's own unsummed values of those names, 0 on padding.
     """
-    axes, keep = _check_axes(axis_name), tuple(per_example)
+    worker_axes, keep = _check_axes(axis_name, None, workers), tuple(per_example)
+    axes, evaluate = worker_axes.all, loops.looped(eval_fn, worker_axes.loop)
 
     def eval_step(state: TrainState, batch: dict):
         params = tree_pmean(state.params, axes)
         model_state = tree_pmean(state.model_state, axes)
 
         def chunk_sums(chunk):
-            values = eval_fn(params, model_state, chunk)
+            values = evaluate(params, model_state, chunk)
             batch_size = next(iter(values.values())).shape[0]
             mask = chunk.get("mask", jnp.ones((batch_size,), bool)).astype(jnp.float32)
             sums = {k: jnp.sum(v.astype(jnp.float32) * mask) for k, v in values.items()}

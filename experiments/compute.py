@@ -78,7 +78,7 @@ def probe_strategy(setup: Setup, loss_fn, layout) -> A.Strategy:
     config = setup.config
     if setup.schedule is None:
         return A.local_sgd(loss_fn, methods.make_optimizer(config, setup.lr_fn), shut(schedules.constant(_NEVER)),
-                           axis_name=layout.axis_name)
+                           workers=layout)
     return methods.make_strategy(config, loss_fn, setup.lr_fn, shut(setup.schedule), layout)
 
 

@@ -15,7 +15,7 @@ import re
 import sys
 from typing import NamedTuple, Optional, Union
 
-from experiments.names import (CPU_DEVICES, DATASETS, DEFAULT_COMPARE, DTYPES, LR_SCHEDULES, MAX_QSGD_LEVELS, METHODS,  # noqa: F401
+from experiments.names import (CPU_DEVICES, DATASETS, DEFAULT_COMPARE, DTYPES, WORKER_LOOPS, LR_SCHEDULES, MAX_QSGD_LEVELS, METHODS,  # noqa: F401
                                MODELS, OUTER_DEFAULTS, OUTER_OPTIMIZERS, PLUGIN_FORM, SCHEDULES, STRATEGIES, is_plugin,
                                method_parts)
 
@@ -80,6 +80,7 @@ class Config:
     partition: str = "iid"
     workers: int = 8
     devices: Optional[int] = None  # devices carrying the workers; None = setup.default_devices
+    worker_loop: str = "auto"  # how a device's workers run (WORKER_LOOPS or a chunk size); setup resolves auto
     batch_size: int = 128  # per worker
     epochs: int = 200
     lr: float = 0.1
@@ -359,6 +360,11 @@ def _method_flags(p: argparse.ArgumentParser) -> None:
                         f"local accelerators on GPU/TPU (the most that divides --workers); on CPU {CPU_DEVICES} virtual "
                         "device(s) per process, the count measured fastest for the digits demo on a 2-core machine "
                         "(docs/scale.md)")
+    p.add_argument("--worker-loop", default="auto",
+                   help="how the K workers of one device run their forward and backward passes: vmap (batched), "
+                        "map (lax.map, one at a time), unroll (one after another, unrolled), an integer chunk size "
+                        "in [1, K], or auto (default: vmap for the mlp; unroll for the convolutional models on CPU, "
+                        "map on GPU; docs/scale.md)")
     p.add_argument("--batch-size", type=int, help="per-worker batch size")
     p.add_argument("--epochs", type=int)
     p.add_argument("--lr", type=float)
@@ -494,7 +500,7 @@ def from_args(args: argparse.Namespace) -> tuple[list[Config], RunOptions]:
         qsr_power=given(args.qsr_power, Config.qsr_power),
         group_size=group_size,
         **outer,
-        dtype=args.dtype,
+        dtype=args.dtype, worker_loop=args.worker_loop,
         synthetic_size=given(args.synthetic_size, Config.synthetic_size),
         augment=augmentation(dataset, args.augment),
     )
@@ -638,6 +644,8 @@ def validate(c: Config) -> None:
     need(c.model in MODELS, f"--model {c.model!r} is unknown; accepted values: {', '.join(MODELS)}")
     need(c.lr_schedule in LR_SCHEDULES, f"--lr-schedule {c.lr_schedule!r} is unknown; accepted values: {', '.join(LR_SCHEDULES)}")
     need(c.dtype in DTYPES, f"--dtype {c.dtype!r} is unknown; accepted values: {', '.join(DTYPES)}")
+    need(c.worker_loop in WORKER_LOOPS or (str(c.worker_loop).isdigit() and int(c.worker_loop) >= 1),
+         f"--worker-loop {c.worker_loop!r} is unknown; accepted values: {', '.join(WORKER_LOOPS)}, or a chunk size >= 1")
     need(c.workers >= 1, f"--workers must be >= 1, got {c.workers}")
     need(c.devices is None or c.devices >= 1, f"--devices must be >= 1, got {c.devices}")
     need(c.devices is None or c.workers % c.devices == 0,

@@ -154,9 +154,8 @@ def make_strategy(config: Config, loss_fn, lr_fn, schedule: Optional[schedules.S
     optimizer = make_optimizer(config, lr_fn)
     strategy = method_parts(config.method)[0]
     if strategy == "allreduce":
-        return A.allreduce(loss_fn, optimizer, axis_name=layout.axes)
+        return A.allreduce(loss_fn, optimizer, workers=layout)
     if strategy == "qsgd":
         return A.qsgd(loss_fn, optimizer, levels=config.qsgd_levels, bucket_size=config.qsgd_bucket_size,
-                      axis_name=layout.axes)
-    return A.local_sgd(loss_fn, optimizer, schedule, axis_name=layout.axis_name,
-                       group_axis_name=layout.group_axis_name or None, outer_optimizer=make_outer_optimizer(config))
+                      workers=layout)
+    return A.local_sgd(loss_fn, optimizer, schedule, workers=layout, outer_optimizer=make_outer_optimizer(config))

@@ -9,6 +9,7 @@ DATASETS = ("cifar10", "cifar100", "digits", "synthetic")
 MODELS = ("resnet18", "vgg16", "cnn", "mlp")
 LR_SCHEDULES = ("step", "cosine", "constant")
 DTYPES = ("float32", "bfloat16")
+WORKER_LOOPS = ("auto", "vmap", "map", "unroll")  # or a chunk size; adpsgd_jax.loops
 
 # A method is what one run trains with: a strategy, and for ``average`` a schedule.
 METHODS = {

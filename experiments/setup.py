@@ -15,8 +15,8 @@ from typing import Any, Optional
 
 import jax
 
-from adpsgd_jax import distributed, schedules
-from experiments import checkpoint, data, methods, results
+from adpsgd_jax import distributed, loops, schedules
+from experiments import checkpoint, data, methods, models, results
 from experiments.config import (CHANGED_MEANING, Config, ConfigError, RunOptions, config_differences,
                                 default_cpu_devices)
 from experiments.names import method_parts
@@ -76,6 +76,26 @@ def _layout(config: Config, available: list) -> distributed.Layout:
     return layout
 
 
+def worker_loop(config: Config, dataset: data.Dataset, layout: distributed.Layout) -> distributed.Layout:
+    """``layout`` with the run's worker loop: --worker-loop, or for ``auto`` ``loops.choose`` of
+    the run's loss on one worker's batch (traced on shapes only, nothing compiled)."""
+    k, loop = layout.workers_per_device, config.worker_loop
+    if loop == "auto":
+        if k == 1:
+            return layout
+        model, loss_fn, _ = methods.model_fns(config, dataset)
+        shape = dataset.train_images.shape[1:]
+        params, model_state = jax.eval_shape(lambda key: models.init(model, key, shape), jax.random.PRNGKey(0))
+        batch = {"image": jax.ShapeDtypeStruct((config.batch_size,) + shape, dataset.train_images.dtype),
+                 "label": jax.ShapeDtypeStruct((config.batch_size,), dataset.train_labels.dtype)}
+        loop = loops.choose(loss_fn, params, model_state, batch, jax.random.PRNGKey(0),
+                            platform=layout.mesh.devices.flat[0].platform)
+    try:
+        return layout._replace(loop=loops.check(int(loop) if str(loop).isdigit() else loop, k) if k > 1 else "vmap")
+    except ValueError as err:
+        raise ConfigError(f"--worker-loop: {err}") from None
+
+
 def _resume_point(config: Config, run_dir: str) -> tuple[Optional[int], bool]:
     """(checkpoint step, finished) of a run to resume; (None, False) when it starts from step 0.
 
@@ -128,6 +148,7 @@ def prepare(config: Config, dataset: Optional[data.Dataset] = None, options: Run
     if dataset is None:
         dataset = data.load(config.dataset, config.data_dir, synthetic_size=config.synthetic_size,
                             augment=config.augment)
+    layout = worker_loop(config, dataset, layout)
     try:
         shards = data.partition(dataset.train_labels, config.workers, scheme, config.seed, min_size=config.batch_size)
         loader = data.TrainLoader(dataset, shards, config.batch_size, config.seed,

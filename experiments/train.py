@@ -109,7 +109,7 @@ class Run:
         strategy = methods.make_strategy(config, loss_fn, setup.lr_fn, setup.schedule, layout)
         # shard_map over the layout's devices: one code path for one process or many, one worker per device or K.
         self.p_train_step = distributed.shard_map_step(strategy.step, layout)
-        self.p_eval_step = distributed.shard_map_step(A.make_eval_step(eval_fn, layout.axes, ("correct",)), layout,
+        self.p_eval_step = distributed.shard_map_step(A.make_eval_step(eval_fn, per_example=("correct",), workers=layout), layout,
                                                       donate_state=False)
         self.state = distributed.replicate(strategy.init(params, model_state, jax.random.PRNGKey(config.seed)), layout)
         # Compile the check that guards every checkpoint now: compiled at the first save, it made that save
@@ -312,6 +312,7 @@ def summarise(run: Run) -> dict:
         "num_workers": layout.num_workers,
         "num_devices": layout.mesh.devices.size,
         "workers_per_device": layout.workers_per_device,
+        "worker_loop": layout.loop,
     }
     run.writer.summary(summary)
     return summary

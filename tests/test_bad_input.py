@@ -36,6 +36,7 @@ CASES = [
     (["--compare", "cpsgd", "--strategy", "average"], "--compare"),
     (["--lr-schedule", "linear"], "--lr-schedule"),
     (["--dtype", "float16"], "--dtype"),
+    (["--worker-loop", "scan"], "--worker-loop"),
     (["--augment", "rotate"], "--augment"),
     (["--partition", "random"], "--partition"),
     (["--outer-optimizer", "adam"], "--outer-optimizer"),
@@ -104,6 +105,7 @@ CASES = [
     # Devices (checked against the 8 CPU devices this test session runs on)
     (["--devices", "0"], "--devices"),
     (["--devices", "3"], "--devices"),
+    (["--workers", "8", "--devices", "2", "--worker-loop", "5"], "--worker-loop"),
     (["--workers", "16", "--devices", "16"], "--devices"),
     (["--batch-size", "1000"], "--batch-size"),
     # Output, checkpoints, resume
@@ -133,7 +135,7 @@ CASES = [
 # The cases that need the devices or the data: refused by setup.prepare, after jax starts but before
 # anything compiles. All others are refused by config.from_args, which imports no jax.
 LATE = ["--avg-period 10000", "--schedule qsr --qsr-min-period 16", "--partition dirichlet:0.01 --workers 16",
-        "--workers 16 --devices 16", "--batch-size 1000"]
+        "--workers 8 --devices 2 --worker-loop 5", "--workers 16 --devices 16", "--batch-size 1000"]
 # Given explicitly but read by no run: only warned about (a sweep passes the budget to every method).
 WARNED = [["--strategy", "allreduce", "--avg-period", "4"]]
 
@@ -196,7 +198,7 @@ def test_bad_input_is_one_line_error_naming_the_flag_and_nothing_written(outcome
     assert o.written == [], o.written
 
 
-def test_at_least_40_cases_all_but_five_before_jax(outcomes):
+def test_at_least_40_cases_all_but_six_before_jax(outcomes):
     assert len(outcomes) >= 40
     assert [shlex.join(o.flags) for o in outcomes if not o.early] == LATE
 

@@ -22,9 +22,9 @@ T = 24
 LR = optax.piecewise_constant_schedule(0.05, {T // 2: 0.1})
 
 
-def layout_run(num_devices, build, steps=T, group_size=1):
-    """``steps`` steps of ``build(layout)`` with N workers on ``num_devices`` devices."""
-    layout = D.workers(N, jax.devices()[:num_devices], group_size=group_size)
+def layout_run(num_devices, build, steps=T, group_size=1, loop="vmap"):
+    """``steps`` steps of ``build(layout)`` with N workers on ``num_devices`` devices, run by ``loop``."""
+    layout = D.workers(N, jax.devices()[:num_devices], group_size=group_size, loop=loop)
     strategy = build(layout)
     params, model_state = init_params()
     state = D.replicate(strategy.init(params, model_state, jax.random.PRNGKey(0)), layout)
@@ -48,10 +48,10 @@ def assert_same_run(a, b):
 def flat(name):
     opt = optax.sgd(LR, momentum=0.9)
     if name == "allreduce":
-        return lambda layout: A.allreduce(loss_fn, opt, axis_name=layout.axes)
+        return lambda layout: A.allreduce(loss_fn, opt, workers=layout)
     if name == "qsgd":
-        return lambda layout: A.qsgd(loss_fn, opt, levels=7, bucket_size=4, axis_name=layout.axes)
-    return lambda layout: A.local_sgd(loss_fn, opt, SCHEDULES[name](T, LR), axis_name=layout.axes)
+        return lambda layout: A.qsgd(loss_fn, opt, levels=7, bucket_size=4, workers=layout)
+    return lambda layout: A.local_sgd(loss_fn, opt, SCHEDULES[name](T, LR), workers=layout)
 
 
 @pytest.mark.parametrize("name", sorted(SCHEDULES) + ["allreduce", "qsgd"])
@@ -60,12 +60,16 @@ def test_every_strategy_is_the_same_on_8_4_2_and_1_devices(name):
     assert sum(reference[1]) > 0
     for devices in (4, 2, 1):  # (QSGD draws from the same per-worker keys wherever a worker runs)
         assert_same_run(layout_run(devices, flat(name)), reference)
+    # The other worker loops: one worker at a time on 2 devices, unrolled on 4, in chunks of 3 on 1.
+    assert_same_run(layout_run(2, flat(name), loop="map"), reference)
+    assert_same_run(layout_run(4, flat(name), loop="unroll"), reference)
+    assert_same_run(layout_run(1, flat(name), loop=3), reference)
 
 
 def grouped(outer=None):
     opt = optax.sgd(LR, momentum=0.9)
-    return lambda layout: A.local_sgd(loss_fn, opt, S.adpsgd(T, 3, lr_schedule=LR), axis_name=layout.axis_name,
-                                      group_axis_name=layout.group_axis_name, outer_optimizer=outer)
+    return lambda layout: A.local_sgd(loss_fn, opt, S.adpsgd(T, 3, lr_schedule=LR), workers=layout,
+                                      outer_optimizer=outer)
 
 
 @pytest.mark.parametrize("group_size", [2, 4])
@@ -74,6 +78,8 @@ def test_two_level_groups_are_the_same_on_8_4_2_and_1_devices(group_size):
     reference = layout_run(8, grouped(), group_size=group_size)
     for devices in (4, 2, 1):
         assert_same_run(layout_run(devices, grouped(), group_size=group_size), reference)
+    for loop in ("map", "unroll", 3):  # on one device: 8 // group_size groups of group_size workers, nested axes
+        assert_same_run(layout_run(1, grouped(), group_size=group_size, loop=loop), reference)
     state = reference[0]
     for g in range(N // group_size):  # replicas identical inside every group
         chex.assert_trees_all_equal(*replicas(state.params)[g * group_size:(g + 1) * group_size])
@@ -132,6 +138,11 @@ def test_layout_errors_name_the_argument():
         D.workers(8, jax.devices()[:2], group_size=3)
     with pytest.raises(ValueError, match=r"group_size 6 and the 4 workers per device.*accepted group sizes: 1, 2, 4, 12"):
         D.workers(12, jax.devices()[:3], group_size=6)
+    for bad in ("scan", 0, 5, True, 2.0):
+        with pytest.raises(ValueError, match=r"loop must be 'vmap', 'map', 'unroll' or an integer chunk size in \[1, 4\]"):
+            D.workers(8, jax.devices()[:2], loop=bad)
+    assert D.workers(8, jax.devices()[:2], loop=1).loop == "map" and D.workers(8, jax.devices()[:2], loop=4).loop == "vmap"
+    assert D.workers(8, jax.devices(), loop="map").loop == "vmap"  # one worker per device: nothing to loop over
 
 
 def test_batch_rows_are_workers_in_order():

@@ -57,16 +57,19 @@ def stand_in_variables(model, rng, input_shape):
     return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
-def local_only_step(loss_fn, optimizer):
+def local_only_step(loss_fn, optimizer, loop="vmap"):
     """The local step with no gate and no collective: the reference of item 1.
 
-    Same gradient, optimizer update and step counter as ``local_sgd``'s
+    Same gradient (run over a device's workers by ``loop``, as the layout's
+    strategy runs it), optimizer update and step counter as ``local_sgd``'s
     local path; no ``should_sync``, no ``lax.cond``, no byte counter.
     """
     import jax
     import optax
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    from adpsgd_jax import loops
+
+    grad_fn = loops.looped(jax.value_and_grad(loss_fn, has_aux=True), loop)
 
     def step(state, batch):
         rng = jax.random.fold_in(state.rng, state.step)

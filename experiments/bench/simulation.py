@@ -67,7 +67,7 @@ def _gated(task, layout):
     from adpsgd_jax import schedules
 
     _, _, _, loss_fn, optimizer, _, _ = task
-    return A.local_sgd(loss_fn, optimizer, schedules.constant(10**9), axis_name=layout.axes)
+    return A.local_sgd(loss_fn, optimizer, schedules.constant(10**9), workers=layout)
 
 
 def gate_with_workers(task, k: int, device, repeats: int, steps: int, warmup: int) -> dict:
