@@ -24,8 +24,9 @@ def test_quick_benchmark_writes_json_and_table(tmp_path):
     assert res["interval"]["level"] == 0.95
     for name in render.TARGETS:
         ratios, cis, verdicts = (res[f"{name}_{part}"] for part in ("ratio", "ci", "verdict"))
-        if name == "simulation_throughput":  # one per worker count K
-            assert set(ratios) == set(cis) == set(verdicts) == {"4", "8"}
+        if name.startswith("simulation_"):  # one per model, worker count K and loop
+            assert set(ratios) == set(cis) == set(verdicts) == {f"mlp/K={k}/{loop}" for k in (4, 8)
+                                                                for loop in ("vmap", "map", "unroll")}
         else:
             ratios, cis, verdicts = {"": ratios}, {"": cis}, {"": verdicts}
         for k, ratio in ratios.items():
@@ -35,13 +36,24 @@ def test_quick_benchmark_writes_json_and_table(tmp_path):
     assert set(steps["step_samples"]) == {"local_gated", "local_plain", "sync", "allreduce"}
     a, b = steps["step_samples"]["local_gated"], steps["step_samples"]["local_plain"]
     assert res["gate_overhead_ratio"] == pytest.approx((a[0] / b[0] + a[1] / b[1]) / 2)  # per-repetition pairs
-    # Items 1b and 8: K = 4 and 8 workers on one device (--quick); the gate stays a conditional.
+    # Counts beside the clocks: the gated local step moves what the step without gate moves (items 1, 1b
+    # under every loop, 4-5); a syncing step runs its collectives, the local paths none.
+    assert steps["gate_count"]["verdict"] == "met" and steps["plain_count"]["verdict"] == "met"
+    assert steps["step_counts"]["local_gated"]["collectives"] == 0 < steps["step_counts"]["sync"]["collectives"]
+    # Items 1b and 8: K = 4 and 8 MLP workers on one device under each loop (--quick); the gate stays a conditional.
     sim = res["simulation"]
-    assert sim["gate_workers"] == 8 and sim["gate_conditional_in_program"] is True
+    assert sim["gate_workers"] == 8 and sim["gate_conditional_in_program"] is True and sim["gate_loop"] == "vmap"
+    assert {loop: c["verdict"] for loop, c in sim["gate_counts"].items()} == {"vmap": "met", "map": "met",
+                                                                             "unroll": "met"}
+    mlp = sim["throughput"]["mlp"]
+    assert mlp["auto"] == "vmap"
     for k in ("4", "8"):
-        row = sim["throughput"][k]
-        assert row["memory_per_worker"] > 0 and row["over_sequential"]["repeats"] == 2
+        row = mlp["per_k"][k]
+        assert row["auto_meets"] in ("met", "missed", "inconclusive")
         assert all(len(v) == 2 and min(v) > 0 for v in row["samples"].values())  # per-repetition samples kept
+        for loop, r in row["loops"].items():
+            assert r["memory_per_worker"] > 0 and r["over_sequential"]["repeats"] == 2
+            assert r["counts"]["bytes"] > 0 and r["counts"]["collectives"] == 0 and r["count_verdict"] in ("met", "missed")
     # One compilation of the train step per whole run, for every method.
     assert res["compilations"] == {m: 1 for m in names.METHODS}
     assert set(res["accuracy"]["to_target"]) == {"allreduce", "cpsgd", "adpsgd", "qsgd_8bit", "qsgd_4bit"}
@@ -59,7 +71,7 @@ def test_quick_benchmark_writes_json_and_table(tmp_path):
     table = (tmp_path / "bench.md").read_text()
     assert "| item | measured [95% interval] | target | verdict |" in table
     assert "gate overhead" in table and "Claim C2" in table and "Paper (ADPSGD over full sync): 1.46-1.95x" in table
-    assert "gate with workers" in table and "K = 8 workers / 1 worker with 8x the batch" in table
+    assert "gate with workers" in table and "| mlp (16 / worker) | 8 | unroll |" in table and "auto = vmap" in table
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -68,7 +80,9 @@ def test_quick_benchmark_writes_json_and_table(tmp_path):
     (["--dataset", "mnist"], "--dataset 'mnist' is unknown; accepted values: cifar10, cifar100, digits"),
     (["--seeds", "1,1"], "--seeds takes distinct comma-separated integers"),
     (["--sim-workers", "8,0"], "--sim-workers takes distinct comma-separated integers >= 1, got '8,0'"),
-    (["--sim-model", "vit"], "--sim-model 'vit' is unknown; accepted values: resnet18, vgg16, cnn, mlp"),
+    (["--sim-models", "mlp,vit"], "--sim-models 'vit' is unknown; accepted values: resnet18, vgg16, cnn, mlp"),
+    (["--sim-loops", "vmap,scan"], "--sim-loops 'scan' is unknown; accepted values: vmap, map, unroll, or a chunk"),
+    (["--quick", "--gpu-suite"], "--quick and --gpu-suite are two different runs: give one"),
 ])
 def test_bad_flags_are_refused_before_anything_runs(tmp_path, capsys, argv, message):
     out = tmp_path / "sub" / "bench.json"
@@ -90,3 +104,21 @@ def test_the_compute_probe_is_not_counted_as_the_train_step(tmp_path):
                    momentum=0.0, weight_decay=0.0)
     count = runs.counted_run(c, data.load("digits"), runs._options(str(tmp_path)))
     assert count["compilations"] == 1 and count["all"] >= 3, count  # the step, the probe, the evaluation at least
+
+
+def test_the_gpu_suite_runs_its_items_on_cpu_with_tiny_settings(tmp_path):
+    """``--gpu-suite`` with its settings made tiny by flags (on a GPU its defaults: resnet18 at batch 128,
+    16 resnet18 workers under every loop, 9 x 2 steps): items 1-5 on the model, item 8 for every loop, JSON
+    and Markdown. Its items 6-7 and projection are the quick benchmark's (tested above), here skipped;
+    item 3 then has no run to count."""
+    out = tmp_path / "gpu.json"
+    argv = ["--gpu-suite", "--out", str(out), "--model", "mlp", "--batch-size", "8", "--sim-models", "mlp,cnn",
+            "--sim-workers", "2", "--sim-batch-size", "2", "--repeats", "1", "--warmup", "1", "--skip-training"]
+    assert main(argv) == 0
+    res = json.loads(out.read_text())
+    assert (res["model"], res["batch_size"], res["steps_per_repeat"], res["compilations"]) == ("mlp", 8, 2, {})
+    cnn = res["simulation"]["throughput"]["cnn"]
+    assert cnn["auto"] == "unroll" and set(cnn["per_k"]["2"]["loops"]) == {"vmap", "map", "unroll"}
+    assert cnn["per_k"]["2"]["loops"]["vmap"]["counts"]["grouped_convolutions"] > 0
+    assert cnn["per_k"]["2"]["loops"]["unroll"]["counts"]["grouped_convolutions"] == 0
+    assert (tmp_path / "gpu.md").read_text().count("| cnn (2 / worker) | 2 |") == 3

@@ -18,6 +18,7 @@ from experiments import cifar, config as cfg, names, results  # none imports jax
 from experiments.bench import render, runs, simulation, stats, steps
 
 BENCH_DATASETS = [d for d in names.DATASETS if d != "synthetic"]  # items 6-7: labels a model can learn
+SIM_LOOPS = ("vmap", "map", "unroll")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -35,12 +36,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps-per-repeat", type=int, help="steps per repetition (default 5; 1 for ResNet-18 / VGG-16 "
                                                         "on CPU and with --quick)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant after compiling")
-    p.add_argument("--sim-model", help="model of items 1b and 8, workers simulated on one device (default: --model's "
-                                       "on a GPU, mlp on CPU and with --quick)")
-    p.add_argument("--sim-workers", help="comma-separated worker counts K of item 8 (default 8,32,64; 16 for "
-                                         "resnet18 / vgg16; 4,8 with --quick)")
-    p.add_argument("--sim-batch-size", type=int, help="per-worker batch of items 1b and 8 (default 128; 16 with "
-                                                      "--quick)")
+    p.add_argument("--gpu-suite", action="store_true",
+                   help="the GPU run: items 1-5 on resnet18 at batch 128, item 8 for 16 resnet18 workers on one "
+                        "device under every worker loop, and items 6-7 (one seed) with the projection from the "
+                        "device's measured step; other flags still apply")
+    p.add_argument("--sim-models", help="comma-separated models of items 1b (the first) and 8, workers simulated on "
+                                        "one device (default: --model's on a GPU; mlp,cnn on CPU; mlp with --quick)")
+    p.add_argument("--sim-workers", help="comma-separated worker counts K of item 8, for every model (default: 8,32,64 "
+                                         "for the mlp, 8 for the cnn, 4 for resnet18 / vgg16 on CPU and 16 on a GPU; "
+                                         "4,8 with --quick)")
+    p.add_argument("--sim-loops", default=",".join(SIM_LOOPS),
+                   help=f"comma-separated worker loops of items 1b and 8 (default {','.join(SIM_LOOPS)}; "
+                        "adpsgd_jax.loops)")
+    p.add_argument("--sim-batch-size", type=int, help="per-worker batch of items 1b and 8 (default 128; on CPU 16 "
+                                                      "for the cnn and 8 for resnet18 / vgg16; 16 with --quick)")
     p.add_argument("--dataset", default="digits", help=f"data of items 6-7: one of {', '.join(BENCH_DATASETS)}")
     p.add_argument("--data-dir", help="tfds data directory for CIFAR (items 6-7)")
     p.add_argument("--epochs", type=int, help="training epochs of items 6-7 (default: the dataset's; 3 with --quick)")
@@ -58,10 +67,14 @@ def check_args(args: argparse.Namespace) -> None:
         if not ok:
             raise ValueError(message)
 
-    for flag in ("model", "sim_model"):
-        value = getattr(args, flag)
-        need(value is None or value in names.MODELS, f"--{flag.replace('_', '-')} {value!r} is unknown; accepted "
-                                                     f"values: {', '.join(names.MODELS)}")
+    need(args.model is None or args.model in names.MODELS,
+         f"--model {args.model!r} is unknown; accepted values: {', '.join(names.MODELS)}")
+    for model in _items(args.sim_models) or []:
+        need(model in names.MODELS, f"--sim-models {model!r} is unknown; accepted values: {', '.join(names.MODELS)}")
+    for loop in _items(args.sim_loops):
+        need(loop in SIM_LOOPS or (loop.isdigit() and int(loop) >= 1),
+             f"--sim-loops {loop!r} is unknown; accepted values: {', '.join(SIM_LOOPS)}, or a chunk size >= 1")
+    need(not args.quick or not args.gpu_suite, "--quick and --gpu-suite are two different runs: give one")
     need(args.dataset in BENCH_DATASETS, f"--dataset {args.dataset!r} is unknown; accepted values: "
                                          f"{', '.join(BENCH_DATASETS)}")
     for flag in ("batch_size", "sim_batch_size", "repeats", "steps_per_repeat", "epochs"):
@@ -80,6 +93,11 @@ def check_args(args: argparse.Namespace) -> None:
     cfg.check_writable(os.path.dirname(os.path.abspath(args.out)))  # ConfigError, a ValueError
 
 
+def _items(text):
+    """The comma-separated items of a flag's value (None for None)."""
+    return None if text is None else [s.strip() for s in text.split(",") if s.strip()]
+
+
 def _ints(text):
     """The comma-separated integers of a flag's value ([] when one is not an integer; None for None)."""
     if text is None:
@@ -90,8 +108,33 @@ def _ints(text):
         return []
 
 
+def default_sim_workers(model: str, cpu: bool, quick: bool) -> list[int]:
+    """Item 8's worker counts K for ``model`` (``--sim-workers``'s default)."""
+    if quick:
+        return [4, 8]
+    if model in ("resnet18", "vgg16"):
+        return [4] if cpu else [16]
+    return [8] if model == "cnn" else [8, 32, 64]
+
+
+def default_sim_batch(model: str, cpu: bool, quick: bool) -> int:
+    """Items 1b and 8's images per worker for ``model`` (``--sim-batch-size``'s default)."""
+    if quick:
+        return 16
+    if cpu and model != "mlp":
+        return 8 if model in ("resnet18", "vgg16") else 16
+    return 128
+
+
+GPU_SUITE = {"model": "resnet18", "batch_size": 128, "sim_models": "resnet18", "sim_workers": "16", "repeats": 9,
+             "steps_per_repeat": 2}  # 9 repetitions of 2 steps (a GPU run otherwise takes 20 of 5)
+
+
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    if args.gpu_suite:  # its settings, where no flag overrides them
+        for key, value in GPU_SUITE.items():
+            setattr(args, key, getattr(args, key) or value)
     try:
         check_args(args)
     except ValueError as err:
@@ -109,11 +152,11 @@ def main(argv=None) -> int:
     batch = args.batch_size or (16 if args.quick else (32 if cpu and big else 128))
     repeats = args.repeats or (9 if args.quick or (cpu and big) else 20)
     per_repeat = args.steps_per_repeat or (1 if args.quick or (cpu and big) else 5)
-    seeds = _ints(args.seeds) or ([0] if args.quick else [0, 1, 2])
-    sim_model = args.sim_model or ("mlp" if cpu or args.quick else model)
-    sim_workers = _ints(args.sim_workers) or ([4, 8] if args.quick else
-                                              [16] if sim_model in ("resnet18", "vgg16") else [8, 32, 64])
-    sim_batch = args.sim_batch_size or (16 if args.quick else 128)
+    seeds = _ints(args.seeds) or ([0] if args.quick or args.gpu_suite else [0, 1, 2])
+    sim_models = _items(args.sim_models) or (["mlp"] if args.quick else ["mlp", "cnn"] if cpu else [model])
+    sim_workers = {m: _ints(args.sim_workers) or default_sim_workers(m, cpu, args.quick) for m in sim_models}
+    sim_loops = [int(x) if x.isdigit() else x for x in _items(args.sim_loops)]
+    sim_batch = {m: args.sim_batch_size or default_sim_batch(m, cpu, args.quick) for m in sim_models}
     epochs = args.epochs or (3 if args.quick else None)
 
     kind = f"CPU, {os.cpu_count()} cores" if cpu else devices[0].device_kind
@@ -123,13 +166,20 @@ def main(argv=None) -> int:
                            "batch_size": batch, "repeats": repeats, "steps_per_repeat": per_repeat, "quick": args.quick,
                            "interval": {"method": stats.METHOD, "level": stats.LEVEL}}
     started = time.perf_counter()
+    seconds = res["seconds"] = {}  # per part of the benchmark, compilations included
+
+    def done(part):
+        seconds[part] = time.perf_counter() - started - sum(seconds.values())
+
     res["steps"] = steps.step_benchmarks(model, batch, repeats, per_repeat, args.warmup)
-    res["simulation"] = simulation.simulation_benchmarks(sim_model, sim_batch, sim_workers, repeats, per_repeat,
-                                                         args.warmup)
+    done("items 1-5")
+    res["simulation"] = simulation.simulation_benchmarks(sim_models, sim_batch, sim_workers, sim_loops, repeats,
+                                                         per_repeat, args.warmup)
+    done("items 1b, 8")
     res.update(stats.judged({**res["steps"]["ratios"], **res["simulation"]["ratios"]}, render.TARGETS))
     runs_dir = os.path.splitext(args.out)[0] + "_runs"
     counted = None
-    if not args.skip_training and len(devices) >= 2:
+    if not args.skip_training:
         acc = runs.training_comparison(args, seeds, epochs, runs_dir)
         finished, counted = acc.pop("runs"), acc.pop("counted")
         res["accuracy"] = acc
@@ -137,13 +187,15 @@ def main(argv=None) -> int:
         res["projection_compute"] = steps.projection_compute(where, repeats, 1, args.warmup)
         res["projection"] = runs.projection(acc, res["projection_compute"], args.latency_us * 1e-6)
         res["qsgd"] = runs.qsgd_comparison(finished)
-    elif not args.skip_training:
-        res["accuracy_skipped"] = f"items 6-7 need >= 2 devices; {len(devices)} visible"
+        done("items 6-7")
     compile_epochs = 2 if args.quick else 3
-    compile_runs = runs.compilation_counts(list(names.METHODS), compile_epochs, os.path.join(runs_dir, "compile"),
-                                           counted)
+    # The GPU suite counts the methods item 6 trained (none with --skip-training; its time goes to the GPU's own
+    # figures); else every method.
+    methods = list(counted or {}) if args.gpu_suite else list(names.METHODS)
+    compile_runs = runs.compilation_counts(methods, compile_epochs, os.path.join(runs_dir, "compile"), counted)
     res["compilation_runs"] = compile_runs
     res["compilations"] = {k: v["compilations"] for k, v in compile_runs.items()}
+    done("item 3")
     res["benchmark_s"] = time.perf_counter() - started
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     text = render.markdown(res)

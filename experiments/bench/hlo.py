@@ -127,9 +127,10 @@ def _moved(inst: dict, sizes: dict, computations: dict) -> float:
     return written + sum(read)
 
 
-def local_path(text: str) -> dict:
-    """Counts along the path a step takes with every conditional on its first branch (module docstring):
-    {"bytes", "copies", "copy_bytes", "collectives", "unknown_trip_counts"}."""
+def local_path(text: str, branch: int = 0) -> dict:
+    """Counts along the path a step takes with every conditional on its first branch (module docstring),
+    or on its last with ``branch=-1`` (a gated step that syncs): {"bytes", "copies", "copy_bytes",
+    "collectives", "unknown_trip_counts"}."""
     computations, entry = parse(text)
     sizes = {i["name"]: shape_bytes(i["type"]) for body in computations.values() for i in body}
     out = {"bytes": 0.0, "copies": 0, "copy_bytes": 0.0, "collectives": 0, "unknown_trip_counts": 0}
@@ -138,9 +139,10 @@ def local_path(text: str) -> dict:
         for inst in computations.get(name, []):
             op, attrs = inst["op"], inst["attrs"]
             if op == "conditional":
-                branches = _called(attrs, "branch_computations") or _called(attrs, "false_computation")
+                branches = _called(attrs, "branch_computations") or (
+                    _called(attrs, "false_computation") + _called(attrs, "true_computation"))
                 if branches:
-                    walk(branches[0], times)
+                    walk(branches[branch], times)
             elif op == "while":
                 trips = _trip_count(attrs)
                 out["unknown_trip_counts"] += trips is None
@@ -173,11 +175,11 @@ def xla_costs(compiled) -> dict:
     return {"xla_flops": float(costs.get("flops", 0.0)), "xla_bytes_accessed": float(costs.get("bytes accessed", 0.0))}
 
 
-def program_counts(compiled) -> dict:
-    """``local_path`` of a compiled program's optimised HLO, with ``xla_costs`` and the program's
-    convolutions that XLA grouped (``grouped_convolutions``: feature or batch group count > 1)."""
+def program_counts(compiled, branch: int = 0) -> dict:
+    """``local_path`` of a compiled program's optimised HLO (conditionals on ``branch``), with ``xla_costs``
+    and the program's convolutions that XLA grouped (``grouped_convolutions``: feature or batch group count > 1)."""
     text = compiled.as_text()
-    out = local_path(text)
+    out = local_path(text, branch)
     out.update(xla_costs(compiled))
     out["grouped_convolutions"] = len(re.findall(r"(?:feature|batch)_group_count=(?!1\b)\d+", text))
     return out

@@ -65,7 +65,8 @@ def training_comparison(args, seeds: list[int], epochs: Optional[int], runs_dir:
 
     defaults = cfg.DATASET_DEFAULTS[args.dataset]
     base = cfg.Config(dataset=args.dataset, data_dir=args.data_dir, model=defaults["model"],
-                      workers=min(8, len(jax.devices())), batch_size=defaults["batch_size"],
+                      workers=8, devices=max(d for d in (1, 2, 4, 8) if d <= len(jax.devices())),
+                      batch_size=defaults["batch_size"],
                       epochs=epochs or defaults["epochs"], lr=defaults["lr"], momentum=defaults["momentum"],
                       weight_decay=defaults["weight_decay"], avg_period=args.avg_period)
     variants = {"allreduce": base.replace(method="allreduce"), "cpsgd": base.replace(method="cpsgd"),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from experiments.bench import harness, references, stats
+from experiments.bench import harness, hlo, references, stats
 
 
 def step_benchmarks(model_name: str, batch_size: int, repeats: int, steps: int, warmup: int) -> dict:
@@ -93,11 +93,19 @@ def gate_and_sync(model_name: str, batch_size: int, devices: list, repeats: int,
     ]:
         step, state, b = built(layout, strategy, params, model_state, batch, step_fn)
         variants[name], batches[name] = (step, state), b
+    # The sync step's path takes the averaging branch (branch -1); the others have none or stay local.
+    counts = {name: hlo.program_counts(harness.compile_step(*variants[name], batches[name]),
+                                       branch=-1 if name == "sync" else 0) for name in variants}
     samples = harness.time_alternating(variants, batches, repeats, steps, warmup)
+    param_bytes = comm.tree_bytes(params)
+    sync_bytes = counts["sync"]["bytes"] / counts["allreduce"]["bytes"]
     return {"step_devices": len(devices), "step_seconds": harness.medians(samples), "step_samples": samples,
             "ratios": {"gate_overhead": stats.ratio(samples["local_gated"], samples["local_plain"]),
                        "sync_over_allreduce": stats.ratio(samples["sync"], samples["allreduce"])},
-            "param_bytes": comm.tree_bytes(params),
+            "step_counts": counts,
+            "gate_count": hlo.count_ratio(counts["local_gated"], counts["local_plain"], param_bytes),
+            "sync_count": {"bytes_ratio": sync_bytes, "verdict": "met" if sync_bytes <= 1.05 else "missed"},
+            "param_bytes": param_bytes,
             "num_params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))}
 
 
@@ -124,7 +132,9 @@ def throughput_and_memory(model_name: str, batch_size: int, tdevs: list, repeats
     batches["plain"] = jax.device_put(jax.tree.map(lambda x: x[0], batch), tdevs[0])
     # A copy of its own: the donated plain state must not share buffers with ``params``.
     runs["plain"] = (plain_step, jax.device_put(jax.tree.map(np.array, plain_state), tdevs[0]))
-    memory = {name: harness.compiled_memory(runs[name][0], runs[name][1], batches[name]) for name in runs}
+    executables = {name: harness.compile_step(runs[name][0], runs[name][1], batches[name]) for name in runs}
+    memory = {name: harness.compiled_memory(*runs[name], batches[name], executable=e) for name, e in executables.items()}
+    counts = {name: hlo.program_counts(e) for name, e in executables.items()}
     samples = harness.time_alternating(runs, batches, repeats, steps, warmup)
     per_step = harness.medians(samples)
     out: dict[str, Any] = {
@@ -134,7 +144,8 @@ def throughput_and_memory(model_name: str, batch_size: int, tdevs: list, repeats
         # images/s of A over those of the plain loop = the plain loop's step time over A's, per repetition
         "ratios": {"throughput_vs_plain": stats.ratio(samples["plain"], samples["adpsgd_local"]),
                    "allreduce_throughput_vs_plain": stats.ratio(samples["plain"], samples["allreduce"])},
-        "memory_bytes": memory}
+        "memory_bytes": memory, "throughput_counts": counts,
+        "plain_count": hlo.count_ratio(counts["adpsgd_local"], counts["plain"], comm.tree_bytes(params))}
     if memory["plain"]["total"] and memory["adpsgd_local"]["total"]:
         extra = memory["adpsgd_local"]["total"] - memory["plain"]["total"]
         out["memory_ratio_vs_plain"] = memory["adpsgd_local"]["total"] / memory["plain"]["total"]
