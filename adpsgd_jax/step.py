@@ -4,17 +4,22 @@ Each strategy is a constructor that takes the loss, the optimizer and (for
 periodic averaging) the schedule once, and returns an optax-style pair
 ``Strategy(init, step)``:
 
-    strategy = local_sgd(loss_fn, optax.sgd(0.1), schedules.constant(8))
+    layout = distributed.workers(16)                    # 16 workers over the devices
+    strategy = local_sgd(loss_fn, optax.sgd(0.1), schedules.constant(8), workers=layout)
     state = strategy.init(params, model_state, rng)     # one worker's state
-    state = distributed.replicate(state, mesh)          # [N, ...] per leaf
-    p_train_step = distributed.shard_map_step(strategy.step, mesh)
+    state = distributed.replicate(state, layout)        # [N, ...] per leaf
+    p_train_step = distributed.shard_map_step(strategy.step, layout)
     state, metrics = p_train_step(state, batch)         # metrics: StepMetrics
 
 ``step(state, batch) -> (state, StepMetrics)`` is a pure per-worker function
-whose collectives name ``axis_name``: it runs under ``jax.pmap``, under
-``jax.shard_map`` and, with several workers per device, under a named
-``jax.vmap`` inside the device program (``distributed.shard_map_step``). An
-axis may be a name or a tuple of names (all of them together are the workers).
+whose collectives name the workers' axes: ``workers=layout`` (a
+``distributed.Layout``, flat or two-level, any number of workers per device,
+with its worker loop) gives them in one argument; ``axis_name`` (and
+``group_axis_name``) name them explicitly, e.g. under ``jax.pmap``. The step
+runs under ``jax.pmap``, under ``jax.shard_map`` and, with several workers
+per device, under a named ``jax.vmap`` inside the device program
+(``distributed.shard_map_step``). An axis may be a name or a tuple of names
+(all of them together are the workers).
 
 ``loss_fn(params, model_state, batch, rng) -> (loss, (model_state, aux))``
 where ``aux`` is a dict of scalar metrics (e.g. accuracy) computed on the

@@ -207,13 +207,17 @@ def test_two_level_time_models_match_the_formulas(two_level_dir):
     assert report.main([str(two_level_dir), "--no-plots", *what_if]) == 0
 
 
-def test_eight_workers_on_one_device_equal_eight_devices(tmp_path):
+def test_eight_workers_on_one_device_equal_eight_devices(tmp_path, capsys):
     argv = ["--dataset", "digits", "--epochs", "3", "--compare", "adpsgd,qsgd", "--quiet", "--no-plots"]
     for devices in ("1", "8"):
         assert cifar.main(argv + ["--devices", devices, "--out", str(tmp_path / devices)]) == 0
+        first = capsys.readouterr().out.splitlines()[0]  # the run says how its workers run
+        assert first == (f"workers: 8 on {devices} CPU device{'s' if devices == '8' else ''}, {8 // int(devices)} "
+                         f"per device, worker loop vmap (--worker-loop auto)"), first
     for method in ("adpsgd", "qsgd"):
         one, eight = (results.read_json(tmp_path / d / results.run_name(method, 0) / results.SUMMARY) for d in "18")
         assert (one["num_workers"], one["num_devices"], one["workers_per_device"]) == (8, 1, 8)
         assert (eight["num_workers"], eight["num_devices"], eight["workers_per_device"]) == (8, 8, 1)
+        assert one["worker_loop"] == eight["worker_loop"] == "vmap"  # the MLP: auto keeps vmap
         np.testing.assert_allclose(one["final_train_loss"], eight["final_train_loss"], rtol=1e-5)
         assert one["syncs"] == eight["syncs"] > 0 and one["bytes"] == eight["bytes"]

@@ -95,7 +95,7 @@ def test_only_the_scalar_pair_is_all_reduced_outside_the_conditional():
     # With 4 workers on each of 2 devices: the every-step all-reduce is the float32 pair; the parameter
     # mean stays inside the conditional's branch.
     layout = D.workers(N, jax.devices()[:2])
-    built = A.local_sgd(loss_fn, optax.sgd(0.05), S.variance_trigger(40, 4), axis_name=layout.axes)
+    built = A.local_sgd(loss_fn, optax.sgd(0.05), S.variance_trigger(40, 4), workers=layout)
     state = D.replicate(built.init(*init_params(), jax.random.PRNGKey(0)), layout)
     hlo = D.shard_map_step(built.step, layout).compiled.lower(state, D.shard_batch(Data().batch(), layout)).compile()
     hlo = hlo.as_text()

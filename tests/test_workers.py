@@ -93,7 +93,7 @@ def test_outer_optimizer_is_the_same_on_8_and_1_devices():
 
 def test_workers_on_one_device_differ_between_syncs_and_agree_after():
     layout = D.workers(N, jax.devices()[:1])
-    built = A.local_sgd(loss_fn, optax.sgd(0.05), S.constant(3), axis_name=layout.axes)
+    built = A.local_sgd(loss_fn, optax.sgd(0.05), S.constant(3), workers=layout)
     state = D.replicate(built.init(*init_params(), jax.random.PRNGKey(0)), layout)
     step, data = D.shard_map_step(built.step, layout), Data()
     for t in range(6):
@@ -111,7 +111,7 @@ def assert_all_reduces_inside_conditionals(schedule):
     step is inside a conditional's branch (a batched predicate would have turned the
     cond into a select that all-reduces every step)."""
     layout = D.workers(N, jax.devices()[:2])
-    built = A.local_sgd(loss_fn, optax.sgd(0.05), schedule, axis_name=layout.axes)
+    built = A.local_sgd(loss_fn, optax.sgd(0.05), schedule, workers=layout)
     state = D.replicate(built.init(*init_params(), jax.random.PRNGKey(0)), layout)
     batch = D.shard_batch(Data().batch(), layout)
     hlo = D.shard_map_step(built.step, layout).compiled.lower(state, batch).compile().as_text()
