@@ -27,22 +27,27 @@ def cnn_task():
     return references.image_task("cnn", 2, K)
 
 
-def run(task, layout, steps_=3, step_fn=None):
-    """``steps_`` steps of CPSGD (period 2) on ``layout`` from the task's variables; the final state."""
+def run(task, layout, steps_=3):
+    """``steps_`` steps of CPSGD (period 2) on ``layout`` from the task's variables: the final state and
+    the counts of the compiled step (``hlo.program_counts``)."""
     _, params, model_state, loss_fn, optimizer, batch, _ = task
     strategy = A.local_sgd(loss_fn, optimizer, S.constant(2), workers=layout)
-    step, state, b = steps.built(layout, strategy, params, model_state, batch, step_fn)
+    step, state, b = steps.built(layout, strategy, params, model_state, batch)
+    counts = hlo.program_counts(step.compiled.lower(state, b).compile())
     for _ in range(steps_):
         state, _ = step(state, b)
-    return state
+    return state, counts
 
 
-def test_every_loop_gives_one_worker_per_device_on_a_cnn(cnn_task):
-    reference = run(cnn_task, D.workers(K, jax.devices()[:K]))
+def test_every_loop_gives_one_worker_per_device_on_a_cnn_and_only_vmap_groups_convolutions(cnn_task):
+    reference, counts = run(cnn_task, D.workers(K, jax.devices()[:K]))
+    assert counts["grouped_convolutions"] == 0
     for loop in ("vmap", "map", "unroll", 3):
-        state = run(cnn_task, D.workers(K, jax.devices()[:1], loop=loop))
+        state, counts = run(cnn_task, D.workers(K, jax.devices()[:1], loop=loop))
         chex.assert_trees_all_close(state.params, reference.params, rtol=1e-5, atol=1e-6)
         chex.assert_trees_all_close(state.model_state, reference.model_state, rtol=1e-5, atol=1e-6)
+        # vmap (and each vmapped chunk of 3) groups the workers' convolutions; map and unroll do not.
+        assert (counts["grouped_convolutions"] > 0) == (loop in ("vmap", 3)), (loop, hlo.dumps(counts))
 
 
 def compiled_counts(task, layout, step_fn=None):
@@ -51,12 +56,6 @@ def compiled_counts(task, layout, step_fn=None):
     step, state, b = steps.built(layout, strategy, params, model_state, {k: v[:layout.num_workers]
                                                                           for k, v in batch.items()}, step_fn)
     return hlo.program_counts(step.compiled.lower(state, b).compile())
-
-
-@pytest.mark.parametrize("loop,grouped", [("vmap", True), ("map", False), ("unroll", False)])
-def test_only_vmap_groups_the_convolutions(cnn_task, loop, grouped):
-    counts = compiled_counts(cnn_task, D.workers(K, jax.devices()[:1], loop=loop))
-    assert (counts["grouped_convolutions"] > 0) == grouped, hlo.dumps(counts)
 
 
 @pytest.mark.parametrize("k,loop", [(1, "vmap"), (K, "vmap"), (K, "map"), (K, "unroll")])
@@ -69,6 +68,23 @@ def test_the_gated_local_step_moves_what_the_step_without_gate_moves(k, loop):
     verdict = hlo.count_ratio(gated, plain, comm.tree_bytes(task[1]))
     assert verdict["verdict"] == "met", (verdict, hlo.dumps(gated), hlo.dumps(plain))
     assert gated["collectives"] == 0 == plain["collectives"]
+
+
+@pytest.mark.parametrize("options", [dict(outer_optimizer=optax.sgd(0.7, momentum=0.9, nesterov=True)),
+                                     dict(average_opt_state=True), dict(schedule="adpsgd")])
+def test_no_parameter_copy_with_an_outer_optimizer_averaged_optimizer_state_or_adpsgd(options):
+    task = references.image_task("mlp", 8, 8)
+    _, params, model_state, loss_fn, optimizer, batch, _ = task
+    layout = D.workers(8, jax.devices()[:2])
+    options = dict(options)
+    lr = optax.piecewise_constant_schedule(0.1, {5000: 0.01})  # a run's table of rates (a literal in the program)
+    schedule = S.adpsgd(10**4, 10**3, lr_schedule=lr) if options.pop("schedule", None) else S.constant(10**9)
+    strategy = A.local_sgd(loss_fn, optimizer, schedule, workers=layout, **options)
+    counts = {}
+    for name, step_fn in (("gated", None), ("plain", references.local_only_step(loss_fn, optimizer))):
+        step, state, b = steps.built(layout, strategy, params, model_state, batch, step_fn)
+        counts[name] = hlo.program_counts(step.compiled.lower(state, b).compile())
+    assert hlo.count_ratio(counts["gated"], counts["plain"], comm.tree_bytes(params))["verdict"] == "met", counts
 
 
 def test_auto_picks_by_convolution_and_platform(cnn_task):
