@@ -117,6 +117,7 @@ def test_the_gpu_suite_runs_its_items_on_cpu_with_tiny_settings(tmp_path):
     assert main(argv) == 0
     res = json.loads(out.read_text())
     assert (res["model"], res["batch_size"], res["steps_per_repeat"], res["compilations"]) == ("mlp", 8, 2, {})
+    assert set(res["simulation"]["gate_counts"]) == {"vmap"}  # item 1b counted under its timed loop only
     cnn = res["simulation"]["throughput"]["cnn"]
     assert cnn["auto"] == "unroll" and set(cnn["per_k"]["2"]["loops"]) == {"vmap", "map", "unroll"}
     assert cnn["per_k"]["2"]["loops"]["vmap"]["counts"]["grouped_convolutions"] > 0

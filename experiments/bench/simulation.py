@@ -33,7 +33,7 @@ ratio is the median of the per-repetition ratios with its interval
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from experiments.bench import harness, hlo, references, stats
 from experiments.bench.steps import built
@@ -43,9 +43,10 @@ COUNT_TARGET = 1.25  # item 8: path bytes of K workers over one worker with K x 
 
 
 def simulation_benchmarks(models: list[str], batch_size: dict, worker_counts: dict, loop_names: list, repeats: int,
-                          steps: int, warmup: int) -> dict:
-    """Items 1b (the first model) and 8 (every model, its worker counts ``worker_counts[model]``, every
-    loop of ``loop_names``) at ``batch_size[model]`` images per worker (the ``simulation`` dict of the
+                          steps: int, warmup: int, gate_loops: Optional[list] = None) -> dict:
+    """Items 1b (the first model; counted under ``gate_loops``, default ``loop_names``, and the timed
+    auto loop) and 8 (every model, its worker counts ``worker_counts[model]``, every loop of
+    ``loop_names``) at ``batch_size[model]`` images per worker (the ``simulation`` dict of the
     results), on the first device."""
     import jax
     import numpy as np
@@ -58,7 +59,8 @@ def simulation_benchmarks(models: list[str], batch_size: dict, worker_counts: di
                                      stand_in=model in ("resnet18", "vgg16"))
         if i == 0:
             out["num_params"] = int(sum(np.prod(x.shape) for x in jax.tree.leaves(task[1])))
-            gate = gate_with_workers(task, GATE_WORKERS, device, loop_names, repeats, steps, warmup)
+            gate = gate_with_workers(task, GATE_WORKERS, device, loop_names if gate_loops is None else gate_loops,
+                                     repeats, steps, warmup)
             out["ratios"]["gate_with_workers"] = gate.pop("ratio")
             out.update(gate)
         out["throughput"][model] = simulation_throughput(task, worker_counts[model], device, loop_names, repeats,
