@@ -12,6 +12,7 @@ import contextlib
 import os
 import platform
 import signal
+import sys
 import threading
 import time
 from typing import Callable, Optional
@@ -210,9 +211,14 @@ def train(run: Run, on_step: Optional[Callable[[int, dict], None]] = None) -> No
         size=2, put=lambda b: distributed.shard_local_batch(b, setup.layout),
     )
     bar = _progress_bar(T, run.start, setup.config, run.options.progress and run.primary)
+    first_epoch = [] if run.start == 0 and run.primary else None  # its losses, for the check after it
 
     def log(t, metrics):
         row = run.log(t, metrics)
+        if first_epoch is not None and t < spe:
+            first_epoch.append(row["loss"])
+            if t + 1 == spe:
+                warn_if_stuck(setup, first_epoch)
         bar.update(1)
         bar.set_postfix(epoch=f"{(t + 1) / spe:.1f}", loss=f"{row['loss']:.3f}",
                         acc=f"{row.get('accuracy', float('nan')):.3f}", syncs=row["syncs"], refresh=False)
@@ -255,6 +261,22 @@ def train(run: Run, on_step: Optional[Callable[[int, dict], None]] = None) -> No
         batches.close()  # stops and joins the prefetch thread before anything else ends
         bar.close()
         run.close()
+
+
+STUCK = 0.02  # a first epoch whose loss has not fallen 2% below the first step's has not learned
+
+
+def warn_if_stuck(setup: Setup, losses: list) -> None:
+    """One warning line on stderr when the mean training loss of the first epoch's second half has not
+    fallen ``STUCK`` (2%) below the first step's loss (within 2% of it, or above): the run is not
+    learning, most often for its learning rate."""
+    tail = losses[len(losses) // 2:]
+    start, now = losses[0], sum(tail) / len(tail)
+    if now > (1 - STUCK) * start:
+        c = setup.config
+        print(f"warning: {c.label} seed {c.seed}: the training loss of epoch 1 ({now:.4f}, the mean of its second "
+              f"half) is not {STUCK:.0%} below its first step's ({start:.4f}): the run is not learning; its "
+              f"learning rate is {c.lr} (--lr)", file=sys.stderr, flush=True)
 
 
 def summarise(run: Run) -> dict:
