@@ -99,7 +99,7 @@ class Layout(NamedTuple):
     vmap_axes: tuple = ()
     axis_name: tuple = ("batch",)
     group_axis_name: tuple = ()
-    loop: loops.Loop = "vmap"
+    loop: Union[str, int] = "vmap"
 
     @property
     def workers_per_device(self) -> int:
@@ -116,7 +116,7 @@ class Layout(NamedTuple):
 
 
 def workers(num_workers: Optional[int] = None, devices: Optional[Sequence[jax.Device]] = None, *,
-            group_size: int = 1, axis_name: str = "batch", loop: loops.Loop = "vmap") -> Layout:
+            group_size: int = 1, axis_name: str = "batch", loop: Union[str, int] = "vmap") -> Layout:
     """Lay ``num_workers`` workers (default: one per device) over ``devices``
     (default: every device of every process), K = N / D on each device, whose
     forward and backward passes run as ``loop`` says (``loops``: "vmap",

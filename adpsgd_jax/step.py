@@ -173,7 +173,7 @@ class WorkerAxes(NamedTuple):
 
     across: tuple
     inside: tuple = ()
-    loop: loops.Loop = "vmap"
+    loop: Union[str, int] = "vmap"
 
     @property
     def all(self) -> tuple:
