@@ -19,12 +19,14 @@ SUMMARY_KEYS = {"final_train_loss", "test_accuracy", "syncs", "bytes", "eval_rou
                 "compute_step_s", "measured_step_s", "config", "versions", "device_kind"}
 
 
+# compare_dir's runs: 2 epochs, budget 4, the 8 workers on one device (the CLI's default on CPU).
+COMPARE = ["--dataset", "digits", "--epochs", "2", "--avg-period", "4", "--quiet"]
+
+
 @pytest.fixture(scope="module")
 def compare_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("compare")
-    argv = ["--dataset", "digits", "--compare", ",".join(METHODS), "--epochs", "2", "--avg-period", "4",
-            "--out", str(out), "--quiet"]
-    assert cifar.main(argv) == 0
+    assert cifar.main(COMPARE + ["--compare", ",".join(METHODS), "--out", str(out)]) == 0
     return out
 
 
@@ -207,15 +209,16 @@ def test_two_level_time_models_match_the_formulas(two_level_dir):
     assert report.main([str(two_level_dir), "--no-plots", *what_if]) == 0
 
 
-def test_eight_workers_on_one_device_equal_eight_devices(tmp_path, capsys):
-    argv = ["--dataset", "digits", "--epochs", "3", "--compare", "adpsgd,qsgd", "--quiet", "--no-plots"]
-    for devices in ("1", "8"):
-        assert cifar.main(argv + ["--devices", devices, "--out", str(tmp_path / devices)]) == 0
-        first = capsys.readouterr().out.splitlines()[0]  # the run says how its workers run
-        assert first == (f"workers: 8 on {devices} CPU device{'s' if devices == '8' else ''}, {8 // int(devices)} "
-                         f"per device, worker loop vmap (--worker-loop auto)"), first
+def test_eight_workers_on_one_device_equal_eight_devices(compare_dir, tmp_path, capsys):
+    # compare_dir's ADPSGD and QSGD runs (one device), run again on 8 devices.
+    argv = COMPARE + ["--compare", "adpsgd,qsgd", "--devices", "8", "--no-plots", "--out", str(tmp_path)]
+    capsys.readouterr()
+    assert cifar.main(argv) == 0
+    first = capsys.readouterr().out.splitlines()[0]  # the run says how its workers run
+    assert first == "workers: 8 on 8 CPU devices, 1 per device, worker loop vmap (--worker-loop auto)", first
     for method in ("adpsgd", "qsgd"):
-        one, eight = (results.read_json(tmp_path / d / results.run_name(method, 0) / results.SUMMARY) for d in "18")
+        one, eight = (results.read_json(d / results.run_name(method, 0) / results.SUMMARY)
+                      for d in (compare_dir, tmp_path))
         assert (one["num_workers"], one["num_devices"], one["workers_per_device"]) == (8, 1, 8)
         assert (eight["num_workers"], eight["num_devices"], eight["workers_per_device"]) == (8, 8, 1)
         assert one["worker_loop"] == eight["worker_loop"] == "vmap"  # the MLP: auto keeps vmap

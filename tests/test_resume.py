@@ -14,13 +14,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from experiments import checkpoint, cifar, results, train
+from experiments import checkpoint, cifar, results
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING = set(results.TIMINGS)
-# 20 epochs x 11 steps = 220, a checkpoint every 3 steps; the 8 workers share one device (K = 8).
-EVERY = 3
-ARGS = ["--dataset", "digits", "--epochs", "20", "--checkpoint-every", str(EVERY), "--devices", "1", "--quiet",
+# 10 epochs x 11 steps = 110, a checkpoint every 3 steps; the 8 workers share one device (K = 8).
+EVERY, STEPS = 3, 110
+ARGS = ["--dataset", "digits", "--epochs", "10", "--checkpoint-every", str(EVERY), "--devices", "1", "--quiet",
         "--no-plots"]
 
 
@@ -45,6 +45,12 @@ class Run:
 
 
 cli = Run
+
+
+def in_process(out, *extra) -> int:
+    """The CLI in this process (the uninterrupted reference, and the runs that resume a killed one): its
+    exit status."""
+    return cifar.main([*ARGS, "--out", str(out), *extra])
 
 
 def wait_for(predicate, timeout=120.0, poll=0.002):
@@ -77,9 +83,10 @@ def assert_same_run(a, b):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
+    """ADPSGD and CPSGD uninterrupted, checkpointed only at the end (saves cost ~0.1 s each): the runs they
+    are compared with save every few steps, so saving is also shown to leave a run as it is."""
     out = tmp_path_factory.mktemp("reference")
-    proc = cli(out, "--compare", "adpsgd,cpsgd")
-    assert proc.wait(timeout=300) == 0, proc.stderr()
+    assert in_process(out, "--compare", "adpsgd,cpsgd", "--checkpoint-every", "0") == 0
     return out
 
 
@@ -92,7 +99,7 @@ def mid_period_target(reference_run, rng):
     """A checkpoint step inside a period, whose next 3 checkpoints are inside periods too
     (so the process is killed, and resumed, where the replicas differ)."""
     synced = {row["step"]: row["synced"] for row in results.read_jsonl(os.path.join(reference_run, results.METRICS))}
-    candidates = [s for s in range(4 * EVERY, 200, EVERY) if not any(synced[s + k * EVERY] for k in range(4))]
+    candidates = [s for s in range(4 * EVERY, STEPS - 20, EVERY) if not any(synced[s + k * EVERY] for k in range(4))]
     assert candidates
     return int(rng.choice(candidates)), synced
 
@@ -112,8 +119,7 @@ def test_kill_9_then_resume_equals_uninterrupted(reference, tmp_path, method, se
     _, state = final_state(run_dir)
     kernel = state["params"]["fc1"]["kernel"]
     assert not np.array_equal(kernel[0], kernel[1])  # the replicas saved there differ
-    again = cli(tmp_path, "--compare", method, "--resume")
-    assert again.wait(timeout=300) == 0, again.stderr()
+    assert in_process(tmp_path, "--compare", method, "--resume") == 0
     assert_same_run(reference_run, run_dir)
 
 
@@ -137,20 +143,19 @@ SIGNAL_AT_STEP = textwrap.dedent("""
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_sigterm_or_sigint_writes_checkpoint_and_exits_cleanly(reference, tmp_path, signum):
-    # A real signal to the process, sent at step 100 from inside it. Sent from the test process once it
+    # A real signal to the process, sent at step 50 from inside it. Sent from the test process once it
     # saw the run under way, it depended on timing: on a busy machine it can arrive after the loop (which
     # alone handles it), as it likely did when this test once aborted under load.
     run_dir = tmp_path / results.run_name("adpsgd", 0)
     argv = [*ARGS, "--compare", "adpsgd", "--checkpoint-every", "1000", "--out", str(tmp_path)]
-    script = SIGNAL_AT_STEP.format(root=ROOT, step=100, signum=int(signum))
+    script = SIGNAL_AT_STEP.format(root=ROOT, step=50, signum=int(signum))
     proc = subprocess.run([sys.executable, "-c", script, *argv], env={**os.environ, "JAX_PLATFORMS": "cpu"},
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 128 + signum, proc.stderr
     name = signal.Signals(signum).name
-    assert f"stopped: {name} at step 101: checkpoint written in " in proc.stderr and "--resume" in proc.stderr
-    assert "Traceback" not in proc.stderr and checkpoint_steps(run_dir) == [101]
-    again = cli(tmp_path, "--compare", "adpsgd", "--checkpoint-every", "1000", "--resume")  # saves cost 0.1 s each
-    assert again.wait(timeout=300) == 0, again.stderr()
+    assert f"stopped: {name} at step 51: checkpoint written in " in proc.stderr and "--resume" in proc.stderr
+    assert "Traceback" not in proc.stderr and checkpoint_steps(run_dir) == [51]
+    assert in_process(tmp_path, "--compare", "adpsgd", "--checkpoint-every", "1000", "--resume") == 0  # saves: 0.1 s
     assert_same_run(reference / results.run_name("adpsgd", 0), run_dir)
 
 
@@ -196,23 +201,24 @@ KILLED_IN_FIRST_SAVE = textwrap.dedent("""
 """)
 
 
-def test_kill_during_the_first_save_then_resume_starts_over_and_equals_uninterrupted(reference, tmp_path):
-    # The kill lands inside orbax's first save on every run, not at a moment a poll may miss; the default
-    # interval puts that save at step 209 (19 epochs of 11 steps, the first whole epoch past 200 steps).
+def test_kill_during_the_first_save_then_resume_starts_over_and_equals_uninterrupted(reference, tmp_path, capsys):
+    # The kill lands inside orbax's first save on every run, not at a moment a poll may miss; an interval of
+    # 5 epochs of 11 steps puts that save at step 55, half-way through the run.
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    default_interval = ["--checkpoint-every", str(train.default_checkpoint_every(11))]
-    argv = [*ARGS, *default_interval, "--compare", "cpsgd", "--out", str(tmp_path)]
+    interval = ["--checkpoint-every", "55"]
+    argv = [*ARGS, *interval, "--compare", "cpsgd", "--out", str(tmp_path)]
     killed = subprocess.run([sys.executable, "-c", KILLED_IN_FIRST_SAVE.format(root=ROOT), *argv], env=env,
                             capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     run_dir = tmp_path / results.run_name("cpsgd", 0)
     left = sorted(p.name for p in (run_dir / checkpoint.FOLDER).iterdir())
-    assert left == ["209.orbax-checkpoint-tmp"] and checkpoint_steps(run_dir) == [], left  # only the partial save
-    again = cli(tmp_path, *default_interval, "--compare", "cpsgd", "--resume")
-    assert again.wait(timeout=300) == 0, again.stderr()
-    lines = [line for line in again.stderr().splitlines() if line.startswith("--resume")]
+    assert left == ["55.orbax-checkpoint-tmp"] and checkpoint_steps(run_dir) == [], left  # only the partial save
+    capsys.readouterr()
+    assert in_process(tmp_path, *interval, "--compare", "cpsgd", "--resume") == 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("--resume")]
     assert lines == [f"--resume: cpsgd-seed0 has no complete checkpoint (in {run_dir / checkpoint.FOLDER}): "
-                     "starting it from step 0"], again.stderr()
+                     "starting it from step 0"], err
     assert_same_run(reference / results.run_name("cpsgd", 0), run_dir)
 
 
@@ -294,13 +300,14 @@ def test_nan_stops_with_step_and_metric_and_keeps_last_good_checkpoint(tmp_path,
 
 def test_resume_restores_the_outer_state_and_anchor_of_two_level_runs(tmp_path):
     # Two-level ADPSGD with DiLoCo's outer step, cut back to a checkpoint inside a period after a few
-    # syncs (the outer momentum is non-zero there), then resumed: it ends as the uninterrupted run.
+    # syncs (the outer momentum is non-zero there), then resumed: it ends as the uninterrupted run (a copy
+    # of the finished one).
     args = ["--dataset", "digits", "--epochs", "3", "--checkpoint-every", "5", "--keep-checkpoints", "10", "--quiet",
             "--no-plots", "--compare", "adpsgd", "--group-size", "2", "--outer-optimizer", "nesterov"]
     name = results.run_name("adpsgd+nesterov-group2", 0)
-    assert cifar.main(args + ["--out", str(tmp_path / "reference")]) == 0
     assert cifar.main(args + ["--out", str(tmp_path / "cut")]) == 0
     run_dir = tmp_path / "cut" / name
+    shutil.copytree(run_dir, tmp_path / "reference" / name)
     rows = {r["step"]: r for r in results.read_jsonl(os.path.join(run_dir, results.METRICS))}
     target = max(s for s in checkpoint_steps(run_dir) if s < 30 and not rows[s]["synced"] and rows[s]["syncs"] >= 2)
     for step in checkpoint_steps(run_dir):
@@ -342,13 +349,14 @@ def test_resume_of_a_post_local_run_saved_before_issue_19_is_refused(tmp_path, c
 
 def test_resume_inside_the_post_local_warmup_equals_uninterrupted(tmp_path):
     # A post_local run of this version, cut back to a checkpoint inside its full-sync warm-up
-    # (11 steps here), resumes into the same run: both phases follow from the checkpointed step.
+    # (11 steps here), resumes into the same run (a copy of the finished one): both phases follow from
+    # the checkpointed step.
     args = ["--dataset", "digits", "--epochs", "2", "--local-warmup-epochs", "1", "--avg-period", "4",
             "--checkpoint-every", "4", "--keep-checkpoints", "10", "--quiet", "--no-plots", "--schedule", "post_local"]
     name = results.run_name("post_local", 0)
-    assert cifar.main(args + ["--out", str(tmp_path / "reference")]) == 0
     assert cifar.main(args + ["--out", str(tmp_path / "cut")]) == 0
     run_dir = tmp_path / "cut" / name
+    shutil.copytree(run_dir, tmp_path / "reference" / name)
     rows = {r["step"]: r for r in results.read_jsonl(os.path.join(run_dir, results.METRICS))}
     assert [rows[s]["period"] for s in (1, 11, 12)] == [1, 1, 4] and rows[12]["synced"] == 1
     for step in checkpoint_steps(run_dir):
