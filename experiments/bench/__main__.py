@@ -52,7 +52,7 @@ def parser() -> argparse.ArgumentParser:
                                                       "for the cnn and 8 for resnet18 / vgg16; 16 with --quick)")
     p.add_argument("--dataset", default="digits", help=f"data of items 6-7: one of {', '.join(BENCH_DATASETS)}")
     p.add_argument("--data-dir", help="tfds data directory for CIFAR (items 6-7)")
-    p.add_argument("--epochs", type=int, help="training epochs of items 6-7 (default: the dataset's; 3 with --quick)")
+    p.add_argument("--epochs", type=int, help="training epochs of items 6-7 (default: the dataset's; 2 with --quick)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds of items 6-7 (default 0,1,2; 0 with --quick)")
     p.add_argument("--avg-period", type=int, default=8, help="communication budget of CPSGD / ADPSGD (items 6-7)")
     p.add_argument("--predict-workers", type=int, default=16, help="worker count of the time model (item 6)")
@@ -157,7 +157,7 @@ def main(argv=None) -> int:
     sim_workers = {m: _ints(args.sim_workers) or default_sim_workers(m, cpu, args.quick) for m in sim_models}
     sim_loops = [int(x) if x.isdigit() else x for x in _items(args.sim_loops)]
     sim_batch = {m: args.sim_batch_size or default_sim_batch(m, cpu, args.quick) for m in sim_models}
-    epochs = args.epochs or (3 if args.quick else None)
+    epochs = args.epochs or (2 if args.quick else None)
 
     kind = f"CPU, {os.cpu_count()} cores" if cpu else devices[0].device_kind
     res: dict[str, Any] = {"device": f"{kind} x {len(devices)}" + (" (virtual devices)" if cpu else ""),
