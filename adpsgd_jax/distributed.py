@@ -1,5 +1,5 @@
 """Placing workers on devices: jax.distributed start-up, worker layouts,
-replication, batch sharding, and the pmap / shard_map wrappers of a
+replication, batch sharding, and the shard_map wrapper of a
 per-worker step.
 
 N workers live on D devices, K = N / D per device (``workers`` builds the
@@ -188,25 +188,6 @@ def local_rows(x: jax.Array) -> np.ndarray:
     return np.concatenate([np.asarray(s.data) for s in shards])
 
 
-def worker_mesh(axis_name: str = "batch", devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-    """A 1-D mesh of ``devices`` (default: every device of every process)."""
-    return workers(devices=devices, axis_name=axis_name).mesh
-
-
-def group_mesh(group_size: int, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-    """A 2-D mesh [G, L] ("group", "local") of ``devices`` for two-level
-    averaging with one worker per device: G = N / L groups of L =
-    ``group_size`` consecutive devices (default: every device).
-
-    With ``jax.devices()`` ordered process by process, L = devices per process
-    makes each group one host. Raises ValueError unless L divides N.
-    """
-    devices = jax.devices() if devices is None else list(devices)
-    if group_size == 1:
-        return Mesh(np.asarray(devices).reshape(len(devices), 1), ("group", "local"))
-    return workers(devices=devices, group_size=group_size).mesh
-
-
 def worker_spec(mesh: Mesh) -> P:
     """PartitionSpec of a per-worker array: the leading axis split over every mesh axis."""
     names = tuple(mesh.axis_names)
@@ -298,25 +279,6 @@ def _checked(compiled: Callable, num_workers: int) -> Callable:
 
     run.compiled = compiled
     return run
-
-
-def pmap_step(step: Callable, mesh: Mesh, donate_state: bool = True) -> Callable:
-    """``jax.pmap`` a per-device ``step(state, batch)`` over the mesh's axis.
-
-    The returned function checks, before dispatching (and so before the
-    first compilation), that state and batch have leading dimension N.
-    ``.compiled`` is the raw pmapped function.
-
-    Read a step's outputs (e.g. its metrics) within a few steps of
-    dispatching it: on many virtual CPU devices, hundreds of steps in flight
-    can stall XLA's CPU all-reduce ("Expected N threads ... arrived").
-    """
-    if mesh.devices.ndim != 1:
-        raise ValueError(f"pmap_step maps one axis; the mesh has axes {mesh.axis_names}: use shard_map_step")
-    devices = list(mesh.devices.flat)
-    compiled = jax.pmap(step, axis_name=mesh.axis_names[0], devices=devices,
-                        donate_argnums=(0,) if donate_state else ())
-    return _checked(compiled, len(devices))
 
 
 def _in_axes(state) -> Any:

@@ -23,11 +23,19 @@ os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.1"  # programs that take longer than this to build
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 from adpsgd_jax import distributed  # noqa: E402
 
 distributed.set_cpu_devices(8)
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+@pytest.fixture(scope="session")
+def mesh():
+    """The 1-D mesh ("batch",) of the 8 devices, one worker each (tests/helpers.py)."""
+    assert jax.device_count() == 8
+    return distributed.workers().mesh
 
 
 def pytest_unconfigure(config):

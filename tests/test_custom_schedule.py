@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from experiments import cifar, study
-from test_schedules import simulate
+from helpers import simulate
 
 PAGE = pathlib.Path(__file__).resolve().parent.parent / "docs" / "custom_schedule.md"
 SPEC = "my_schedules:linear_ramp"

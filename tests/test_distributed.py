@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 
 from adpsgd_jax import distributed as D
+from helpers import flat_mesh
 
 N = 8
 
 
 def test_replicate_matches_pmap_output_sharding():
-    mesh = D.worker_mesh()
+    mesh = flat_mesh()
     tree = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "step": jnp.zeros((), jnp.int32)}
     rep = D.replicate(tree, mesh)
     assert rep["w"].shape == (N, 2, 3) and rep["step"].shape == (N,)
@@ -24,7 +25,7 @@ def test_replicate_matches_pmap_output_sharding():
 
 
 def test_shard_batch_places_rows_on_devices():
-    mesh = D.worker_mesh()
+    mesh = flat_mesh()
     batch = {"x": np.arange(N * 3 * 2, dtype=np.float32).reshape(N, 3, 2)}
     placed = D.shard_batch(batch, mesh)
     for shard in placed["x"].addressable_shards:
@@ -38,6 +39,6 @@ def test_check_leading_dim_rejects_wrong_layouts(shape):
         D.check_leading_dim({"x": np.zeros(shape)}, N)
 
 
-def test_worker_mesh_of_a_subset():
-    mesh = D.worker_mesh("workers", jax.devices()[:4])
+def test_workers_of_a_subset_of_devices():
+    mesh = D.workers(devices=jax.devices()[:4], axis_name="workers").mesh
     assert mesh.axis_names == ("workers",) and mesh.devices.size == 4

@@ -11,14 +11,9 @@ import pytest
 
 import adpsgd_jax as A
 from adpsgd_jax import distributed as D, schedules as S
-from test_step import SCHEDULES, Data, init_params, loss_fn, replicas, run, start
+from helpers import SCHEDULES, Data, init_params, loss_fn, pmap_step, replicas, run, start, two_level_mesh
 
 DILOCO = dict(learning_rate=0.7, momentum=0.9)
-
-
-@pytest.fixture(scope="module")
-def mesh():
-    return D.worker_mesh()
 
 
 @pytest.mark.parametrize("name", sorted(SCHEDULES) + ["adpsgd, two-level"])
@@ -28,7 +23,7 @@ def test_outer_sgd_with_lr_1_equals_plain_averaging(mesh, name):
     lr = optax.piecewise_constant_schedule(0.05, {T // 2: 0.1})
     schedule = SCHEDULES[name.split(",")[0]](T, lr)
     kw = dict(wrap=D.shard_map_step, axis_name="group", group_axis_name="local") if "two-level" in name else {}
-    where = D.group_mesh(2) if kw else mesh
+    where = two_level_mesh(2) if kw else mesh
     plain, hp = run(where, optax.sgd(lr, momentum=0.9), schedule, T, **kw)
     outer, ho = run(where, optax.sgd(lr, momentum=0.9), schedule, T, outer=optax.sgd(1.0), **kw)
     chex.assert_trees_all_close(outer.params, plain.params, rtol=1e-5, atol=1e-6)
@@ -44,8 +39,8 @@ def test_nesterov_outer_step_matches_the_formula(mesh):
     opt, period = optax.sgd(0.05), 3
     outer = optax.sgd(**DILOCO, nesterov=True)
     built = A.local_sgd(loss_fn, opt, S.constant(period), outer_optimizer=outer)
-    sync_step = D.pmap_step(built.step, mesh, donate_state=False)
-    local_step = D.pmap_step(A.local_sgd(loss_fn, opt, S.constant(10**6), outer_optimizer=outer).step, mesh,
+    sync_step = pmap_step(built.step, mesh, donate_state=False)
+    local_step = pmap_step(A.local_sgd(loss_fn, opt, S.constant(10**6), outer_optimizer=outer).step, mesh,
                              donate_state=False)
     state, data = start(mesh, built), Data(drift=2.0)
     anchor = jax.tree.map(np.asarray, init_params()[0])

@@ -18,16 +18,11 @@ import pytest
 
 import adpsgd_jax as A
 from adpsgd_jax import comm, distributed as D, schedules as S
-from test_step import Data, init_params, loss_fn, replicas, start, traced_run
-from test_workers import assert_all_reduces_inside_conditionals
+from helpers import (Data, assert_all_reduces_inside_conditionals, init_params, loss_fn, pmap_step, replicas, start,
+                     traced_run, two_level_mesh)
 
 T = 20
 CASES = [(0, 3), (1, 4), (5, 4), (6, 1), (7, 5), (T, 3), (T + 7, 2)]  # (W, p), W = 0 and W >= T included
-
-
-@pytest.fixture(scope="module")
-def mesh():
-    return D.worker_mesh()
 
 
 def averaging_after(steps, period):
@@ -47,12 +42,12 @@ def pytorch_recipe(mesh, optimizer, warmup, period, steps=T):
     """W ``allreduce`` steps, then ``local_sgd`` averaging after steps W, W+p, ...; a snapshot per step."""
     full = A.allreduce(loss_fn, optimizer)
     local = A.local_sgd(loss_fn, optimizer, averaging_after(range(warmup, steps, period), period))
-    state, step, data, snaps = start(mesh, full), D.pmap_step(full.step, mesh), Data(), []
+    state, step, data, snaps = start(mesh, full), pmap_step(full.step, mesh), Data(), []
     for t in range(steps):
         if t == warmup:  # the hook's last global all-reduce is behind: continue with the same workers
             state = start(mesh, local)._replace(step=state.step, params=state.params, opt_state=state.opt_state,
                                                 model_state=state.model_state, comm=state.comm)
-            step = D.pmap_step(local.step, mesh)
+            step = pmap_step(local.step, mesh)
         state, metrics = step(state, D.shard_batch(data.batch(), mesh))
         snaps.append(snapshot(state, metrics))
     return snaps
@@ -60,7 +55,7 @@ def pytorch_recipe(mesh, optimizer, warmup, period, steps=T):
 
 def one_program(mesh, optimizer, schedule, steps=T, **kw):
     built = A.local_sgd(loss_fn, optimizer, schedule, **kw)
-    state, step, data, snaps = start(mesh, built), D.pmap_step(built.step, mesh), Data(), []
+    state, step, data, snaps = start(mesh, built), pmap_step(built.step, mesh), Data(), []
     for _ in range(steps):
         state, metrics = step(state, D.shard_batch(data.batch(), mesh))
         snaps.append(snapshot(state, metrics))
@@ -144,7 +139,7 @@ def test_the_warmup_all_reduce_sits_inside_a_conditional():
 def test_two_level_warmup_averages_over_every_worker_and_sets_the_anchor():
     # Groups of 4 and DiLoCo's outer step: the warm-up's mean spans both groups (counted in
     # comm, not group_comm), and the outer optimizer's first change starts from its end.
-    mesh, warmup, period, steps = D.group_mesh(4), 4, 3, 11
+    mesh, warmup, period, steps = two_level_mesh(4), 4, 3, 11
     built = A.local_sgd(loss_fn, optax.sgd(0.05, momentum=0.9), S.post_local(warmup, period), axis_name="group",
                         group_axis_name="local", outer_optimizer=optax.sgd(0.7, momentum=0.9, nesterov=True))
     state, step, data = start(mesh, built), D.shard_map_step(built.step, mesh), Data()

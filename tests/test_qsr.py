@@ -6,11 +6,10 @@ and the equality on 8 / 4 / 2 / 1 devices are in test_step.py and test_workers.p
 import math
 
 import numpy as np
-import optax
 import pytest
 
 from adpsgd_jax import schedules as S
-from test_schedules import simulate
+from helpers import simulate
 
 
 def sync_positions(schedule, total_steps):

@@ -6,7 +6,7 @@ import re
 
 import numpy as np
 
-from test_step import BATCH, DIM, init_params, loss_fn
+from helpers import BATCH, DIM, init_params, loss_fn
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 

@@ -16,38 +16,9 @@ import pytest
 
 from adpsgd_jax import schedules as S
 from adpsgd_jax.schedules import planned
+from helpers import simulate
 
 T = 800
-
-
-def simulate(schedule, total_steps, lr=None, alpha=1.0, saturation=None, loss_fn=None):
-    """Run ``schedule`` for ``total_steps``; return (synced[T], period[T]) as numpy.
-
-    ``synced`` marks parameter averages only. A full-sync (warm-up) step keeps
-    the replicas identical, so the variance restarts after it.
-    """
-    lr = lr or (lambda s: 1.0)
-
-    def body(carry, step):
-        state, last = carry
-        if schedule.full_sync_step is not None:
-            last = jnp.where(schedule.full_sync_step(state, step), step + 1, last)
-        sync = schedule.should_sync(state, step)
-        tau = (step + 1 - last).astype(jnp.float32)
-        variance = lr(step) ** 2 * tau**alpha
-        if saturation is not None:
-            variance = saturation * variance / (saturation + variance)
-        loss = loss_fn(step) if loss_fn else jnp.float32(1.0)
-        state, last = jax.lax.cond(
-            sync,
-            lambda: (schedule.update(state, step, jnp.float32(variance), jnp.float32(loss)), step + 1),
-            lambda: (state, last),
-        )
-        return (state, last), (sync, state.period)
-
-    run = jax.jit(lambda: jax.lax.scan(body, (schedule.init(), jnp.int32(0)), jnp.arange(total_steps))[1])
-    synced, period = run()
-    return np.asarray(synced), np.asarray(period)
 
 
 @pytest.mark.parametrize("period,total", [(1, 37), (3, 37), (8, 800), (7, 50), (50, 49)])

@@ -1,4 +1,4 @@
-"""The train and eval steps on 8 virtual CPU devices.
+"""The train and eval steps on 8 virtual CPU devices, on the regression of tests/helpers.py.
 
 The model is linear regression with a per-worker target, y = x . w_i + noise,
 w_i = w* + drift * delta_i: each worker's data pulls its replica elsewhere,
@@ -15,75 +15,8 @@ import pytest
 
 import adpsgd_jax as A
 from adpsgd_jax import comm, distributed as D, schedules as S
-
-N, DIM, BATCH = 8, 6, 4
-
-
-def loss_fn(params, model_state, batch, rng):
-    del rng
-    pred = batch["x"] @ params["w"] + params["b"]
-    err = pred - batch["y"]
-    # A model state that changes every step (running mean of the targets)
-    # exercises model-state averaging.
-    new_state = {"y_mean": 0.9 * model_state["y_mean"] + 0.1 * jnp.mean(batch["y"])}
-    return 0.5 * jnp.mean(err**2), (new_state, {"abs_err": jnp.mean(jnp.abs(err))})
-
-
-def init_params():
-    return {"w": jnp.zeros((DIM,), jnp.float32), "b": jnp.zeros((), jnp.float32)}, {"y_mean": jnp.zeros(())}
-
-
-class Data:
-    """Deterministic per-worker regression batches [N, BATCH, ...]."""
-
-    def __init__(self, seed=0, drift=0.5):
-        rng = np.random.default_rng(seed)
-        self.w = rng.normal(size=DIM) + drift * rng.normal(size=(N, DIM))
-        self.rng = rng
-
-    def batch(self):
-        x = self.rng.normal(size=(N, BATCH, DIM)).astype(np.float32)
-        y = np.einsum("nbd,nd->nb", x, self.w) + 0.3 * self.rng.normal(size=(N, BATCH))
-        return {"x": x, "y": y.astype(np.float32)}
-
-
-@pytest.fixture(scope="module")
-def mesh():
-    assert jax.device_count() == N
-    return D.worker_mesh()
-
-
-def strategy_for(optimizer, schedule=None, strategy="average", outer=None, qsgd_levels=127, qsgd_bucket_size=None,
-                 axis_name="batch", **kw):
-    """The library strategy named ``strategy`` on test_step's regression."""
-    if strategy == "allreduce":
-        return A.allreduce(loss_fn, optimizer, axis_name=axis_name)
-    if strategy == "qsgd":
-        return A.qsgd(loss_fn, optimizer, levels=qsgd_levels, bucket_size=qsgd_bucket_size, axis_name=axis_name)
-    assert strategy == "average", strategy
-    return A.local_sgd(loss_fn, optimizer, schedule, axis_name=axis_name, outer_optimizer=outer, **kw)
-
-
-def start(where, strategy, seed=0):
-    params, model_state = init_params()
-    return D.replicate(strategy.init(params, model_state, jax.random.PRNGKey(seed)), where)
-
-
-def run(where, optimizer, schedule, steps, strategy="average", data=None, wrap=D.pmap_step, outer=None, **kw):
-    """``steps`` steps from init_params on Data(); ``outer`` is the outer optimizer, ``kw`` go to the strategy."""
-    data = data or Data()
-    built = strategy_for(optimizer, schedule, strategy, outer=outer, **kw)
-    state = start(where, built)
-    step = wrap(built.step, where)
-    history = []
-    for _ in range(steps):
-        state, metrics = step(state, D.shard_batch(data.batch(), where))
-        history.append(jax.tree.map(np.asarray, metrics))
-    return state, history
-
-
-def replicas(tree):
-    return [jax.tree.map(lambda x: np.asarray(x)[i], tree) for i in range(N)]
+from helpers import (BATCH, DIM, N, SCHEDULES, Data, init_params, loss_fn, pmap_step, replicas, run, start,
+                     strategy_for, traced_run)
 
 
 @pytest.mark.parametrize("momentum", [None, 0.9])
@@ -101,7 +34,7 @@ def test_replicas_identical_after_every_sync_and_apart_between(mesh):
     opt = optax.sgd(0.05)
     data = Data()
     built = A.local_sgd(loss_fn, opt, S.constant(3))
-    state, step = start(mesh, built), D.pmap_step(built.step, mesh)
+    state, step = start(mesh, built), pmap_step(built.step, mesh)
     for t in range(9):
         state, metrics = step(state, D.shard_batch(data.batch(), mesh))
         copies = replicas((state.params, state.model_state))
@@ -123,7 +56,7 @@ def test_single_step_golden_value(mesh):
     x = np.zeros((N, BATCH, DIM), np.float32)
     x[..., 0] = 1.0
     y = np.broadcast_to(np.arange(N, dtype=np.float32)[:, None], (N, BATCH))
-    step = D.pmap_step(built.step, mesh)
+    step = pmap_step(built.step, mesh)
     state, metrics = step(state, D.shard_batch({"x": x, "y": np.ascontiguousarray(y)}, mesh))
     w, b = D.unreplicate(state.params)["w"], D.unreplicate(state.params)["b"]
     assert w[0] == pytest.approx(1.75), "the averaged SGD step changed: check apply / pmean order"
@@ -197,38 +130,6 @@ def test_qsgd_counter_equals_the_bytes_its_collectives_send(mesh, levels, bucket
     assert comm.total_bytes(state.comm) == 3 * sent
 
 
-SCHEDULES = {
-    "full_sync": lambda T, lr: S.full_sync(),
-    "constant": lambda T, lr: S.constant(3),
-    "post_local": lambda T, lr: S.post_local(5, 3),
-    "stagewise": lambda T, lr: S.stagewise(2, [T // 2], 2.0),
-    "adacomm": lambda T, lr: S.adacomm(6, 10),
-    "adpsgd": lambda T, lr: S.adpsgd(T, 3, lr_schedule=lr),
-    "lr_proportional": lambda T, lr: S.lr_proportional(T, 3, lr_schedule=lr),
-    "qsr": lambda T, lr: S.qsr(T, 3, lr_schedule=lr),
-    "variance_trigger": lambda T, lr: S.variance_trigger(T, 3, lr_schedule=lr),
-}
-
-
-def traced_run(where, optimizer, schedule, steps, wrap=D.pmap_step, outer=None, strategy="average", **kw):
-    """Run ``steps`` steps through a trace counter; returns (number of traces, the period of each step)."""
-    traces = []
-    chex.clear_trace_counter()  # chex keys its counter by function hash, shared across parametrizations
-    built = strategy_for(optimizer, schedule, strategy, outer=outer, **kw)
-
-    def counted(state, batch):
-        traces.append(1)
-        return built.step(state, batch)
-
-    state = start(where, built)
-    step = wrap(chex.assert_max_traces(counted, n=1), where)
-    data, periods = Data(), []
-    for _ in range(steps):
-        state, metrics = step(state, D.shard_batch(data.batch(), where))
-        periods.append(int(metrics.period[0]))
-    return len(traces), periods
-
-
 @pytest.mark.parametrize("name", sorted(SCHEDULES) + ["allreduce", "qsgd"])
 def test_no_retrace_over_a_whole_run(mesh, name):
     T = 40
@@ -263,8 +164,8 @@ def test_variance_metric_matches_float64_on_gathered_replicas(mesh):
     data = Data(seed=3, drift=2.0)
     built = A.local_sgd(loss_fn, opt, S.constant(5))
     state = start(mesh, built)
-    sync_step = D.pmap_step(built.step, mesh, donate_state=False)
-    local_step = D.pmap_step(A.local_sgd(loss_fn, opt, S.constant(10**6)).step, mesh, donate_state=False)
+    sync_step = pmap_step(built.step, mesh, donate_state=False)
+    local_step = pmap_step(A.local_sgd(loss_fn, opt, S.constant(10**6)).step, mesh, donate_state=False)
     for _ in range(4):
         state, _ = sync_step(state, D.shard_batch(data.batch(), mesh))
     batch = D.shard_batch(data.batch(), mesh)
@@ -294,7 +195,7 @@ def test_shard_map_equals_pmap(mesh):
     T = 30
     lr = optax.cosine_decay_schedule(0.05, T)
     sched = S.adpsgd(T, 4, lr_schedule=lr)
-    a, ha = run(mesh, optax.sgd(lr, momentum=0.9), sched, T, wrap=D.pmap_step)
+    a, ha = run(mesh, optax.sgd(lr, momentum=0.9), sched, T, wrap=pmap_step)
     b, hb = run(mesh, optax.sgd(lr, momentum=0.9), sched, T, wrap=D.shard_map_step)
     chex.assert_trees_all_close(a.params, b.params, rtol=1e-5, atol=1e-6)
     assert [m.synced[0] for m in ha] == [m.synced[0] for m in hb]
@@ -340,8 +241,8 @@ def test_bad_step_arguments(build, match):
         build()
 
 
-@pytest.mark.parametrize("wrap", [D.pmap_step, D.shard_map_step])
-def test_batch_leading_dim_must_equal_device_count(mesh, wrap):
+def test_batch_leading_dim_must_equal_device_count(mesh):
+    wrap = D.shard_map_step
     opt = optax.sgd(0.1)
     traces = []
 

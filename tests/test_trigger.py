@@ -12,7 +12,7 @@ import pytest
 
 import adpsgd_jax as A
 from adpsgd_jax import comm, distributed as D, schedules as S
-from test_step import Data, N, init_params, loss_fn
+from helpers import Data, N, init_params, loss_fn, pmap_step
 
 
 def flat(params):
@@ -26,8 +26,8 @@ def gathered_run(mesh, schedule, steps, data):
     opt = optax.sgd(optax.cosine_decay_schedule(0.05, steps), momentum=0.9)
     built = A.local_sgd(loss_fn, opt, schedule)
     twin = A.local_sgd(loss_fn, opt, schedule._replace(should_sync=lambda state, step: jnp.asarray(False)))
-    step = D.pmap_step(built.step, mesh, donate_state=False)
-    local = D.pmap_step(twin.step, mesh, donate_state=False)
+    step = pmap_step(built.step, mesh, donate_state=False)
+    local = pmap_step(twin.step, mesh, donate_state=False)
     state = D.replicate(built.init(*init_params(), jax.random.PRNGKey(0)), mesh)
     rows = []
     for _ in range(steps):
@@ -38,11 +38,6 @@ def gathered_run(mesh, schedule, steps, data):
         state, metrics = step(state, batch)
         rows.append((flat(pre.params), anchor, direction, jax.tree.map(np.asarray, metrics)))
     return state, rows
-
-
-@pytest.fixture(scope="module")
-def mesh():
-    return D.worker_mesh()
 
 
 @pytest.mark.parametrize("direction", [True, False], ids=["direction", "no-direction"])
@@ -77,7 +72,7 @@ def test_bytes_and_rounds_of_syncs_and_of_the_per_step_pair(mesh):
     schedule = S.variance_trigger(steps, 6)
     built = A.local_sgd(loss_fn, optax.sgd(0.05), schedule)
     state = D.replicate(built.init(*init_params(), jax.random.PRNGKey(0)), mesh)
-    step, data = D.pmap_step(built.step, mesh), Data()
+    step, data = pmap_step(built.step, mesh), Data()
     synced = []
     for _ in range(steps):
         state, metrics = step(state, D.shard_batch(data.batch(), mesh))

@@ -13,13 +13,14 @@ import pytest
 
 import adpsgd_jax as A
 from adpsgd_jax import comm, distributed as D, schedules as S
-from test_step import BATCH, DIM, N, Data, init_params, loss_fn, replicas, run, start, traced_run
+from helpers import (BATCH, DIM, N, Data, flat_mesh, init_params, loss_fn, replicas, run, start, traced_run,
+                     two_level_mesh)
 
 TWO_LEVEL = dict(axis_name="group", group_axis_name="local")
 
 
 def run_grouped(group_size, optimizer, schedule, steps, **kw):
-    return run(D.group_mesh(group_size), optimizer, schedule, steps, wrap=D.shard_map_step, **TWO_LEVEL, **kw)
+    return run(two_level_mesh(group_size), optimizer, schedule, steps, wrap=D.shard_map_step, **TWO_LEVEL, **kw)
 
 
 def group_copies(tree, group_size):
@@ -32,7 +33,7 @@ def test_group_size_one_equals_flat_averaging():
     T = 30
     lr = optax.cosine_decay_schedule(0.05, T)
     opt, sched = optax.sgd(lr, momentum=0.9), S.adpsgd(T, 4, lr_schedule=lr)
-    flat, hf = run(D.worker_mesh(), opt, sched, T, wrap=D.shard_map_step)
+    flat, hf = run(flat_mesh(), opt, sched, T, wrap=D.shard_map_step)
     two, ht = run_grouped(1, opt, sched, T)
     chex.assert_trees_all_close(two.params, flat.params, rtol=1e-6, atol=1e-7)
     chex.assert_trees_all_close(two.model_state, flat.model_state, rtol=1e-6, atol=1e-7)
@@ -45,7 +46,7 @@ def test_group_size_one_equals_flat_averaging():
 def test_one_group_holding_every_device_equals_full_sync(schedule):
     opt = optax.sgd(0.05, momentum=0.9)
     two, history = run_grouped(N, opt, schedule, 12)
-    full, _ = run(D.worker_mesh(), opt, None, 12, strategy="allreduce", wrap=D.shard_map_step)
+    full, _ = run(flat_mesh(), opt, None, 12, strategy="allreduce", wrap=D.shard_map_step)
     chex.assert_trees_all_close(two.params, full.params, rtol=1e-6, atol=1e-7)
     chex.assert_trees_all_close(two.model_state, full.model_state, rtol=1e-6, atol=1e-7)
     assert all(m.variance[0] == 0.0 for m in history if m.synced[0])
@@ -57,7 +58,7 @@ def test_one_group_holding_every_device_equals_full_sync(schedule):
 @pytest.mark.parametrize("group_size", [2, 4])
 def test_replicas_identical_within_groups_after_every_step(group_size):
     opt, period = optax.sgd(0.05), 3
-    mesh = D.group_mesh(group_size)
+    mesh = two_level_mesh(group_size)
     built = A.local_sgd(loss_fn, opt, S.constant(period), **TWO_LEVEL)
     state, data = start(mesh, built), Data()
     step = D.shard_map_step(built.step, mesh)
@@ -76,7 +77,7 @@ def test_replicas_identical_within_groups_after_every_step(group_size):
 
 def test_variance_is_measured_across_groups():
     group_size, opt = 2, optax.sgd(0.05)
-    mesh = D.group_mesh(group_size)
+    mesh = two_level_mesh(group_size)
     built = A.local_sgd(loss_fn, opt, S.constant(4), **TWO_LEVEL)
     sync_step = D.shard_map_step(built.step, mesh, donate_state=False)
     local_step = D.shard_map_step(A.local_sgd(loss_fn, opt, S.constant(10**6), **TWO_LEVEL).step, mesh,
@@ -111,7 +112,7 @@ def test_no_retrace_over_a_whole_run_with_either_option(options):
     lr = optax.piecewise_constant_schedule(0.05, {T // 2: 0.1})
     outer = optax.sgd(0.7, momentum=0.9, nesterov=True) if "outer" in options else None
     grouped = "two-level" in options
-    traces, periods = traced_run(D.group_mesh(2) if grouped else D.worker_mesh(), optax.sgd(lr),
+    traces, periods = traced_run(two_level_mesh(2) if grouped else flat_mesh(), optax.sgd(lr),
                                  S.adpsgd(T, 3, lr_schedule=lr), T, wrap=D.shard_map_step, outer=outer,
                                  **(TWO_LEVEL if grouped else {}))
     assert traces == 1
@@ -121,7 +122,7 @@ def test_no_retrace_over_a_whole_run_with_either_option(options):
 def test_eval_step_over_both_axes_evaluates_the_mean_model():
     state, _ = run_grouped(2, optax.sgd(0.05), S.constant(100), 3)  # the groups differ
     params = jax.tree.map(lambda x: np.asarray(x).mean(axis=0), state.params)
-    mesh = D.group_mesh(2)
+    mesh = two_level_mesh(2)
 
     def eval_fn(params, model_state, chunk):
         return {"sq_err": (chunk["x"] @ params["w"] + params["b"] - chunk["y"]) ** 2}
@@ -137,17 +138,15 @@ def test_eval_step_over_both_axes_evaluates_the_mean_model():
 
 def test_bad_two_level_arguments():
     with pytest.raises(ValueError, match=r"group_size must be .* divides the number of workers \(8\), got 3"):
-        D.group_mesh(3)
-    with pytest.raises(ValueError, match="use shard_map_step"):
-        D.pmap_step(lambda s, b: (s, b), D.group_mesh(2))
+        D.workers(group_size=3)
     with pytest.raises(TypeError, match="group_axis_name"):  # the full-sync strategies have no groups
         A.allreduce(loss_fn, optax.sgd(0.1), **TWO_LEVEL)
     with pytest.raises(ValueError, match="must not share a name with axis_name"):
         A.local_sgd(loss_fn, optax.sgd(0.1), S.constant(2), axis_name="x", group_axis_name=("x", "y"))
 
 
-def test_group_mesh_rows_are_consecutive_workers():
-    mesh = D.group_mesh(4)
+def test_group_rows_are_consecutive_workers():
+    mesh = D.workers(group_size=4).mesh
     assert mesh.axis_names == ("group", "local") and mesh.devices.shape == (2, 4)
     assert [d.id for d in mesh.devices.flat] == [d.id for d in jax.devices()]
     batch = D.shard_batch({"x": np.arange(N * BATCH, dtype=np.float32).reshape(N, BATCH)}, mesh)

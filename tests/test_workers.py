@@ -6,8 +6,6 @@ workers share a device on a vmapped named axis; the sync gate stays one
 scalar per device program.
 """
 
-import re
-
 import chex
 import jax
 import numpy as np
@@ -16,7 +14,7 @@ import pytest
 
 import adpsgd_jax as A
 from adpsgd_jax import comm, distributed as D, schedules as S
-from test_step import BATCH, N, SCHEDULES, Data, init_params, loss_fn, replicas
+from helpers import BATCH, N, SCHEDULES, Data, assert_all_reduces_inside_conditionals, init_params, loss_fn, replicas
 
 T = 24
 LR = optax.piecewise_constant_schedule(0.05, {T // 2: 0.1})
@@ -104,26 +102,6 @@ def test_workers_on_one_device_differ_between_syncs_and_agree_after():
         else:
             chex.assert_trees_all_equal(*copies)
             assert metrics.variance[0] > 0
-
-
-def assert_all_reduces_inside_conditionals(schedule):
-    """With 4 workers on each of 2 devices, every all-reduce of ``local_sgd``'s compiled
-    step is inside a conditional's branch (a batched predicate would have turned the
-    cond into a select that all-reduces every step)."""
-    layout = D.workers(N, jax.devices()[:2])
-    built = A.local_sgd(loss_fn, optax.sgd(0.05), schedule, workers=layout)
-    state = D.replicate(built.init(*init_params(), jax.random.PRNGKey(0)), layout)
-    batch = D.shard_batch(Data().batch(), layout)
-    hlo = D.shard_map_step(built.step, layout).compiled.lower(state, batch).compile().as_text()
-    assert "conditional" in hlo
-    branches = re.findall(r"branch_computations=\{([^}]*)\}", hlo) + re.findall(
-        r"(?:true|false)_computation=([\w.\-]+)", hlo)
-    assert branches, "no conditional with branches in the compiled program"
-    entry = hlo[hlo.index("ENTRY"):]
-    entry = entry[:entry.index("\n}\n")]
-    assert "all-reduce" not in entry, "an all-reduce runs outside the conditional, on every step"
-    assert hlo.count("all-reduce(") + hlo.count("all-reduce-start(") >= 1
-    return hlo
 
 
 def test_the_all_reduce_sits_inside_the_conditional():
