@@ -45,6 +45,7 @@ import time
 import tomllib
 from typing import NamedTuple
 
+from experiments.executor import CLUSTERS, EXECUTORS
 from experiments.names import LR_SCHEDULES, METHODS, PLUGIN_FORM, is_plugin
 
 # The offline preset: digits (ships with scikit-learn), the paper's budget (--avg-period 8), 330 steps a run.
@@ -63,10 +64,13 @@ PRESETS = {
 }
 CACHE = ".jax_cache"  # under --out
 GRID_KEYS = ("dataset", "methods", "baseline", "partitions", "lr_schedules", "workers", "seeds", "total_batch",
-             "batch_size", "args")
+             "batch_size", "args", "processes", "resources")
 # Flags the grid sets itself, per setting: refused in ``args``.
 GRID_FLAGS = ("--dataset", "--compare", "--strategy", "--schedule", "--partition", "--lr-schedule", "--workers",
-              "--batch-size", "--seeds", "--seed", "--out", "--resume", "--quiet", "--no-plots")
+              "--batch-size", "--seeds", "--seed", "--out", "--resume", "--quiet", "--no-plots", "--coordinator",
+              "--num-processes", "--process-id")
+# A grid's [resources] table: what each job of --executor submitit asks for (experiments/executor.py).
+RESOURCE_KEYS = ("gpus", "cpus", "time_min", "partition", "tasks_per_node")
 
 
 class StudyError(ValueError):
@@ -94,6 +98,8 @@ class Grid(NamedTuple):
     settings: tuple  # of Setting
     seeds: tuple
     args: tuple
+    processes: int = 1  # processes of each run (jax.distributed; --executor submitit only)
+    resources: dict = {}  # the grid's [resources] table, checked (RESOURCE_KEYS)
 
 
 def _list(grid: dict, key: str, kind: type, default=None) -> list:
@@ -162,25 +168,56 @@ def parse_grid(grid: dict) -> Grid:
     if not isinstance(dataset, str):
         raise StudyError(f"grid key 'dataset' must be a string, got {dataset!r}")
     settings = tuple(Setting(p, s, n, batches[n]) for p in partitions for s in lr_schedules for n in workers)
-    return Grid(dataset, tuple(methods), baseline, settings, tuple(seeds), tuple(args))
+    return Grid(dataset, tuple(methods), baseline, settings, tuple(seeds), tuple(args), *_job_keys(grid))
 
 
-def setting_argv(grid: Grid, setting: Setting, out: str) -> list:
-    """The experiments.cifar flags of one setting's runs (without --resume)."""
-    return ["--dataset", grid.dataset, "--compare", ",".join(grid.methods), "--partition", setting.partition,
-            "--lr-schedule", setting.lr_schedule, "--workers", str(setting.workers), "--batch-size",
-            str(setting.batch_size), "--seeds", ",".join(map(str, grid.seeds)), "--out",
+def _positive(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise StudyError(f"{what} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def _job_keys(grid: dict) -> tuple:
+    """The grid's ``processes`` and ``resources``, checked."""
+    processes = _positive(grid.get("processes", 1), "grid key 'processes'")
+    resources = grid.get("resources", {})
+    if not isinstance(resources, dict):
+        raise StudyError(f"grid key 'resources' must be a table of {', '.join(RESOURCE_KEYS)}, got {resources!r}")
+    unknown = sorted(set(resources) - set(RESOURCE_KEYS))
+    if unknown:
+        raise StudyError(f"grid key 'resources': unknown key(s) {', '.join(unknown)}; accepted keys: "
+                         f"{', '.join(RESOURCE_KEYS)}")
+    for key, value in resources.items():
+        if key == "partition":
+            if not isinstance(value, str) or not value:
+                raise StudyError(f"grid key 'resources.partition' must be a SLURM partition's name, got {value!r}")
+        elif key == "gpus" and value == 0 and not isinstance(value, bool):
+            continue
+        else:
+            _positive(value, f"grid key 'resources.{key}'")
+    return processes, dict(resources)
+
+
+def setting_argv(grid: Grid, setting: Setting, out: str, methods=None, seeds=None) -> list:
+    """The experiments.cifar flags of one setting's runs (without --resume): every method and seed of
+    the grid, or ``methods`` and ``seeds``."""
+    return ["--dataset", grid.dataset, "--compare", ",".join(methods or grid.methods), "--partition",
+            setting.partition, "--lr-schedule", setting.lr_schedule, "--workers", str(setting.workers),
+            "--batch-size", str(setting.batch_size), "--seeds", ",".join(map(str, seeds or grid.seeds)), "--out",
             os.path.join(out, setting.name), "--quiet", "--no-plots", *grid.args]
 
 
 def plan(grid: Grid, out: str) -> list:
-    """[(setting, configs, options)] for every setting, every flag checked (no jax, nothing written)."""
+    """[(setting, configs, options)] for every setting, every flag checked (no jax, nothing written).
+    A run of several processes is checked as its process 0 (the executor gives each its id)."""
     from experiments import config as cfg
 
     planned = []
+    joined = ["--coordinator", "127.0.0.1:1", "--num-processes", str(grid.processes), "--process-id", "0"]
     for setting in grid.settings:
+        argv = setting_argv(grid, setting, out) + (joined if grid.processes > 1 else [])
         try:
-            configs, options = cfg.from_args(cfg.parser().parse_args(setting_argv(grid, setting, out)))
+            configs, options = cfg.from_args(cfg.parser().parse_args(argv))
         except cfg.ConfigError as err:
             raise StudyError(f"setting {setting.name}: {err}") from None
         planned.append((setting, configs, dataclasses.replace(options, resume=True)))
@@ -199,7 +236,7 @@ def run(planned: list, progress: bool = True) -> None:
     import jax
     from tqdm import tqdm
 
-    from experiments import cifar, data, train
+    from experiments import cifar, data, results, train
 
     first = planned[0][1][0]
     cifar.request_cpu_devices(first, planned[0][2])
@@ -217,9 +254,79 @@ def run(planned: list, progress: bool = True) -> None:
                 setup = train.prepare(config, dataset, options)
                 done = setup.finished
                 train.train_and_evaluate(setup, options)
-                bar.set_postfix_str(f"{setting.name} {config.label} seed {config.seed} "
-                                    f"{'skipped' if done else f'{time.perf_counter() - started:.1f} s'}")
+                run_dir = os.path.join(options.out, results.run_name(config.label, config.seed))
+                bar.write(finished_line(run_dir, None if done else time.perf_counter() - started), file=sys.stdout)
                 bar.update(1)
+
+
+def finished_line(run_dir: str, seconds=None) -> str:
+    """One line for a finished run: its setting, method and seed, final training loss and time
+    (``seconds``; None: finished before this study started)."""
+    from experiments import config as cfg, results
+
+    summary = results.read_json(os.path.join(run_dir, results.SUMMARY))
+    config = cfg.from_saved(summary["config"])
+    took = "finished before" if seconds is None else f"{seconds:.1f} s"
+    return (f"{os.path.basename(os.path.dirname(run_dir))} {config.label} seed {config.seed}: final loss "
+            f"{summary['final_train_loss']:.4f}, {took}")
+
+
+def pending_jobs(grid: Grid, planned: list, out: str) -> tuple:
+    """(jobs, finished): a ``executor.RunJob`` for every run of the grid without its summary, and the
+    folders of those with one. StudyError for a finished run whose config is not the grid's."""
+    from experiments import config as cfg, executor, results
+
+    jobs, finished = [], []
+    for setting, configs, options in planned:
+        for config in configs:
+            folder = os.path.join(options.out, results.run_name(config.label, config.seed))
+            if os.path.isfile(os.path.join(folder, results.SUMMARY)):
+                diffs = cfg.config_differences(results.read_json(os.path.join(folder, results.SUMMARY))["config"],
+                                               config)
+                if diffs:
+                    raise StudyError(f"{folder} finished with another configuration ({'; '.join(diffs)}): "
+                                     "move it away or give another --out")
+                finished.append(folder)
+                continue
+            os.makedirs(options.out, exist_ok=True)  # --resume continues, or starts, a run in a folder that exists
+            argv = setting_argv(grid, setting, out, [config.method], [config.seed]) + ["--resume"]
+            jobs.append(executor.RunJob(folder, config.method, config.seed, tuple(argv), grid.processes))
+    return jobs, finished
+
+
+def submit(grid: Grid, planned: list, args: argparse.Namespace) -> list:
+    """Every unfinished run as a submitit job (experiments/executor.py), a progress bar with the jobs'
+    counts and one line per finished run; returns the runs that failed for good."""
+    from tqdm import tqdm
+
+    from experiments import executor
+
+    jobs, finished = pending_jobs(grid, planned, args.out)
+    resources = executor.Resources(**{**grid.resources, **{k: v for k, v in resource_flags(args).items()
+                                                           if v is not None}})
+    engine = executor.make_executor(args.out, args.cluster)
+    with tqdm(total=len(jobs) + len(finished), initial=len(finished), disable=args.quiet, unit="run",
+              desc=f"study ({engine.cluster})") as bar:
+        for folder in finished:
+            bar.write(finished_line(folder), file=sys.stdout)
+
+        def done(job):
+            bar.write(finished_line(job.name, seconds_of(job.name)), file=sys.stdout)
+            bar.update(1)
+
+        return executor.execute(jobs, engine, resources, retries=args.retries, max_jobs=args.max_jobs,
+                                on_done=done, on_counts=lambda counts: bar.set_postfix(counts))
+
+
+def seconds_of(run_dir: str) -> float:
+    from experiments import results
+
+    return results.read_json(os.path.join(run_dir, results.SUMMARY))["wall_clock_s"]
+
+
+def resource_flags(args: argparse.Namespace) -> dict:
+    return {"gpus": args.gpus, "cpus": args.cpus, "time_min": args.time_min, "partition": args.slurm_partition,
+            "tasks_per_node": args.tasks_per_node}
 
 
 def load_grid(args: argparse.Namespace) -> dict:
@@ -245,7 +352,45 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results/study", help="output folder (default results/study)")
     p.add_argument("--report-only", action="store_true", help="only write the table from the finished runs")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    jobs = p.add_argument_group("cluster jobs (--executor submitit, experiments/executor.py)")
+    jobs.add_argument("--executor", default="local", choices=EXECUTORS,
+                      help="local: every run in this process, one after another (default); submitit: one job "
+                           "per run on a SLURM cluster, or local processes (--cluster)")
+    jobs.add_argument("--cluster", default="auto", choices=CLUSTERS,
+                      help="submitit's cluster: auto (SLURM where it is installed, else local; default), "
+                           "slurm, or local processes")
+    jobs.add_argument("--retries", type=int, default=2,
+                      help="submit a run again this many times after a failed or killed job (default 2); it "
+                           "continues from its checkpoint")
+    jobs.add_argument("--max-jobs", type=int, default=0,
+                      help="at most this many jobs unfinished at once (default 0: every run at once)")
+    jobs.add_argument("--processes", type=int,
+                      help="processes of each run, one job of that many tasks (jax.distributed; overrides "
+                           "the grid's 'processes', default 1)")
+    jobs.add_argument("--gpus", type=int, help="GPUs per node of each job (grid: resources.gpus; default 0)")
+    jobs.add_argument("--cpus", type=int, help="CPUs per task (grid: resources.cpus; default 1)")
+    jobs.add_argument("--time-min", type=int, help="time limit of one attempt in minutes (grid: "
+                                                   "resources.time_min; default 60)")
+    jobs.add_argument("--slurm-partition", help="SLURM partition (grid: resources.partition; default the "
+                                                "cluster's)")
+    jobs.add_argument("--tasks-per-node", type=int, help="processes of a multi-process run per node (grid: "
+                                                         "resources.tasks_per_node; default 1)")
     return p
+
+
+def check_job_flags(args: argparse.Namespace, grid: dict) -> None:
+    """Refuse bad --executor flags in one line naming the flag, before anything runs."""
+    for flag, value in (("--retries", args.retries), ("--max-jobs", args.max_jobs)):
+        if value < 0:
+            raise StudyError(f"{flag} must be >= 0, got {value}")
+    for key, value in resource_flags(args).items():
+        if value is not None and key != "partition" and (value < 0 if key == "gpus" else value < 1):
+            raise StudyError(f"--{key.replace('_', '-')} must be >= {0 if key == 'gpus' else 1}, got {value}")
+    if args.processes is not None:
+        grid["processes"] = _positive(args.processes, "--processes")
+    if args.executor == "local" and _positive(grid.get("processes", 1), "grid key 'processes'") > 1:
+        raise StudyError(f"a run of {grid['processes']} processes needs --executor submitit (one job of that "
+                         "many tasks); --executor local runs one process")
 
 
 def baseline_list(flag, grid: Grid) -> list:
@@ -272,13 +417,18 @@ def main(argv=None) -> int:
             if args.seeds < 1:
                 raise StudyError(f"--seeds must be >= 1, got {args.seeds}")
             grid["seeds"] = args.seeds
+        check_job_flags(args, grid)
         parsed = parse_grid(grid)
         baselines = baseline_list(args.baseline, parsed)
         planned = plan(parsed, args.out)
+        failures = submit(parsed, planned, args) if args.executor == "submitit" and not args.report_only else []
     except StudyError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if not args.report_only:
+    for failure in failures:
+        print(f"failed: {failure.job.name} after {failure.attempts} attempt{'s' if failure.attempts > 1 else ''} "
+              f"({failure.reason}); log: {failure.log}", file=sys.stderr)
+    if not args.report_only and args.executor == "local":
         from experiments import config as cfg
         from experiments import data, train
 
@@ -295,7 +445,7 @@ def main(argv=None) -> int:
             return 128 + err.signum
     for index, baseline in enumerate(baselines):
         print(study_report.write(parsed, args.out, plots=index == 0, baseline=baseline))
-    return 0
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

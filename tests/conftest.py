@@ -18,6 +18,9 @@ import shutil
 import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# submitit configures logging when imported (logging.config.dictConfig), which closes every handler
+# already installed, pytest's capture among them: the executor tests ask it not to.
+os.environ.setdefault("SUBMITIT_LOG_LEVEL", "NOCONFIG")
 _CACHE = tempfile.mkdtemp(prefix="adpsgd-tests-xla-cache-")
 os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.1"  # programs that take longer than this to build
