@@ -175,16 +175,18 @@ def setting_argv(grid: Grid, setting: Setting, out: str) -> list:
 
 def plan(grid: Grid, out: str) -> list:
     """[(setting, configs, options)] for every setting, every flag checked (no jax, nothing written)."""
-    from experiments import config as cfg
+    from experiments import translate
+    from experiments.config import ConfigError, cpu_devices_per_process
+    from experiments.flags import parser
 
     planned = []
     for setting in grid.settings:
         try:
-            configs, options = cfg.from_args(cfg.parser().parse_args(setting_argv(grid, setting, out)))
-        except cfg.ConfigError as err:
+            configs, options = translate.from_args(parser().parse_args(setting_argv(grid, setting, out)))
+        except ConfigError as err:
             raise StudyError(f"setting {setting.name}: {err}") from None
         planned.append((setting, configs, dataclasses.replace(options, resume=True)))
-    devices = {cfg.cpu_devices_per_process(configs[0]) for _, configs, _ in planned}
+    devices = {cpu_devices_per_process(configs[0]) for _, configs, _ in planned}
     if len(devices) > 1:
         raise StudyError(f"the settings need different CPU device counts ({sorted(devices)}); give one "
                          "'--devices D' in the grid's args that divides every worker count")
@@ -200,6 +202,7 @@ def run(planned: list, progress: bool = True) -> None:
     from tqdm import tqdm
 
     from experiments import cifar, data, train
+    from experiments.setup import prepare
 
     first = planned[0][1][0]
     cifar.request_cpu_devices(first, planned[0][2])
@@ -214,7 +217,7 @@ def run(planned: list, progress: bool = True) -> None:
             os.makedirs(options.out, exist_ok=True)
             for config in configs:
                 started = time.perf_counter()
-                setup = train.prepare(config, dataset, options)
+                setup = prepare(config, dataset, options)
                 done = setup.finished
                 train.train_and_evaluate(setup, options)
                 bar.set_postfix_str(f"{setting.name} {config.label} seed {config.seed} "
@@ -279,12 +282,13 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if not args.report_only:
-        from experiments import config as cfg
-        from experiments import data, train
+        from experiments import train
+        from experiments.config import ConfigError
+        from experiments.sources import DataUnavailableError
 
         try:
             run(planned, progress=not args.quiet)
-        except (cfg.ConfigError, data.DataUnavailableError) as err:
+        except (ConfigError, DataUnavailableError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
         except train.NonFiniteError as err:
