@@ -143,7 +143,7 @@ def _method_flags(p: argparse.ArgumentParser) -> None:
                         "qsr only")
     p.add_argument("--qsr-min-period", type=int, help="QSR's min_h, the shortest period (default 1); qsr only")
     p.add_argument("--qsr-power", type=float, help="QSR's exponent of alpha / lr, > 0 (default 2); qsr only")
-    p.add_argument("--qsr-base-period", type=int, help=argparse.SUPPRESS)  # refused: see from_args
+    p.add_argument("--qsr-base-period", type=int, help=argparse.SUPPRESS)  # refused: translate.from_args
     p.add_argument("--group-size",
                    help="two-level averaging: workers per group, whose gradients are averaged every step while the "
                         "schedule averages parameters across groups; an integer dividing --workers, or 'host' (the "
