@@ -37,7 +37,7 @@ def _reachable(address: str, timeout: float) -> bool:
             time.sleep(0.2)
 
 
-def _start_distributed(options) -> Optional[str]:
+def start_distributed(options) -> Optional[str]:
     """Join the multi-process run; an error message if that fails."""
     from adpsgd_jax import distributed
 
@@ -70,23 +70,25 @@ def request_cpu_devices(config, options) -> None:
     import jax  # starts nothing
 
     from adpsgd_jax import distributed
-    from experiments import config as cfg
+    from experiments.config import cpu_devices_per_process
 
     if jax.config.jax_num_cpu_devices == -1:  # jax's "not chosen"
-        distributed.set_cpu_devices(cfg.cpu_devices_per_process(config, options.num_processes or 1))
+        distributed.set_cpu_devices(cpu_devices_per_process(config, options.num_processes or 1))
 
 
 def main(argv=None) -> int:
-    from experiments import config as cfg
+    from experiments import translate
+    from experiments.config import ConfigError
+    from experiments.flags import parser
 
     try:
-        configs, options = cfg.from_args(cfg.parser().parse_args(argv))
-    except cfg.ConfigError as err:
+        configs, options = translate.from_args(parser().parse_args(argv))
+    except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     request_cpu_devices(configs[0], options)
     if options.distributed:
-        failure = _start_distributed(options)
+        failure = start_distributed(options)
         if failure:
             print(f"error: {failure}", file=sys.stderr)
             return 2
@@ -94,12 +96,14 @@ def main(argv=None) -> int:
     import jax
 
     from experiments import checkpoint, data, report, results, train
+    from experiments.setup import prepare
+    from experiments.sources import DataUnavailableError
 
     try:
         first = configs[0]
         dataset = data.load(first.dataset, first.data_dir, synthetic_size=first.synthetic_size, augment=first.augment)
-        setups = [train.prepare(c, dataset, options) for c in configs]
-    except (cfg.ConfigError, data.DataUnavailableError) as err:
+        setups = [prepare(c, dataset, options) for c in configs]
+    except (ConfigError, DataUnavailableError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if jax.process_index() == 0:

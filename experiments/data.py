@@ -30,10 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import cifar_release, sources
-from experiments.config import AUGMENT_MODES, AUGMENTATIONS, TFDS_PREFIX, augmentation, is_tfds
-from experiments.config import PartitionScheme, parse_partition  # noqa: F401  (callers use data.parse_partition)
+from experiments.datasets import (AUGMENT_MODES, AUGMENTATIONS, TFDS_PREFIX, PartitionScheme, augmentation, is_tfds,
+                                  parse_partition)
 from experiments.names import DATASETS
-from experiments.sources import DataUnavailableError  # noqa: F401  (raised by load; callers catch data.DataUnavailableError)
 
 CIFAR_PAD = 4  # Zero padding (pixels per side) of the random crops on 32x32 images: an eighth of the side.
 _MAX_DIRICHLET_DRAWS = 100
@@ -99,7 +98,7 @@ def load(name: str, data_dir: str | None = None, *, download: bool = False, synt
       count from its metadata; test split ``test`` (else ``validation``).
       array_record builds are read without TensorFlow, tfrecord builds need
       it. With ``download=False`` (default) a missing build raises
-      ``DataUnavailableError`` at once; ``download=True`` lets tfds try to
+      ``sources.DataUnavailableError`` at once; ``download=True`` lets tfds try to
       download and build it (needs internet and TensorFlow).
     * ``digits``: scikit-learn's 8x8x1 digits, values 0..16 rescaled to uint8
       0..255; a stratified 80/20 train/test split with
@@ -108,12 +107,12 @@ def load(name: str, data_dir: str | None = None, *, download: bool = False, synt
       10 classes, ``synthetic_size`` train and ``max(1, synthetic_size // 5)``
       test examples, always the same (fixed seed); for throughput runs.
 
-    ``augment``: one of ``config.AUGMENTATIONS``; ``auto`` is crop-flip for
+    ``augment``: one of ``datasets.AUGMENTATIONS``; ``auto`` is crop-flip for
     CIFAR (also through tfds) and none for the rest.
 
     Returns a ``Dataset`` (uint8 images, int32 labels, float32 [C] mean/std).
     Raises ValueError for an unknown ``name`` or ``augment`` and
-    ``DataUnavailableError`` (one line) when the data cannot be read.
+    ``sources.DataUnavailableError`` (one line) when the data cannot be read.
     """
     if augment not in AUGMENTATIONS:
         raise ValueError(f"--augment {augment!r} is unknown; accepted values: {', '.join(AUGMENTATIONS)}")
@@ -217,15 +216,6 @@ def crop_flip(images: np.ndarray, offsets: np.ndarray, flips: np.ndarray, pad: i
     return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
 
 
-def random_crop_flip(images: np.ndarray, rng: np.random.Generator, pad: int = CIFAR_PAD) -> np.ndarray:
-    """``crop_flip`` with offsets uniform in 0..2*pad and flips with probability 1/2 drawn from ``rng``.
-
-    images: [N, H, W, C] (uint8) -> same shape and dtype.
-    """
-    offsets, flips = draw_crop_flip(rng, images.shape[0], pad)
-    return crop_flip(images, offsets, flips, pad)
-
-
 def crop_pad(image_shape: Sequence[int]) -> int:
     """Zero padding per side of the random crops of (H, W, C) images: an eighth of the shorter
     side, at least 1 (``CIFAR_PAD`` = 4 on 32x32, 3 on 28x28, 1 on 8x8)."""
@@ -233,7 +223,8 @@ def crop_pad(image_shape: Sequence[int]) -> int:
 
 
 def draw_crop_flip(rng: np.random.Generator, n: int, pad: int = CIFAR_PAD) -> tuple[np.ndarray, np.ndarray]:
-    """The random part of ``random_crop_flip``: offsets int [n, 2] in 0..2*pad, flips bool [n]."""
+    """The random part of an augmentation (``crop_flip``'s arguments): offsets int [n, 2] uniform in 0..2*pad,
+    flips bool [n] with probability 1/2."""
     offsets = rng.integers(0, 2 * pad + 1, size=(n, 2))
     return offsets, rng.random(n) < 0.5
 

@@ -1,9 +1,8 @@
 """The names and limits that the CLI, the training run, the benchmarks and the
-report share: each defined here once. Imports no jax (``adpsgd_jax.limits``
-is a plain module), so flags can be checked before jax starts.
+report share: each defined here once (the library's own limits, such as
+QSGD's level count, in ``adpsgd_jax.limits``). Imports nothing, so flags can
+be checked before jax starts.
 """
-
-from adpsgd_jax.limits import MAX_QSGD_LEVELS
 
 DATASETS = ("cifar10", "cifar100", "digits", "synthetic")
 MODELS = ("resnet18", "vgg16", "cnn", "mlp")

@@ -40,7 +40,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from experiments.config import from_saved
+from experiments.resume import from_saved
 
 SUMMARY = "summary.json"
 CONFIG = "config.json"

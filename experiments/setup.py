@@ -17,9 +17,10 @@ import jax
 
 from adpsgd_jax import distributed, loops, schedules
 from experiments import checkpoint, data, methods, models, results
-from experiments.config import (CHANGED_MEANING, Config, ConfigError, RunOptions, config_differences,
-                                default_cpu_devices)
-from experiments.names import method_parts
+from experiments.config import Config, ConfigError, RunOptions, default_cpu_devices
+from experiments.datasets import parse_partition
+from experiments.resume import CHANGED_MEANING, config_differences, former_defaults
+
 
 @dataclasses.dataclass
 class Setup:
@@ -35,14 +36,6 @@ class Setup:
     run_dir: str
     resume_from: Optional[int] = None  # checkpoint step to continue from
     finished: bool = False  # --resume found this run complete: nothing to do
-
-    @property
-    def strategy(self) -> str:
-        return method_parts(self.config.method)[0]
-
-    @property
-    def mesh(self):
-        return self.layout.mesh
 
 
 def default_devices(config: Config, available: list) -> int:
@@ -134,15 +127,34 @@ def _resume_point(config: Config, run_dir: str) -> tuple[Optional[int], bool]:
     return step, False
 
 
+def _saved_defaults(config: Config, run_dir: str) -> Config:
+    """``config`` with the former defaults that the saved run in ``run_dir`` trained with (said in one
+    line); ``config`` itself when there is none, or no readable config.json (``_resume_point`` says so)."""
+    try:
+        saved = results.read_json(os.path.join(run_dir, results.CONFIG))
+    except (OSError, ValueError):
+        return config
+    kept = former_defaults(saved, config)
+    if kept and jax.process_index() == 0:
+        print(f"--resume: {os.path.basename(run_dir)} continues with {', '.join(f'{k} {v}' for k, v in kept.items())}, "
+              f"the default of {config.model} on {config.dataset} when it was saved", file=sys.stderr, flush=True)
+    return config.replace(**kept)
+
+
 def prepare(config: Config, dataset: Optional[data.Dataset] = None, options: RunOptions = RunOptions()) -> Setup:
     """Check the config against the devices, the data and (with ``--resume``)
     the saved run; build loader, layout and schedule.
 
-    Raises ConfigError (flag named) or data.DataUnavailableError; compiles nothing.
+    Raises ConfigError (flag named) or sources.DataUnavailableError; compiles nothing. A run resumed
+    without a flag whose default changed since it was saved continues with the default it was saved
+    with (``resume.former_defaults``), so ``setup.config`` may differ from ``config`` there.
     """
+    run_dir = os.path.join(options.out, results.run_name(config.label, config.seed))
+    if options.resume:
+        config = _saved_defaults(config, run_dir)
     layout = _layout(config, jax.devices())  # every process's devices in a multi-process run
     try:
-        scheme = data.parse_partition(config.partition)
+        scheme = parse_partition(config.partition)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     if dataset is None:
@@ -165,6 +177,5 @@ def prepare(config: Config, dataset: Optional[data.Dataset] = None, options: Run
         raise
     except ValueError as err:
         raise ConfigError(f"{config.method}: {err}") from None
-    run_dir = os.path.join(options.out, results.run_name(config.label, config.seed))
     resume_from, finished = _resume_point(config, run_dir) if options.resume else (None, False)
     return Setup(config, dataset, loader, layout, total, lr_fn, schedule, run_dir, resume_from, finished)

@@ -20,6 +20,7 @@ tfds dataset is asked for.
 
 from __future__ import annotations
 
+import importlib
 from typing import NamedTuple
 
 import numpy as np
@@ -169,7 +170,7 @@ def _read_source(source, image_key: str = "image", label_key: str = "label") -> 
 def _read_tfrecord(builder, name: str, splits: list, image_key: str, label_key: str, num_classes: int) -> Arrays:
     """A tfds build in tfrecord format, read through tf.data (needs TensorFlow), shards in file order."""
     try:
-        import tensorflow  # noqa: F401  (only to know whether tf.data can run)
+        importlib.import_module("tensorflow")  # only to know whether tf.data can run
     except ImportError:
         raise DataUnavailableError(
             f"--data-dir: {builder.data_path} holds {name} as tfrecord files, which only TensorFlow can read, and "

@@ -210,18 +210,20 @@ def setting_argv(grid: Grid, setting: Setting, out: str, methods=None, seeds=Non
 def plan(grid: Grid, out: str) -> list:
     """[(setting, configs, options)] for every setting, every flag checked (no jax, nothing written).
     A run of several processes is checked as its process 0 (the executor gives each its id)."""
-    from experiments import config as cfg
+    from experiments import translate
+    from experiments.config import ConfigError, cpu_devices_per_process
+    from experiments.flags import parser
 
     planned = []
     joined = ["--coordinator", "127.0.0.1:1", "--num-processes", str(grid.processes), "--process-id", "0"]
     for setting in grid.settings:
         argv = setting_argv(grid, setting, out) + (joined if grid.processes > 1 else [])
         try:
-            configs, options = cfg.from_args(cfg.parser().parse_args(argv))
-        except cfg.ConfigError as err:
+            configs, options = translate.from_args(parser().parse_args(argv))
+        except ConfigError as err:
             raise StudyError(f"setting {setting.name}: {err}") from None
         planned.append((setting, configs, dataclasses.replace(options, resume=True)))
-    devices = {cfg.cpu_devices_per_process(configs[0]) for _, configs, _ in planned}
+    devices = {cpu_devices_per_process(configs[0]) for _, configs, _ in planned}
     if len(devices) > 1:
         raise StudyError(f"the settings need different CPU device counts ({sorted(devices)}); give one "
                          "'--devices D' in the grid's args that divides every worker count")
@@ -237,6 +239,7 @@ def run(planned: list, progress: bool = True) -> None:
     from tqdm import tqdm
 
     from experiments import cifar, data, results, train
+    from experiments.setup import prepare
 
     first = planned[0][1][0]
     cifar.request_cpu_devices(first, planned[0][2])
@@ -251,7 +254,7 @@ def run(planned: list, progress: bool = True) -> None:
             os.makedirs(options.out, exist_ok=True)
             for config in configs:
                 started = time.perf_counter()
-                setup = train.prepare(config, dataset, options)
+                setup = prepare(config, dataset, options)
                 done = setup.finished
                 train.train_and_evaluate(setup, options)
                 run_dir = os.path.join(options.out, results.run_name(config.label, config.seed))
@@ -262,10 +265,11 @@ def run(planned: list, progress: bool = True) -> None:
 def finished_line(run_dir: str, seconds=None) -> str:
     """One line for a finished run: its setting, method and seed, final training loss and time
     (``seconds``; None: finished before this study started)."""
-    from experiments import config as cfg, results
+    from experiments import results
+    from experiments.resume import from_saved
 
     summary = results.read_json(os.path.join(run_dir, results.SUMMARY))
-    config = cfg.from_saved(summary["config"])
+    config = from_saved(summary["config"])
     took = "finished before" if seconds is None else f"{seconds:.1f} s"
     return (f"{os.path.basename(os.path.dirname(run_dir))} {config.label} seed {config.seed}: final loss "
             f"{summary['final_train_loss']:.4f}, {took}")
@@ -274,14 +278,15 @@ def finished_line(run_dir: str, seconds=None) -> str:
 def pending_jobs(grid: Grid, planned: list, out: str) -> tuple:
     """(jobs, finished): a ``executor.RunJob`` for every run of the grid without its summary, and the
     folders of those with one. StudyError for a finished run whose config is not the grid's."""
-    from experiments import config as cfg, executor, results
+    from experiments import executor, results
+    from experiments.resume import config_differences
 
     jobs, finished = [], []
     for setting, configs, options in planned:
         for config in configs:
             folder = os.path.join(options.out, results.run_name(config.label, config.seed))
             if os.path.isfile(os.path.join(folder, results.SUMMARY)):
-                diffs = cfg.config_differences(results.read_json(os.path.join(folder, results.SUMMARY))["config"],
+                diffs = config_differences(results.read_json(os.path.join(folder, results.SUMMARY))["config"],
                                                config)
                 if diffs:
                     raise StudyError(f"{folder} finished with another configuration ({'; '.join(diffs)}): "
@@ -429,12 +434,13 @@ def main(argv=None) -> int:
         print(f"failed: {failure.job.name} after {failure.attempts} attempt{'s' if failure.attempts > 1 else ''} "
               f"({failure.reason}); log: {failure.log}", file=sys.stderr)
     if not args.report_only and args.executor == "local":
-        from experiments import config as cfg
-        from experiments import data, train
+        from experiments import train
+        from experiments.config import ConfigError
+        from experiments.sources import DataUnavailableError
 
         try:
             run(planned, progress=not args.quiet)
-        except (cfg.ConfigError, data.DataUnavailableError) as err:
+        except (ConfigError, DataUnavailableError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
         except train.NonFiniteError as err:

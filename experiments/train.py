@@ -1,7 +1,7 @@
 """Train one configured run and write its results: ``train_and_evaluate``.
 
 The CLI (``experiments/cifar.py``), the notebooks and the tests all call
-this function: ``prepare`` (experiments/setup.py) checks a ``Config``
+this function: ``setup.prepare`` (experiments/setup.py) checks a ``Config``
 before anything compiles, then a run reads as build (``Run``), iterate
 (``train``), summarise (``summarise``).
 """
@@ -26,7 +26,7 @@ import adpsgd_jax as A
 from adpsgd_jax import collectives, comm, distributed
 from experiments import checkpoint, compute, data, methods, models, results
 from experiments.config import Config, RunOptions
-from experiments.setup import Setup, prepare  # noqa: F401  (callers build a run with train.prepare)
+from experiments.setup import Setup
 
 
 def _eval_set(images, labels, layout: distributed.Layout, per_worker_batch: int):

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from adpsgd_jax import timemodel
-from experiments import cifar, compute, config as cfg, data, methods, models, report, results, train
+from experiments import cifar, compute, config as cfg, data, methods, models, report, resume, results
 from experiments.names import GBPS
+from experiments.setup import prepare
 
 ARGS = ["--dataset", "digits", "--epochs", "2", "--avg-period", "4", "--checkpoint-every", "0", "--quiet", "--no-plots"]
 
@@ -30,11 +31,11 @@ def finished(folder) -> dict:
 
 def probe(run: results.Run, dataset) -> compute.Probe:
     """A fresh probe of ``run``'s config, from its initial parameters."""
-    return probe_of(cfg.from_saved(run.summary["config"]), dataset, str(run.path) + "-probe")
+    return probe_of(resume.from_saved(run.summary["config"]), dataset, str(run.path) + "-probe")
 
 
 def probe_of(config, dataset, folder: str) -> compute.Probe:
-    setup = train.prepare(config, dataset, cfg.RunOptions(out=folder))
+    setup = prepare(config, dataset, cfg.RunOptions(out=folder))
     model, _, _ = methods.model_fns(config, dataset)
     return compute.Probe(setup, *models.init(model, jax.random.PRNGKey(0), dataset.train_images.shape[1:]))
 
@@ -62,7 +63,7 @@ def test_the_triggers_probe_holds_its_per_step_monitor(out):
     # The trigger's own local step, its gate shut: the squared distance to the anchor, the projection on u
     # and the pmean of the pair (one worker) are in its program; no sync is (no conditional is left).
     runs, dataset = finished(out), data.load("digits")
-    config = dataclasses.replace(cfg.from_saved(runs["cpsgd"].summary["config"]), method="trigger")
+    config = dataclasses.replace(resume.from_saved(runs["cpsgd"].summary["config"]), method="trigger")
     trigger, cpsgd = probe_of(config, dataset, str(out) + "-trigger"), probe(runs["cpsgd"], dataset)
     assert trigger.program != cpsgd.program and trigger.step is not cpsgd.step
     text, plain = trigger.step.as_text(), cpsgd.step.as_text()

@@ -14,7 +14,9 @@ from typing import NamedTuple
 
 import pytest
 
-from experiments import cifar, config as cfg
+from experiments import cifar, translate
+from experiments.config import ConfigError
+from experiments.flags import parser
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TABLE = os.path.join(ROOT, "docs", "bad_input.md")
@@ -133,7 +135,7 @@ CASES = [
     (["--no-such-flag"], "--no-such-flag"),
 ]
 # The cases that need the devices or the data: refused by setup.prepare, after jax starts but before
-# anything compiles. All others are refused by config.from_args, which imports no jax.
+# anything compiles. All others are refused by translate.from_args, which imports no jax.
 LATE = ["--avg-period 10000", "--schedule qsr --qsr-min-period 16", "--partition dirichlet:0.01 --workers 16",
         "--workers 8 --devices 2 --worker-loop 5", "--workers 16 --devices 16", "--batch-size 1000"]
 # Given explicitly but read by no run: only warned about (a sweep passes the budget to every method).
@@ -157,14 +159,14 @@ class Outcome(NamedTuple):
     flag: str  # the flag the message must name
     code: int
     err: str  # stderr, placeholders put back
-    early: bool  # refused by config.from_args, which imports no jax: before jax starts
+    early: bool  # refused by translate.from_args, which imports no jax: before jax starts
     written: list  # what the case left in its folder besides the plain file it was given
 
 
 def refused_early(argv) -> bool:
     try:
-        cfg.from_args(cfg.parser().parse_args(argv))
-    except cfg.ConfigError:
+        translate.from_args(parser().parse_args(argv))
+    except ConfigError:
         return True
     return False
 
@@ -205,7 +207,7 @@ def test_at_least_40_cases_all_but_six_before_jax(outcomes):
 
 def test_flag_read_by_no_run_but_documented_is_warned_about_in_one_line(capsys):
     for flags in WARNED:
-        configs, _ = cfg.from_args(cfg.parser().parse_args(command(flags, "/tmp/never", "/tmp/never/f")))
+        configs, _ = translate.from_args(parser().parse_args(command(flags, "/tmp/never", "/tmp/never/f")))
         err = capsys.readouterr().err.strip()
         assert configs and err.startswith("warning: --avg-period is read only by cpsgd") and "\n" not in err, err
 
@@ -221,7 +223,7 @@ def table(outcomes, warned) -> str:
         "every case through `experiments.cifar.main` and fails when this file differs from what the cases give.",
         "Each command is `python -m experiments.cifar --dataset digits FLAGS --out OUT --quiet` (no `--dataset digits`",
         "where FLAGS name a dataset; TMP is a fresh folder, FILE a plain file in it). Every one exits with the status",
-        "shown, prints the one line shown and writes nothing. *Before jax*: refused by `experiments.config.from_args`,",
+        "shown, prints the one line shown and writes nothing. *Before jax*: refused by `experiments.translate.from_args`,",
         "which imports no jax; the others need the devices or the data and are refused by `experiments.setup.prepare`,",
         "before anything compiles. The test runs with 8 virtual CPU devices.",
         "",
@@ -239,7 +241,7 @@ def table(outcomes, warned) -> str:
 def test_the_table_in_docs_is_what_the_cases_give(outcomes, capsys):
     warned = []
     for flags in WARNED:
-        cfg.from_args(cfg.parser().parse_args(command(flags, "/tmp/never", "/tmp/never/f")))
+        translate.from_args(parser().parse_args(command(flags, "/tmp/never", "/tmp/never/f")))
         warned.append((flags, capsys.readouterr().err.strip()))
     text = table(outcomes, warned)
     if os.environ.get("UPDATE_BAD_INPUT_TABLE"):

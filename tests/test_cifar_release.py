@@ -2,7 +2,9 @@
 researchers have it in, end to end through the CLI, and damaged copies refused
 in one line before anything is compiled or written."""
 
+import dataclasses
 import io
+import json
 import os
 import pickle
 import struct
@@ -11,7 +13,10 @@ import tarfile
 import numpy as np
 import pytest
 
-from experiments import cifar, cifar_release, data, results
+from experiments import cifar, cifar_release, data, resume, results, translate
+from experiments.config import ConfigError
+from experiments.flags import parser
+from experiments.setup import prepare
 
 TRAIN, TEST = {"cifar10": 300, "cifar100": 300}, {"cifar10": 60, "cifar100": 100}
 
@@ -166,6 +171,33 @@ def test_cli_trains_on_the_release(small, tmp_path, name, tarball):
     assert run.summary["steps_per_epoch"] == TRAIN[name] // 16 and len(run.metrics) == TRAIN[name] // 16
     assert run.summary["config"]["dataset"] == name and run.summary["config"]["augment"] == "crop-flip"
     assert 0.0 <= run.summary["test_accuracy"] <= 1.0 and np.isfinite(run.summary["final_train_loss"])
+
+
+def test_a_resumed_run_keeps_the_former_default_it_was_saved_with(small, tmp_path, capsys):
+    # Runs saved while every model of a data set took its lr trained CIFAR's mlp at 0.1; today's default is 0.02.
+    write_release(str(tmp_path / "data"), "cifar10")
+    argv = ["--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--model", "mlp", "--workers", "2",
+            "--batch-size", "8", "--epochs", "1", "--avg-period", "2", "--out", str(tmp_path / "out")]
+    (config,), options = translate.from_args(parser().parse_args(argv))
+    assert config.lr == 0.02
+    saved = {**config.to_dict(), "lr": 0.1}
+    assert resume.config_differences(saved, config) == ["lr: 0.1 -> 0.02"]
+    assert resume.former_defaults(saved, config) == {"lr": 0.1}
+    assert resume.former_defaults({**saved, "lr": 0.3}, config) == {}  # not the former default: a flag gave it
+    assert resume.former_defaults(saved, config.replace(lr=0.05)) == {}  # a flag gives another lr now
+    assert resume.former_defaults({**saved, "model": "cnn"}, config) == {}  # another run
+    run_dir = tmp_path / "out" / results.run_name(config.label, config.seed)
+    run_dir.mkdir(parents=True)
+    (run_dir / results.CONFIG).write_text(json.dumps(saved))
+    resuming = dataclasses.replace(options, resume=True)
+    capsys.readouterr()
+    setup = prepare(config, options=resuming)
+    assert setup.config.lr == 0.1 and float(setup.lr_fn(0)) == 0.1
+    assert ("--resume: adpsgd-seed0 continues with lr 0.1, the default of mlp on cifar10 when it was saved"
+            in capsys.readouterr().err)
+    assert prepare(config.replace(seed=1), options=resuming).config.lr == 0.02  # no saved run: today's default
+    with pytest.raises(ConfigError, match=r"differs from the checkpointed run in lr: 0.1 -> 0.05"):
+        prepare(config.replace(lr=0.05), options=resuming)
 
 
 # ----------------------------------------------------------------------------- damaged copies

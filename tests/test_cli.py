@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 from adpsgd_jax import timemodel
-from experiments import cifar, config as cfg, methods, report, results, train
+from experiments import cifar, datasets, methods, names, report, resume, results, translate
+from experiments.flags import parser
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = list(cfg.METHODS)
+METHODS = list(names.METHODS)
 SUMMARY_KEYS = {"final_train_loss", "test_accuracy", "syncs", "bytes", "eval_rounds", "eval_bytes", "wall_clock_s",
                 "compute_step_s", "measured_step_s", "config", "versions", "device_kind"}
 
@@ -33,7 +34,7 @@ def compare_dir(tmp_path_factory):
 def replay(run: results.Run) -> list:
     """The sync flags (an average or a full-sync step) the run's schedule gives when fed the
     logged variances and losses (and, for the trigger, the logged per-step bounds)."""
-    c = cfg.from_saved(run.summary["config"])
+    c = resume.from_saved(run.summary["config"])
     T, spe = run.summary["steps"], run.summary["steps_per_epoch"]
     schedule = methods.make_schedule(c, T, spe, methods.lr_schedule(c, spe, T))
     if schedule is None:
@@ -150,7 +151,7 @@ def test_cifar_without_data_stops_at_once_with_advice(tmp_path):
 def test_summary_is_valid_json_with_config_roundtrip(compare_dir):
     path = compare_dir / results.run_name("adpsgd", 0) / results.SUMMARY
     summary = json.loads(path.read_text())
-    c = cfg.from_saved(summary["config"])
+    c = resume.from_saved(summary["config"])
     assert c.method == "adpsgd" and c.dataset == "digits" and c.avg_period == 4
 
 
@@ -168,7 +169,7 @@ def test_two_level_outer_run_counts_both_levels(two_level_dir):
     runs = {r.label: r for r in results.finished_runs(str(two_level_dir))}
     assert set(runs) == {"allreduce", "cpsgd+nesterov-group4"}  # the options apply to averaging methods only
     s = runs["cpsgd+nesterov-group4"].summary
-    c = cfg.from_saved(s["config"])
+    c = resume.from_saved(s["config"])
     assert (c.group_size, c.outer_optimizer, c.outer_lr, c.outer_momentum) == (4, "nesterov", 0.7, 0.9)
     assert s["group_size"] == 4 and s["group_syncs"] == s["steps"]
     assert s["group_bytes"] == s["steps"] * s["param_bytes"]  # the gradient mean inside the group, every step
@@ -224,3 +225,42 @@ def test_eight_workers_on_one_device_equal_eight_devices(compare_dir, tmp_path, 
         assert one["worker_loop"] == eight["worker_loop"] == "vmap"  # the MLP: auto keeps vmap
         np.testing.assert_allclose(one["final_train_loss"], eight["final_train_loss"], rtol=1e-5)
         assert one["syncs"] == eight["syncs"] > 0 and one["bytes"] == eight["bytes"]
+
+
+def resolved(*argv):
+    """The first run config of ``argv``, as the CLI builds it (no jax, no data)."""
+    return translate.from_args(parser().parse_args([*argv, "--out", "/tmp/never-written"]))[0][0]
+
+
+def test_defaults_depend_on_the_data_set_and_the_model():
+    # The cnn and the mlp have no batch norm: on CIFAR they start at lr 0.02, not ResNet-18's 0.1.
+    for dataset in ("cifar10", "cifar100", "tfds:cifar10"):
+        assert resolved("--dataset", dataset).lr == 0.1 and resolved("--dataset", dataset).model == "resnet18"
+        assert resolved("--dataset", dataset, "--model", "vgg16").lr == 0.1
+        for model in ("cnn", "mlp"):
+            c = resolved("--dataset", dataset, "--model", model)
+            assert (c.lr, c.momentum, c.batch_size, c.epochs) == (0.02, 0.9, 128, 200), (dataset, model)
+    assert resolved("--dataset", "cifar10", "--model", "cnn", "--lr", "0.1").lr == 0.1  # a given flag wins
+    assert [resolved("--dataset", "digits", "--model", m).lr for m in names.MODELS] == [0.1] * 4
+    mnist = resolved("--dataset", "tfds:mnist")
+    assert (mnist.model, mnist.lr, mnist.epochs, mnist.batch_size) == ("cnn", 0.05, 20, 64)
+    assert "0.02 with cnn, mlp on cifar10, cifar100" in " ".join(parser().format_help().split())
+
+
+def test_the_defaults_table_of_docs_cli_md_is_the_code_s():
+    text = open(os.path.join(ROOT, "docs", "cli.md")).read()
+    section = text.split("## Defaults per data set and model", 1)[1].split("\n## ", 1)[0]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in section.splitlines()
+            if line.startswith("| `") and not line.startswith("| `--")]  # the rows, not the header
+    covered = set()
+    for sets, models, epochs, batch, lr, momentum, decay, augment in rows:
+        for dataset in sets.replace("`", "").split(", "):
+            for model in models.split(", "):
+                name = model.strip("*`")
+                want = datasets.defaults(dataset, name)
+                got = dict(epochs=int(epochs), batch_size=int(batch), lr=float(lr), momentum=float(momentum),
+                           weight_decay=float(decay), augment=augment)
+                assert got == {k: want[k] for k in got}, (dataset, name)
+                assert model.startswith("**") == (datasets.defaults(dataset)["model"] == name), (dataset, name)
+                covered.add((dataset, name))
+    assert covered == {(d, m) for d in datasets.RECIPES for m in names.MODELS}

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from experiments import cifar, data, results
-from experiments import config as cfg
+from experiments import cifar, data, datasets, resume, results, translate
+from experiments.config import ConfigError
+from experiments.flags import parser
 
 
 def make_dataset(n=240, hw=8, channels=3, augment=False, seed=0):
@@ -37,11 +38,11 @@ def padded_crop_reference(image, dy, dx, flip, pad):
 
 
 def test_parse_partition():
-    assert data.parse_partition("iid") == ("iid", None)
-    assert data.parse_partition("dirichlet:0.5") == ("dirichlet", 0.5)
+    assert datasets.parse_partition("iid") == ("iid", None)
+    assert datasets.parse_partition("dirichlet:0.5") == ("dirichlet", 0.5)
     for bad in ["dirichlet:0", "dirichlet:x", "foo", "dirichlet:-1", "dirichlet:", "dirichlet:nan", "dirichlet:inf"]:
         with pytest.raises(ValueError, match="--partition.*iid.*dirichlet:ALPHA"):
-            data.parse_partition(bad)
+            datasets.parse_partition(bad)
     with pytest.raises(ValueError, match="--partition"):
         data.partition(np.zeros(10, int), 2, "foo", 0)
 
@@ -193,18 +194,21 @@ def test_crop_flip_known_offsets():
         data.crop_flip(image, np.array([[5, 0]]), np.array([False]), pad=2)
 
 
-def test_random_crop_flip_with_fixed_rng():
+def test_drawn_crops_and_flips_with_fixed_rng():
     images = np.random.default_rng(0).integers(0, 256, (64, 6, 6, 1), dtype=np.uint8)
-    out = data.random_crop_flip(images, np.random.default_rng(42), pad=2)
-    np.testing.assert_array_equal(out, data.random_crop_flip(images, np.random.default_rng(42), pad=2))
+    offsets, flips = data.draw_crop_flip(np.random.default_rng(42), len(images), pad=2)
+    again = data.draw_crop_flip(np.random.default_rng(42), len(images), pad=2)
+    np.testing.assert_array_equal(offsets, again[0])
+    np.testing.assert_array_equal(flips, again[1])
+    out = data.crop_flip(images, offsets, flips, pad=2)
     assert out.shape == images.shape and out.dtype == np.uint8
-    flips = 0
+    mirrored = 0
     for src, got in zip(images, out):
         options = [(dy, dx, f) for dy in range(5) for dx in range(5) for f in (0, 1)
                    if np.array_equal(got, padded_crop_reference(src, dy, dx, f, 2))]
         assert options
-        flips += all(f for _, _, f in options)
-    assert 10 < flips < 54  # Roughly half are mirrored.
+        mirrored += all(f for _, _, f in options)
+    assert 10 < mirrored < 54  # Roughly half are mirrored.
 
 
 def test_loader_rejects_batch_too_large():
@@ -388,7 +392,7 @@ def test_default_batches_are_byte_identical_to_before_augment_became_a_flag():
 
 
 def flags(*argv):
-    return cfg.from_args(cfg.parser().parse_args([*argv, "--out", "/tmp/never-written"]))[0][0]
+    return translate.from_args(parser().parse_args([*argv, "--out", "/tmp/never-written"]))[0][0]
 
 
 def test_augment_flag_defaults_per_dataset_and_resume():
@@ -398,16 +402,16 @@ def test_augment_flag_defaults_per_dataset_and_resume():
     assert (mnist.augment, mnist.model, tfds_cifar.augment, tfds_cifar.model) == ("none", "cnn", "crop-flip", "resnet18")
     assert flags("--dataset", "digits", "--augment", "crop").augment == "crop"
     assert flags("--dataset", "tfds:svhn_cropped/x:1.0.0").dataset == "tfds:svhn_cropped/x:1.0.0"
-    with pytest.raises(cfg.ConfigError, match="--augment 'rotate' is unknown; accepted values: auto, crop-flip"):
+    with pytest.raises(ConfigError, match="--augment 'rotate' is unknown; accepted values: auto, crop-flip"):
         flags("--dataset", "digits", "--augment", "rotate")
     # A run saved before --augment existed resumes under the default, and only under it.
     digits = flags("--dataset", "digits")
     old = {k: v for k, v in digits.to_dict().items() if k != "augment"}
-    assert cfg.config_differences(old, digits) == []
-    assert cfg.config_differences(old, digits.replace(augment="flip")) == ["augment: 'none' -> 'flip'"]
+    assert resume.config_differences(old, digits) == []
+    assert resume.config_differences(old, digits.replace(augment="flip")) == ["augment: 'none' -> 'flip'"]
     cifar10 = flags("--dataset", "cifar10")
-    assert cfg.config_differences({**cifar10.to_dict(), "augment": "auto"}, cifar10) == []
-    assert cfg.from_saved(old).augment == "auto"
+    assert resume.config_differences({**cifar10.to_dict(), "augment": "auto"}, cifar10) == []
+    assert resume.from_saved(old).augment == "auto"
 
 
 def test_augment_flag_reaches_the_training_batches(tmp_path):

@@ -49,6 +49,46 @@ def test_each_shared_name_is_defined_once():
     assert literal == ["adpsgd_jax/limits.py"], literal  # the QSGD level limit, written out once
 
 
+def module_of(path: pathlib.Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_experiments_import_each_name_from_its_definition_and_no_private_one():
+    # One address per name: no re-export (a name imported from a module that only imports it itself), no
+    # private name (``_name``) imported or read from another module (nor jax's), no unused import kept for callers.
+    trees = {module_of(p): ast.parse(p.read_text()) for p in sources("experiments")}
+    defined = {}
+    for module, tree in trees.items():
+        names = defined.setdefault(module, set())
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            for t in node.targets if isinstance(node, ast.Assign) else [node.target] \
+                    if isinstance(node, ast.AnnAssign) else []:
+                names.update(n.id for n in ast.walk(t) if isinstance(n, ast.Name))
+    problems = []
+    for module, tree in trees.items():
+        aliases = {}  # local name -> the experiments module it is
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("experiments"):
+                for alias in node.names:
+                    if f"{node.module}.{alias.name}" in trees:
+                        aliases[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+                    elif alias.name.startswith("_") or alias.name not in defined.get(node.module, ()):
+                        problems.append(f"{module} imports {alias.name} from {node.module}")
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases:
+                source = aliases[node.value.id]
+                if node.attr.startswith("_") and not node.attr.startswith("__"):
+                    problems.append(f"{module} reads {source}.{node.attr}")
+                elif node.attr not in defined[source] and f"{source}.{node.attr}" not in trees:
+                    problems.append(f"{module} reads {source}.{node.attr}, which {source} does not define")
+    problems += [f"{module_of(p)} keeps an unused import" for p in sources("experiments") if "noqa: F401" in p.read_text()]
+    problems += [f"{module_of(p)} uses jax's private jax._src" for p in sources("experiments") if "jax._src" in p.read_text()]
+    assert not problems, problems
+
+
 GENERATED = ("report.md", "bench.md", "study.md")  # tables that the report, the benchmark and the study write
 
 

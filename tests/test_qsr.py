@@ -231,10 +231,10 @@ def old_saved(config):
 def test_resume_of_a_qsr_run_saved_before_the_reference_rule_is_refused(tmp_path, capsys):
     import json
 
-    from experiments import cifar, config as cfg, results
+    from experiments import cifar, flags, resume, results, translate
 
     argv = ["--dataset", "digits", "--epochs", "2", "--quiet", "--no-plots", "--out", str(tmp_path)]
-    (new,), _ = cfg.from_args(cfg.parser().parse_args(argv + ["--schedule", "qsr"]))
+    (new,), _ = translate.from_args(flags.parser().parse_args(argv + ["--schedule", "qsr"]))
     run_dir = tmp_path / results.run_name("qsr", 0)
     run_dir.mkdir()
     (run_dir / results.CONFIG).write_text(json.dumps(old_saved(new)))
@@ -242,10 +242,10 @@ def test_resume_of_a_qsr_run_saved_before_the_reference_rule_is_refused(tmp_path
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --resume refused for qsr-seed0") and "\n" not in err
     assert "qsr_rule: 'tolerance-capped' -> 'reference' (the configuration changed meaning" in err
-    old = cfg.from_saved(old_saved(new))  # an old summary still reads, its base period as both periods
+    old = resume.from_saved(old_saved(new))  # an old summary still reads, its base period as both periods
     assert (old.qsr_rule, old.qsr_init_period, old.qsr_min_period) == ("tolerance-capped", 1, 1)
     # Old runs of every other method (whose configs held qsr_base_period = 1 too) resume as before.
     for method in ("cpsgd", "adpsgd", "post_local"):
         other = new.replace(method=method)
-        assert cfg.config_differences(old_saved(other), other) == []
-    assert cfg.config_differences(new.to_dict(), new) == []  # a qsr run of this version resumes
+        assert resume.config_differences(old_saved(other), other) == []
+    assert resume.config_differences(new.to_dict(), new) == []  # a qsr run of this version resumes

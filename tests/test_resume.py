@@ -325,10 +325,10 @@ def test_resume_restores_the_outer_state_and_anchor_of_two_level_runs(tmp_path):
 def test_resume_of_a_post_local_run_saved_before_issue_19_is_refused(tmp_path, capsys):
     # A run folder as the old post_local (parameters averaged in the warm-up) left it: its
     # config.json has no post_local_warmup. Only the config is read before the refusal.
-    from experiments import config as cfg
+    from experiments import flags, resume, translate
 
     argv = ["--dataset", "digits", "--epochs", "2", "--quiet", "--no-plots", "--out", str(tmp_path)]
-    (new,), _ = cfg.from_args(cfg.parser().parse_args(argv + ["--schedule", "post_local"]))
+    (new,), _ = translate.from_args(flags.parser().parse_args(argv + ["--schedule", "post_local"]))
     old = {k: v for k, v in new.to_dict().items() if k != "post_local_warmup"}
     run_dir = tmp_path / results.run_name("post_local", 0)
     run_dir.mkdir()
@@ -338,13 +338,13 @@ def test_resume_of_a_post_local_run_saved_before_issue_19_is_refused(tmp_path, c
     assert err.startswith("error: --resume refused for post_local-seed0") and "\n" not in err
     assert "post_local_warmup: 'parameters' -> 'gradient' (the configuration changed meaning" in err
     assert err.endswith("This version cannot continue it: start it over in another --out")
-    assert cfg.from_saved(old).post_local_warmup == "parameters"
+    assert resume.from_saved(old).post_local_warmup == "parameters"
     # Old runs of every other method mean what they meant: nothing to refuse.
     for method in ("cpsgd", "adpsgd", "lr_proportional"):
         other = new.replace(method=method)
-        assert cfg.config_differences({k: v for k, v in other.to_dict().items() if k != "post_local_warmup"},
-                                      other) == []
-    assert cfg.config_differences(new.to_dict(), new) == []  # a post_local run of this version resumes
+        assert resume.config_differences({k: v for k, v in other.to_dict().items() if k != "post_local_warmup"},
+                                         other) == []
+    assert resume.config_differences(new.to_dict(), new) == []  # a post_local run of this version resumes
 
 
 def test_resume_inside_the_post_local_warmup_equals_uninterrupted(tmp_path):

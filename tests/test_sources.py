@@ -172,7 +172,7 @@ def test_cifar_missing_raises_at_once_without_the_network(name, tmp_path, monkey
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
     for data_dir in (tmp_path, tmp_path / "does-not-exist"):
-        with pytest.raises(data.DataUnavailableError) as info:
+        with pytest.raises(sources.DataUnavailableError) as info:
             data.load(name, data_dir=str(data_dir))
         assert attempts == []
         message = str(info.value)
@@ -376,7 +376,7 @@ def test_check_refuses_arrays_a_model_cannot_train_on():
         "no examples": good._replace(test_images=good.test_images[:0], test_labels=good.test_labels[:0]),
     }
     for problem, arrays in bad.items():
-        with pytest.raises(data.DataUnavailableError, match="--dataset synthetic: the (train|test) split read from "
+        with pytest.raises(sources.DataUnavailableError, match="--dataset synthetic: the (train|test) split read from "
                                                             r"synthetic \(seed 0, 10 examples\) has") as info:
             sources.check(arrays, "synthetic")
         assert problem in str(info.value)

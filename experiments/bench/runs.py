@@ -11,6 +11,7 @@ from adpsgd_jax import timemodel
 from adpsgd_jax.timemodel import Link
 from experiments import config as cfg
 from experiments.bench import harness
+from experiments.datasets import defaults
 from experiments.names import BANDWIDTHS_GBPS, GBPS
 
 
@@ -20,8 +21,9 @@ def counted_run(config: cfg.Config, dataset, options: cfg.RunOptions) -> dict:
     the program after the step function), and ``all``, every XLA program the run built (evaluation,
     finiteness check, ...); with the run's steps and syncs."""
     from experiments import methods as registry, train
+    from experiments.setup import prepare
 
-    setup = train.prepare(config, dataset, options)
+    setup = prepare(config, dataset, options)
     # The step's program name, read from the strategy the run builds (jax names the program after it).
     name = registry.make_strategy(config, lambda *a: None, setup.lr_fn, setup.schedule, setup.layout).step.__name__
     with harness.counting_compiles() as events:
@@ -63,12 +65,12 @@ def training_comparison(args, seeds: list[int], epochs: Optional[int], runs_dir:
 
     from experiments import data, report, results
 
-    defaults = cfg.DATASET_DEFAULTS[args.dataset]
-    base = cfg.Config(dataset=args.dataset, data_dir=args.data_dir, model=defaults["model"],
+    recipe = defaults(args.dataset)
+    base = cfg.Config(dataset=args.dataset, data_dir=args.data_dir, model=recipe["model"],
                       workers=8, devices=max(d for d in (1, 2, 4, 8) if d <= len(jax.devices())),
-                      batch_size=defaults["batch_size"],
-                      epochs=epochs or defaults["epochs"], lr=defaults["lr"], momentum=defaults["momentum"],
-                      weight_decay=defaults["weight_decay"], avg_period=args.avg_period)
+                      batch_size=recipe["batch_size"],
+                      epochs=epochs or recipe["epochs"], lr=recipe["lr"], momentum=recipe["momentum"],
+                      weight_decay=recipe["weight_decay"], avg_period=args.avg_period)
     variants = {"allreduce": base.replace(method="allreduce"), "cpsgd": base.replace(method="cpsgd"),
                 "adpsgd": base.replace(method="adpsgd"), "qsgd_8bit": base.replace(method="qsgd", qsgd_levels=127),
                 "qsgd_4bit": base.replace(method="qsgd", qsgd_levels=7)}

@@ -161,7 +161,7 @@ def input_pipeline_rate(batch_size: int, workers: int, repeats: int) -> float:
     from experiments import data
 
     ds = dataclasses.replace(data.load("synthetic", synthetic_size=max(4 * batch_size * workers, 512)), augment=True)
-    shards = data.partition(ds.train_labels, workers, data.parse_partition("iid"), 0, min_size=batch_size)
+    shards = data.partition(ds.train_labels, workers, "iid", 0, min_size=batch_size)
     loader = data.TrainLoader(ds, shards, batch_size, 0)
     n = max(4, repeats)
     start = time.perf_counter()

@@ -65,15 +65,17 @@ def main(argv: list[str]) -> int:
     import argparse
     import dataclasses
 
-    from experiments import cifar, config as cfg
+    from experiments import cifar, translate
+    from experiments.config import ConfigError
+    from experiments.flags import parser
 
     own = argparse.ArgumentParser(add_help=False)
     own.add_argument("--repeats", type=int, default=1)
     own.add_argument("--compile-cache", help="jax's persistent compilation cache folder")
     mine, argv = own.parse_known_args(argv)
     try:
-        configs, options = cfg.from_args(cfg.parser().parse_args(argv))
-    except cfg.ConfigError as err:
+        configs, options = translate.from_args(parser().parse_args(argv))
+    except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if mine.compile_cache:  # set before anything compiles; jax writes it from process 0, every process reads it
@@ -82,7 +84,7 @@ def main(argv: list[str]) -> int:
         jax.config.update("jax_compilation_cache_dir", mine.compile_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     cifar.request_cpu_devices(configs[0], options)
-    failure = cifar._start_distributed(options)  # the launch always gives --coordinator
+    failure = cifar.start_distributed(options)  # the launch always gives --coordinator
     if failure:
         print(f"error: {failure}", file=sys.stderr)
         return 2
@@ -90,11 +92,12 @@ def main(argv: list[str]) -> int:
     import jax
 
     from experiments import train
+    from experiments.setup import prepare
 
     for r in range(mine.repeats):
         options_r = dataclasses.replace(options, out=repeat_folder(options.out, r))
         for config in rotated(configs, r):
-            setup = train.prepare(config, options=options_r)
+            setup = prepare(config, options=options_r)
             clock = StepClock()
             try:
                 train.train_and_evaluate(setup, options_r, on_step=clock)
