@@ -84,38 +84,38 @@ class _Replica(NamedTuple):
     monitor: Optional[Monitor]
 
 
-def _local_update(spec: _Averaging, state: TrainState, group_bytes: int, g: _Gradients) -> _Updated:
+def _local_update(spec: _Averaging, state: TrainState, group_bytes: int, inputs: _Gradients) -> _Updated:
     """The local optimizer update; under two-level averaging after the mean of
     the gradients and model state inside the group (an allreduce step there)."""
-    grads, model_state, group_counter = g.grads, g.model_state, g.group_comm
+    grads, model_state, group_counter = inputs.grads, inputs.model_state, inputs.group_comm
     inside = spec.axes.inside
     if inside:
         grads = tree_pmean(grads, inside)
         model_state = tree_pmean(model_state, inside)
         group_counter = group_counter.add(jnp.int32(1), group_bytes)
     params, opt_state = _apply(spec.optimizer, state.params, grads, state.opt_state)
-    return _Updated(params, model_state, opt_state, g.anchor, group_counter)
+    return _Updated(params, model_state, opt_state, inputs.anchor, group_counter)
 
 
-def _allreduce_update(spec: _Averaging, state: TrainState, g: _Gradients) -> _Updated:
+def _allreduce_update(spec: _Averaging, state: TrainState, inputs: _Gradients) -> _Updated:
     """An allreduce step's update: g = (1/N) sum_i g_i and the mean model state
     over every worker, then the optimizer, as ``allreduce`` does."""
     workers = spec.axes.all
-    grads = tree_pmean(g.grads, workers)
-    model_state = tree_pmean(g.model_state, workers)
+    grads = tree_pmean(inputs.grads, workers)
+    model_state = tree_pmean(inputs.model_state, workers)
     params, opt_state = _apply(spec.optimizer, state.params, grads, state.opt_state)
     # The workers agree after this step: the outer optimizer's next change starts here.
-    return _Updated(params, model_state, opt_state, None if g.anchor is None else params, g.group_comm)
+    return _Updated(params, model_state, opt_state, None if inputs.anchor is None else params, inputs.group_comm)
 
 
-def _optimizer_step(spec: _Averaging, state: TrainState, g: _Gradients, warm) -> _Updated:
+def _optimizer_step(spec: _Averaging, state: TrainState, inputs: _Gradients, warm) -> _Updated:
     """The update, local or (where ``warm``, a worker-invariant bool[]) an allreduce step's."""
     inside = spec.axes.inside
-    group_bytes = _payload(_float_bytes(g.grads, g.model_state), inside) if inside else 0
+    group_bytes = _payload(_float_bytes(inputs.grads, inputs.model_state), inside) if inside else 0
     local = functools.partial(_local_update, spec, state, group_bytes)
     if warm is None:  # the schedule has no allreduce steps: no branch at all
-        return local(g)
-    return lax.cond(warm, functools.partial(_allreduce_update, spec, state), local, g)
+        return local(inputs)
+    return lax.cond(warm, functools.partial(_allreduce_update, spec, state), local, inputs)
 
 
 def _observe_drift(spec: _Averaging, state: TrainState, updated: _Updated) -> tuple:
@@ -152,43 +152,43 @@ def _outer_step(outer_optimizer, params_avg, anchor, outer_state) -> tuple:
     return params, params, outer_state
 
 
-def _average(spec: _Averaging, loss, step, r: _Replica) -> tuple:
+def _average(spec: _Averaging, loss, step, replica: _Replica) -> tuple:
     """The sync branch: (averaged ``_Replica``, pre-sync V). xbar over the groups,
     V = (1/N) sum_i ||x_i - xbar||^2 and the mean loss over every worker, the
     outer step or the new anchor, the monitor's direction, the schedule's update."""
     across, workers, drift = spec.axes.across, spec.axes.all, spec.schedule.drift
-    params_avg = tree_pmean(r.params, across)
-    sq = collectives.squared_distance(r.params, params_avg)
+    params_avg = tree_pmean(replica.params, across)
+    sq = collectives.squared_distance(replica.params, params_avg)
     # Over every worker: the mean over groups, as a group's replicas are identical.
     variance, loss_avg = lax.pmean(jnp.stack([sq, loss.astype(jnp.float32)]), workers)
-    params_avg = _over(r.params, params_avg, variance)
-    model_state = tree_pmean(r.model_state, across)
-    opt_state = tree_pmean(r.opt_state, across) if spec.average_opt_state else r.opt_state
-    anchor, outer_state, monitor = r.anchor, r.outer_opt_state, r.monitor
+    params_avg = _over(replica.params, params_avg, variance)
+    model_state = tree_pmean(replica.model_state, across)
+    opt_state = tree_pmean(replica.opt_state, across) if spec.average_opt_state else replica.opt_state
+    anchor, outer_state, monitor = replica.anchor, replica.outer_opt_state, replica.monitor
     if spec.outer_optimizer is not None:
         params_avg, anchor, outer_state = _outer_step(spec.outer_optimizer, params_avg, anchor, outer_state)
     elif drift is not None:
         anchor = params_avg
     if drift is not None and drift.direction:  # u: this sync's change of the anchor, the same on every worker
-        direction, norm = collectives.unit_direction(anchor, r.anchor)
+        direction, norm = collectives.unit_direction(anchor, replica.anchor)
         monitor = monitor._replace(direction=direction, direction_norm=norm)
-    sched_state = spec.schedule.update(r.sched_state, step, variance, loss_avg)
+    sched_state = spec.schedule.update(replica.sched_state, step, variance, loss_avg)
     return _Replica(params_avg, model_state, opt_state, sched_state, anchor, outer_state, monitor), variance
 
 
-def _keep(r: _Replica) -> tuple:
+def _keep(replica: _Replica) -> tuple:
     """The branch without a sync: the replica as it is, V = 0."""
-    return r, jnp.zeros((), jnp.float32)
+    return replica, jnp.zeros((), jnp.float32)
 
 
-def _counted(spec: _Averaging, state: TrainState, r: _Replica, sync, warm, allreduce_bytes: int) -> tuple:
+def _counted(spec: _Averaging, state: TrainState, replica: _Replica, sync, warm, allreduce_bytes: int) -> tuple:
     """(comm counter, synced, period) after the step: a sync counts one round of
     the averaged bytes (+ 8 for V and the loss); an allreduce step counts one
     round of gradient + model-state bytes and reports as ``allreduce`` does
     (synced, period 1)."""
-    averaged = (r.params, r.model_state, *((r.opt_state,) if spec.average_opt_state else ()))
+    averaged = (replica.params, replica.model_state, *((replica.opt_state,) if spec.average_opt_state else ()))
     counter = state.comm.add(sync.astype(jnp.int32), _payload(_float_bytes(*averaged) + 8, spec.axes.across))
-    synced, period = jnp.asarray(sync, bool), jnp.asarray(r.sched_state.period, jnp.int32)
+    synced, period = jnp.asarray(sync, bool), jnp.asarray(replica.sched_state.period, jnp.int32)
     if warm is not None:
         counter = counter.add(warm.astype(jnp.int32), allreduce_bytes)
         synced, period = synced | warm, jnp.where(warm, 1, period).astype(jnp.int32)
@@ -211,13 +211,13 @@ def _local_sgd_step(spec: _Averaging, state: TrainState, batch) -> tuple[TrainSt
         sync = sync & ~warm  # an allreduce step does not average parameters as well
     replica = _Replica(updated.params, updated.model_state, updated.opt_state, sched_state, updated.anchor,
                        state.outer_opt_state, monitor)
-    r, variance = lax.cond(sync, functools.partial(_average, spec, loss, state.step), _keep, replica)
-    counter, synced, period = _counted(spec, state, r, sync, warm, allreduce_bytes)
-    new_state = state._replace(step=state.step + 1, params=r.params, model_state=r.model_state, opt_state=r.opt_state,
-                               sched_state=r.sched_state, comm=counter, group_comm=updated.group_comm,
-                               anchor=r.anchor, outer_opt_state=r.outer_opt_state, monitor=r.monitor)
+    replica, variance = lax.cond(sync, functools.partial(_average, spec, loss, state.step), _keep, replica)
+    counter, synced, period = _counted(spec, state, replica, sync, warm, allreduce_bytes)
+    new_state = state._replace(step=state.step + 1, params=replica.params, model_state=replica.model_state, opt_state=replica.opt_state,
+                               sched_state=replica.sched_state, comm=counter, group_comm=updated.group_comm,
+                               anchor=replica.anchor, outer_opt_state=replica.outer_opt_state, monitor=replica.monitor)
     return new_state, StepMetrics(loss.astype(jnp.float32), _aux(aux), synced, variance, period, counter,
-                                  updated.group_comm, bound, None if r.monitor is None else r.monitor.comm)
+                                  updated.group_comm, bound, None if replica.monitor is None else replica.monitor.comm)
 
 
 def local_sgd(
