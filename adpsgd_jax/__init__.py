@@ -1,8 +1,11 @@
 """adpsgd_jax: adaptive periodic parameter averaging and its baselines in JAX.
 
-Modules: ``schedules`` (when to average), ``step`` (train state and the pure
-train / eval steps of each strategy), ``collectives`` (tree means, variance,
-QSGD), ``distributed`` (meshes, replication, the wrappers that map a step over
+Modules: ``schedules`` (when to average), ``averaging`` (``local_sgd``,
+periodic parameter averaging), ``gradient_mean`` (``allreduce`` and ``qsgd``,
+a gradient mean every step), ``evaluation`` (the eval step), ``state`` (the
+train state, the step's metrics and the ``Strategy`` pair), ``step`` (what
+every train step is made of), ``collectives`` (tree means, variance, QSGD),
+``distributed`` (meshes, replication, the wrappers that map a step over
 devices), ``loops`` (how the workers sharing a device run: vmap, map,
 unrolled), ``comm`` (exact byte accounting inside the step), ``timemodel``
 (turning counted bytes into seconds; pure Python) and ``limits``.
@@ -14,18 +17,21 @@ set the CPU device count first.
 
 import importlib
 
-_SUBMODULES = ("collectives", "comm", "distributed", "limits", "loops", "schedules", "step", "timemodel")
-_FROM_STEP = ("StepMetrics", "Strategy", "TrainState", "allreduce", "local_sgd", "make_eval_step", "qsgd")
+_SUBMODULES = ("averaging", "collectives", "comm", "distributed", "evaluation", "gradient_mean", "limits", "loops",
+               "schedules", "state", "step", "timemodel")
+# The strategies and the train state, re-exported from the modules that define them.
+_EXPORTS = {"StepMetrics": "state", "Strategy": "state", "TrainState": "state", "local_sgd": "averaging",
+           "allreduce": "gradient_mean", "qsgd": "gradient_mean", "make_eval_step": "evaluation"}
 
-__all__ = list(_SUBMODULES + _FROM_STEP)
+__all__ = list(_SUBMODULES + tuple(_EXPORTS))
 __version__ = "0.1.0"
 
 
 def __getattr__(name):
     if name in _SUBMODULES:
         return importlib.import_module(f"adpsgd_jax.{name}")
-    if name in _FROM_STEP:
-        return getattr(importlib.import_module("adpsgd_jax.step"), name)
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"adpsgd_jax.{_EXPORTS[name]}"), name)
     raise AttributeError(f"module 'adpsgd_jax' has no attribute {name!r}")
 
 

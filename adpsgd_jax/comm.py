@@ -82,7 +82,7 @@ class CommCounter(NamedTuple):
     the 2 GiB an int32 holds; read it on the host with ``total_bytes``.
     """
 
-    rounds: jnp.ndarray  # int32[]: communication rounds so far (syncs, or every step of a full-sync strategy).
+    rounds: jnp.ndarray  # int32[]: communication rounds so far (syncs, or every step of a gradient-mean strategy).
     gib: jnp.ndarray  # int32[]: whole GiB.
     low: jnp.ndarray  # int32[]: remaining bytes, in [0, 2^30).
 

@@ -115,7 +115,7 @@ def hierarchical_allreduce_time(nbytes: float, hosts: int, per_host: int, intra:
         t = 2(L - 1) lambda_f + 2(L - 1)/L * B/beta_f + 2(H - 1) lambda_s + 2(H - 1)/H * B/beta_s
           = allreduce_time(B, L, intra) + allreduce_time(B, H, inter)
 
-    Full sync's gradient mean and flat averaging (all N = H L replicas differ)
+    allreduce's gradient mean and flat averaging (all N = H L replicas differ)
     pay this per round.
     """
     return allreduce_time(nbytes, per_host, intra, arrays) + allreduce_time(nbytes, hosts, inter, arrays)

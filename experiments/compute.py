@@ -10,7 +10,7 @@ The probe here runs each run's own local step with one worker on one
 device: the strategy ``experiments.methods.make_strategy`` builds for the
 run's config (model, per-worker batch, optimizer, outer optimizer) around
 the run's own schedule with its averaging gate shut (``shut``:
-``should_sync`` always false, no full-sync step), so no sync happens inside
+``should_sync`` always false, no allreduce step), so no sync happens inside
 the probe, while a schedule's per-step work stays in it. For the variance
 trigger (``Schedule.drift``) that is the squared distance to the anchor, the
 projection on u and the pmean of the pair, a collective that is trivial with
@@ -20,7 +20,7 @@ worker, hence no in-group mean. ``allreduce`` and ``qsgd`` have no schedule:
 their probe is the local step of the same model and optimizer
 (``local_sgd`` with a shut ``constant`` schedule), since they do this local
 arithmetic around their collective (QSGD's quantising and dequantising are
-therefore not in it). CPSGD's probe and full sync's are then one program;
+therefore not in it). CPSGD's probe and allreduce's are then one program;
 the trigger's is another, with the monitor's work in it.
 
 ``step_seconds`` returns the seconds and the probe's program id (a hash of
@@ -47,7 +47,7 @@ from experiments.setup import Setup
 # on CPU, ~1 s a step: 3 steps), or MAX_STEPS steps (digits' MLP, ~0.1 ms a step: about 0.1 s).
 BUDGET_S, MIN_STEPS, MAX_STEPS = 2.0, 3, 300
 _NEVER = 2**30  # the period of allreduce's and qsgd's probe schedule (its gate is shut anyway)
-# Compiled probes by (device, program text): runs whose probes are one program (CPSGD, full sync and QSGD of
+# Compiled probes by (device, program text): runs whose probes are one program (CPSGD, allreduce and QSGD of
 # one --compare: a model, a batch, an optimizer) compile it once (0.5-1 s for digits' MLP on 2 busy cores) and timed per run.
 _COMPILED: collections.OrderedDict = collections.OrderedDict()
 _KEEP = 4
@@ -67,9 +67,9 @@ def _compile(jitted, state, batch, device: jax.Device):
 
 
 def shut(schedule: schedules.Schedule) -> schedules.Schedule:
-    """``schedule`` with its averaging gate shut: never a sync, never a full-sync step; its state, its
+    """``schedule`` with its averaging gate shut: never a sync, never an allreduce step; its state, its
     ``drift`` (the per-step bound and ``observe``) unchanged."""
-    return schedule._replace(should_sync=lambda state, step: jnp.zeros((), bool), full_sync_step=None)
+    return schedule._replace(should_sync=lambda state, step: jnp.zeros((), bool), allreduce_step=None)
 
 
 def probe_strategy(setup: Setup, loss_fn, layout) -> A.Strategy:

@@ -1,9 +1,9 @@
 """Three plain sentences that close a comparison: ``sentences(runs)``.
 
 1. Which method reached the lowest final training loss (seed mean), among
-   the methods that send less than full sync (``allreduce``) when it ran;
-   full sync's own loss beside it.
-2. What that method sent per worker, against full sync's bytes.
+   the methods that send less than ``allreduce`` (full-sync SGD) when it ran;
+   allreduce's own loss beside it.
+2. What that method sent per worker, against allreduce's bytes.
 3. Whether its difference from the runner-up is outside the seeds' noise:
    the paired differences d_k = loss(best, seed k) - loss(runner-up, seed k)
    over the seeds both ran, their mean and 95% t-interval
@@ -22,7 +22,7 @@ import numpy as np
 from experiments import results
 from experiments.study_report import paired
 
-FULL_SYNC = "allreduce"
+ALLREDUCE = "allreduce"
 
 
 def _by_seed(runs: list[results.Run]) -> dict[str, dict[int, results.Run]]:
@@ -39,22 +39,22 @@ def _mean(group: dict, key: str) -> float:
 def sentences(runs: list[results.Run], plot: Optional[str] = None) -> str:
     """The three sentences (and the plot's path) for the finished ``runs`` of one folder."""
     groups = _by_seed(runs)
-    reference = groups.get(FULL_SYNC)
-    candidates = [label for label in groups if label != FULL_SYNC] or list(groups)
+    reference = groups.get(ALLREDUCE)
+    candidates = [label for label in groups if label != ALLREDUCE] or list(groups)
     ranked = sorted(candidates, key=lambda label: _mean(groups[label], "final_train_loss"))
     best = ranked[0]
     loss, sent = _mean(groups[best], "final_train_loss"), _mean(groups[best], "bytes") / 1e6
     seeds = len(groups[best])
-    among = "Of the methods that send less than full sync" if reference and best != FULL_SYNC else "Of the methods run"
+    among = "Of the methods that send less than allreduce" if reference and best != ALLREDUCE else "Of the methods run"
     first = (f"{among}, {best} reached the lowest final training loss, {loss:.4f} (mean of {seeds} seed"
              f"{'s' if seeds > 1 else ''})")
-    first += f"; full sync ({FULL_SYNC}) reached {_mean(reference, 'final_train_loss'):.4f}." if reference else "."
-    if reference and best != FULL_SYNC:
+    first += f"; {ALLREDUCE} (full-sync SGD) reached {_mean(reference, 'final_train_loss'):.4f}." if reference else "."
+    if reference and best != ALLREDUCE:
         full = _mean(reference, "bytes") / 1e6
-        second = f"It sent {sent:.3f} MB per worker, {100 * sent / full:.1f}% of full sync's {full:.3f} MB."
+        second = f"It sent {sent:.3f} MB per worker, {100 * sent / full:.1f}% of {ALLREDUCE}'s {full:.3f} MB."
     else:
-        second = f"It sent {sent:.3f} MB per worker" + ("." if reference else f" (add {FULL_SYNC} to compare with "
-                                                                                "full sync's bytes).")
+        second = f"It sent {sent:.3f} MB per worker" + ("." if reference else f" (add {ALLREDUCE} to compare with "
+                                                                                "its bytes).")
     lines = [first, second, _noise(groups, ranked)]
     if plot:
         lines.append(f"Plot of training loss against bytes: {plot}")

@@ -127,7 +127,7 @@ def _method_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--momentum", type=float, help="SGD momentum" + recipe(_by_recipe("momentum")))
     p.add_argument("--weight-decay", type=float, help="weight decay, added to the gradient" + recipe(_by_recipe("weight_decay")))
     p.add_argument("--avg-period", type=int, help="communication budget as an average period (default 8); read by "
-                                                   "the averaging methods other than full_sync")
+                                                   "the averaging methods other than every_step")
     p.add_argument("--local-warmup-epochs", type=float,
                    help="post_local's warm-up in epochs: full-sync steps (gradients all-reduced, as in PyTorch's "
                         "post-local SGD), then averages every --avg-period steps (default 0: 10%% of the run); "

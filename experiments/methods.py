@@ -63,9 +63,9 @@ def make_schedule(config: Config, total_steps: int, steps_per_epoch: int, lr_fn)
         return plugins.build(name, total_steps=total_steps, avg_period=p, lr_schedule=lr_fn)
     if name == "constant":
         return schedules.constant(p)
-    if name == "full_sync":
-        return schedules.full_sync()
-    if name == "post_local":  # PyTorch's post-local SGD: W full-sync steps, then averages after W, W+p, ...
+    if name == "every_step":
+        return schedules.every_step()
+    if name == "post_local":  # PyTorch's post-local SGD: W allreduce steps, then averages after W, W+p, ...
         warmup = round(config.local_warmup_epochs * steps_per_epoch) or total_steps // 10
         return schedules.post_local(warmup, p)
     if name == "stagewise":
@@ -77,7 +77,7 @@ def make_schedule(config: Config, total_steps: int, steps_per_epoch: int, lr_fn)
     if name == "adpsgd":
         return schedules.adpsgd(total_steps, p, lr_schedule=lr_fn)
     if name == "adpsgd_trend":
-        return schedules.adpsgd(total_steps, p, lr_schedule=lr_fn, forecast="trend")
+        return schedules.adpsgd(total_steps, p, lr_schedule=lr_fn, forecast=schedules.trend_forecast())
     if name == "lr_proportional":
         return schedules.lr_proportional(total_steps, p, lr_schedule=lr_fn)
     if name == "qsr":

@@ -15,7 +15,7 @@ METHODS = {
     "allreduce": ("allreduce", None),  # full-sync SGD (gradient all-reduce every step)
     "qsgd": ("qsgd", None),
     "cpsgd": ("average", "constant"),
-    "full_sync": ("average", "full_sync"),  # parameter averaging every step
+    "every_step": ("average", "every_step"),  # parameter averaging after every step (schedules.every_step)
     "post_local": ("average", "post_local"),
     "stagewise": ("average", "stagewise"),
     "adacomm": ("average", "adacomm"),

@@ -12,7 +12,7 @@ measured alone on one device of the machine that ran it, no communication:
 the run's own local step with its averaging gate shut, experiments/compute.py;
 ``build`` gives every run the median probe of the runs sharing its probe's
 program, ``results.pool_compute``) and t_comm the ring all-reduce time (all-gather for
-QSGD, whose quantised messages cannot be summed in the ring). Full sync
+QSGD, whose quantised messages cannot be summed in the ring). ``allreduce``
 assumes no overlap of communication with the backward pass; its row
 "allreduce (ideal overlap)" shows max(t_compute, t_comm) per step. "Time to
 target" is the simulated time until the averaged model first reaches the
@@ -61,7 +61,7 @@ class _Counts(NamedTuple):
     steps: int
     compute_s: float  # steps x t_compute
     rounds: int
-    per_round: float  # bytes per worker per round of the averaging (across groups) or full sync
+    per_round: float  # bytes per worker per round of the averaging (across groups) or allreduce
     group_rounds: int
     group_per_round: float  # bytes per worker per every-step mean inside a group (two-level runs)
 

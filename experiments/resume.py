@@ -83,8 +83,11 @@ def _older_meaning(saved: dict) -> dict:
 
 
 def _renamed(saved: dict) -> dict:
-    """``saved`` with an old ``qsr_base_period`` (one period for both roles) as both QSR periods."""
+    """``saved`` under today's names: an old ``qsr_base_period`` (one period for both roles) as both QSR
+    periods, and the method ``full_sync`` (parameters averaged every step) as ``every_step``."""
     saved = dict(saved)
+    if saved.get("method") == "full_sync":
+        saved["method"] = "every_step"
     if "qsr_base_period" in saved:
         base = saved.pop("qsr_base_period")
         saved.setdefault("qsr_init_period", base)

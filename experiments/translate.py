@@ -187,7 +187,7 @@ def unread_flags(args: argparse.Namespace, methods: list[str], dataset: str) -> 
     schedule = args.lr_schedule or "step"
     plugins = [m for m in methods if is_plugin(m)]  # a schedule of one's own averages and reads the budget
     averaging = [m for m, (strategy, _) in METHODS.items() if strategy == "average"] + plugins
-    with_period = [m for m, (_, name) in METHODS.items() if name not in (None, "full_sync")] + plugins
+    with_period = [m for m, (_, name) in METHODS.items() if name not in (None, "every_step")] + plugins
     trains = f"this run trains {', '.join(methods)}"
     on_schedule = (schedule == "step", "--lr-schedule step", f"this run has --lr-schedule {schedule}")
     with_groups = (bool(set(methods) & set(averaging)), f"the averaging methods ({', '.join(averaging)})", trains)

@@ -92,7 +92,7 @@ def replicas(tree):
 
 
 SCHEDULES = {
-    "full_sync": lambda T, lr: S.full_sync(),
+    "every_step": lambda T, lr: S.every_step(),
     "constant": lambda T, lr: S.constant(3),
     "post_local": lambda T, lr: S.post_local(5, 3),
     "stagewise": lambda T, lr: S.stagewise(2, [T // 2], 2.0),
@@ -158,15 +158,15 @@ def assert_all_reduces_inside_conditionals(schedule):
 def simulate(schedule, total_steps, lr=None, alpha=1.0, saturation=None, loss_fn=None):
     """Run ``schedule`` for ``total_steps``; return (synced[T], period[T]) as numpy.
 
-    ``synced`` marks parameter averages only. A full-sync (warm-up) step keeps
+    ``synced`` marks parameter averages only. An allreduce (warm-up) step keeps
     the replicas identical, so the variance restarts after it.
     """
     lr = lr or (lambda s: 1.0)
 
     def body(carry, step):
         state, last = carry
-        if schedule.full_sync_step is not None:
-            last = jnp.where(schedule.full_sync_step(state, step), step + 1, last)
+        if schedule.allreduce_step is not None:
+            last = jnp.where(schedule.allreduce_step(state, step), step + 1, last)
         sync = schedule.should_sync(state, step)
         tau = (step + 1 - last).astype(jnp.float32)
         variance = lr(step) ** 2 * tau**alpha

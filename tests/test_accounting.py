@@ -45,7 +45,7 @@ def flops(probe: compute.Probe) -> float:
     return (cost[0] if isinstance(cost, list) else cost)["flops"]
 
 
-def test_full_sync_and_averaging_are_charged_the_same_compute(out):
+def test_allreduce_and_averaging_are_charged_the_same_compute(out):
     runs = finished(out)
     for run in runs.values():
         s = run.summary
@@ -81,7 +81,7 @@ def test_time_model_is_one_workers_compute_plus_the_counted_rounds(out, workers,
     full, cp = runs["allreduce"].summary, runs["cpsgd"].summary
     T = full["steps"]
     assert full["syncs"] == T and cp["syncs"] == T // 4
-    # Full sync: T rounds of its bytes on top of T x one worker's compute, and nothing else.
+    # allreduce: T rounds of its bytes on top of T x one worker's compute, and nothing else.
     per_round = timemodel.allreduce_time(full["bytes"] / T, workers, link)
     assert report_time(runs["allreduce"], workers, gbps) == full["compute_step_s"] * T + T * per_round
     overlapped = report_time(runs["allreduce"], workers, gbps, overlap=True)

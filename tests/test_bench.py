@@ -70,7 +70,7 @@ def test_quick_benchmark_writes_json_and_table(tmp_path):
     assert res["projection"]["allreduce"]["speedup_10gbps_ci"] == pytest.approx([1.0, 1.0])
     table = (tmp_path / "bench.md").read_text()
     assert "| item | measured [95% interval] | target | verdict |" in table
-    assert "gate overhead" in table and "Claim C2" in table and "Paper (ADPSGD over full sync): 1.46-1.95x" in table
+    assert "gate overhead" in table and "Claim C2" in table and "Paper (ADPSGD over allreduce): 1.46-1.95x" in table
     assert "gate with workers" in table and "| mlp (16 / worker) | 8 | unroll |" in table and "auto = vmap" in table
 
 
@@ -94,13 +94,13 @@ def test_bad_flags_are_refused_before_anything_runs(tmp_path, capsys, argv, mess
 
 def test_the_compute_probe_is_not_counted_as_the_train_step(tmp_path):
     """Item 3 counts the compilations of a run's train step by its program's name. Every run also
-    compiles its compute probe (experiments/compute.py), a local_sgd step, as full sync's step is:
+    compiles its compute probe (experiments/compute.py), a local_sgd step, as every_step's step is:
     the probe's program has a name of its own, so a run compiling both counts 1."""
     from experiments import compute, config as cfg, data
     from experiments.bench import runs
 
     compute._COMPILED.clear()  # the probe is compiled in this run, not reused from an earlier test's
-    c = cfg.Config(method="full_sync", dataset="digits", model="mlp", workers=8, batch_size=24, epochs=2, lr=0.1,
+    c = cfg.Config(method="every_step", dataset="digits", model="mlp", workers=8, batch_size=24, epochs=2, lr=0.1,
                    momentum=0.0, weight_decay=0.0)
     count = runs.counted_run(c, data.load("digits"), runs._options(str(tmp_path)))
     assert count["compilations"] == 1 and count["all"] >= 3, count  # the step, the probe, the evaluation at least

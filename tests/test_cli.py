@@ -32,7 +32,7 @@ def compare_dir(tmp_path_factory):
 
 
 def replay(run: results.Run) -> list:
-    """The sync flags (an average or a full-sync step) the run's schedule gives when fed the
+    """The sync flags (an average or an allreduce step) the run's schedule gives when fed the
     logged variances and losses (and, for the trigger, the logged per-step bounds)."""
     c = resume.from_saved(run.summary["config"])
     T, spe = run.summary["steps"], run.summary["steps_per_epoch"]
@@ -44,8 +44,8 @@ def replay(run: results.Run) -> list:
         if schedule.drift is not None:
             state = schedule.drift.observe(state, jnp.int32(t), jnp.float32(row["variance_bound"]))
         sync = bool(schedule.should_sync(state, jnp.int32(t)))
-        full = schedule.full_sync_step is not None and bool(schedule.full_sync_step(state, jnp.int32(t)))
-        flags.append(int(sync or full))
+        warm = schedule.allreduce_step is not None and bool(schedule.allreduce_step(state, jnp.int32(t)))
+        flags.append(int(sync or warm))
         if sync:
             state = schedule.update(state, jnp.int32(t), jnp.float32(row["variance"]), jnp.float32(row["loss"]))
     return flags
@@ -64,7 +64,7 @@ def test_every_method_writes_parseable_results(compare_dir):
         assert synced == replay(run), method  # the summary's syncs are the schedule's
         assert run.summary["config"]["method"] == method
     assert runs["cpsgd"].summary["syncs"] == steps // 4
-    assert runs["allreduce"].summary["syncs"] == runs["full_sync"].summary["syncs"] == steps
+    assert runs["allreduce"].summary["syncs"] == runs["every_step"].summary["syncs"] == steps
     budget = steps // 4
     assert 0.9 * budget <= runs["adpsgd"].summary["syncs"] <= budget
     assert runs["qsr"].summary["syncs"] == budget  # the rule at the searched alpha makes C here: 3, 6, 9, 12, 22
@@ -78,7 +78,7 @@ def test_every_method_writes_parseable_results(compare_dir):
     # Parameter averaging sends parameters + the 8-byte scalar pair per sync.
     cp = runs["cpsgd"].summary
     assert cp["bytes"] == cp["syncs"] * (cp["param_bytes"] + 8)
-    # post_local: a warm-up of T // 10 full-sync steps (gradient bytes), then averages after W, W + 4, ...
+    # post_local: a warm-up of T // 10 allreduce steps (gradient bytes), then averages after W, W + 4, ...
     pl, warmup = runs["post_local"].summary, steps // 10
     averages, periods = len(range(warmup, steps, 4)), [r["period"] for r in runs["post_local"].metrics]
     assert pl["syncs"] == warmup + averages and periods[:warmup + 1] == [1] * warmup + [4]

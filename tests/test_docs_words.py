@@ -15,6 +15,7 @@ The site itself is built strictly (``sphinx-build -W --keep-going -n``) by
 
 from __future__ import annotations
 
+import importlib
 import json
 import pathlib
 import re
@@ -133,8 +134,28 @@ def test_every_public_name_has_an_api_entry():
     api = (DOCS / "api.md").read_text()
     documented = set(re.findall(r"\.\. automodule:: (adpsgd_jax[\w.]*)", api))
     modules = {f"adpsgd_jax.{name}" for name in adpsgd_jax._SUBMODULES}
-    assert modules | {"adpsgd_jax", "adpsgd_jax.step"} <= documented
-    assert "adpsgd_jax.step" in documented and set(adpsgd_jax._FROM_STEP) <= set(dir(adpsgd_jax))
+    assert modules | {"adpsgd_jax"} <= documented
+    assert set(adpsgd_jax._EXPORTS) <= set(dir(adpsgd_jax))
+    for name, module in adpsgd_jax._EXPORTS.items():  # each re-exported name, documented where it is defined
+        assert getattr(adpsgd_jax, name) is getattr(importlib.import_module(f"adpsgd_jax.{module}"), name)
+
+
+def test_the_cli_names_table_lists_every_method():
+    """docs/cli.md's "Method names: CLI and library" has one row per ``METHODS`` entry, each naming the
+    library constructor that experiments/methods.py calls for it."""
+    from experiments.names import METHODS
+
+    text = (DOCS / "cli.md").read_text()
+    table = text[text.index("## Method names: CLI and library"):].split("\n## ")[0]
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| `([\w.:]+)` \|[^|]*\| (.*) \|$", table, re.M)}
+    assert set(METHODS) <= set(rows), set(METHODS) - set(rows)
+    methods = (DOCS.parent / "experiments" / "methods.py").read_text()
+    for name, call in rows.items():
+        if name not in METHODS:  # a schedule of one's own: the user's factory
+            continue
+        constructors = re.findall(r"(?:schedules|gradient_mean)\.(\w+)\(", call)
+        assert constructors, (name, call)
+        assert all(re.search(rf"\b{c}\(", methods) for c in constructors), (name, constructors)
 
 
 def test_getting_started_shows_the_tested_readme_example():

@@ -1,5 +1,5 @@
 """Checks of the tree itself, which anyone can run: short functions in
-experiments/, each shared name defined once, and no reference to a Markdown
+adpsgd_jax/ and experiments/, each shared name defined once, and no reference to a Markdown
 file that the repository does not have."""
 
 import ast
@@ -21,9 +21,9 @@ def sources(*packages):
     return sorted(p for pkg in packages for p in (ROOT / pkg).rglob("*.py"))
 
 
-def test_no_function_in_experiments_is_longer_than_80_lines_unless_it_says_why():
+def test_no_function_in_the_packages_is_longer_than_80_lines_unless_it_says_why():
     long = []
-    for path in sources("experiments"):
+    for path in sources(*PACKAGES):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 lines = node.end_lineno - node.lineno + 1

@@ -60,7 +60,7 @@ def compiled_counts(task, layout, step_fn=None):
 
 @pytest.mark.parametrize("k,loop", [(1, "vmap"), (K, "vmap"), (K, "map"), (K, "unroll")])
 def test_the_gated_local_step_moves_what_the_step_without_gate_moves(k, loop):
-    # The MLP: before ``step._over`` its local branch copied every parameter each step.
+    # The MLP: before ``averaging._over`` its local branch copied every parameter each step.
     task = references.image_task("mlp", 8, 8)
     layout = D.workers(8, jax.devices()[:8 // k], loop=loop)
     gated = compiled_counts(task, layout)

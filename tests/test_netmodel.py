@@ -66,7 +66,7 @@ def test_a_missing_step_is_refused(tmp_path):
 
 
 def launch(folder, rate_bps, t_compute, lam_full, lam_avg, arrays, nbytes, steps=48, period=8):
-    """Full sync and a constant-period averaging run whose rounds cost exactly model+gloo's formula."""
+    """allreduce and a constant-period averaging run whose rounds cost exactly model+gloo's formula."""
     def round_s(lam, k):
         return k * 2 * lam + timemodel.allreduce_time(nbytes, 2, timemodel.Link(rate_bps))
 
@@ -133,11 +133,11 @@ def test_rows_give_the_median_and_range_over_the_repeats_and_whether_the_model_a
     assert link["compute_s_per_step"] == pytest.approx(1.3e-3) and link["compute_s_per_step_range"] == \
         pytest.approx([1.0e-3, 2.0e-3])
     # The wire checks: the probe's round trip of 1 MiB (at 12 MB/s: 87 ms) against 1 MiB at 100 Mbit/s
-    # (84 ms), and the fastest full-sync step against half of 40 KB at 100 Mbit/s; as numbers, not timings.
+    # (84 ms), and the fastest allreduce step against half of 40 KB at 100 Mbit/s; as numbers, not timings.
     probe = link["checks"]["probe_transfer_at_least_wire_time"]
     assert probe["measured_s"] == pytest.approx((1 << 20) / 12e6 + 20e-6)
     assert probe["bound_s"] == pytest.approx((1 << 20) / 12.5e6) and probe["verdict"] == "met"
-    step = link["checks"]["full_sync_step_at_least_half_wire_time"]
+    step = link["checks"]["allreduce_step_at_least_half_wire_time"]
     assert step["bound_s"] == pytest.approx(0.5 * nbytes / 12.5e6) and step["verdict"] == "met"
     table = model.table(links, rows)
     assert "median over 3 repeats" in table and "the time model as written (timemodel.simulated_wall_clock" in table
@@ -159,11 +159,11 @@ def test_spread_agreement_and_rotation():
 
 
 def test_a_shaped_link_slower_than_the_wire_fails_its_checks():
-    """The checks' verdicts as numbers: a probe or a full-sync step faster than the wire is 'missed'."""
+    """The checks' verdicts as numbers: a probe or an allreduce step faster than the wire is 'missed'."""
     record = {"rate_mbit": 100.0, "probe": {"rtt_s": 1e-4, "goodput_Bps": 50e6, "nbytes": 1 << 20}}
-    analyses = [{"full_sync_step_s": s, "methods": {"allreduce": {"bytes_per_round": 1e6}}} for s in (0.05, 0.03)]
+    analyses = [{"allreduce_step_s": s, "methods": {"allreduce": {"bytes_per_round": 1e6}}} for s in (0.05, 0.03)]
     checks = model.wire_checks(record, analyses)
     assert checks["probe_transfer_at_least_wire_time"]["verdict"] == "missed"  # 21 ms < 84 ms
-    step = checks["full_sync_step_at_least_half_wire_time"]
+    step = checks["allreduce_step_at_least_half_wire_time"]
     assert step["measured_s"] == 0.03 and step["bound_s"] == pytest.approx(0.04) and step["verdict"] == "missed"
     assert model.wire_checks({**record, "rate_mbit": None}, analyses) == {}

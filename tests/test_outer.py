@@ -76,7 +76,7 @@ def test_state_carries_no_anchor_without_an_outer_optimizer():
 
 
 def test_bad_outer_arguments():
-    with pytest.raises(TypeError, match="outer_optimizer"):  # the full-sync strategies take none
+    with pytest.raises(TypeError, match="outer_optimizer"):  # the gradient-mean strategies take none
         A.allreduce(loss_fn, optax.sgd(0.1), outer_optimizer=optax.sgd(1.0))
     with pytest.raises(ValueError, match="outer_optimizer must be an optax.GradientTransformation, got float"):
         A.local_sgd(loss_fn, optax.sgd(0.1), S.constant(2), outer_optimizer=0.7)

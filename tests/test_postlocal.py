@@ -63,7 +63,7 @@ def one_program(mesh, optimizer, schedule, steps=T, **kw):
 
 
 def round_bytes():
-    """(bytes of a full-sync round: gradients + model state, of an average: parameters + model state + 8)."""
+    """(bytes of an allreduce round: gradients + model state, of an average: parameters + model state + 8)."""
     params, model_state = init_params()
     grads = comm.tree_bytes(params) + comm.tree_bytes(model_state)
     return grads, grads + 8
@@ -84,7 +84,7 @@ def test_post_local_equals_allreduce_then_averaging_at_every_step(mesh, warmup, 
         np.testing.assert_allclose(metrics.variance, ref_metrics.variance, rtol=1e-5, atol=1e-12)
         assert int(metrics.comm.rounds[0]) == int(ref_metrics.comm.rounds[0])
         assert comm.total_bytes(metrics.comm) == comm.total_bytes(ref_metrics.comm)
-        if t < warmup:  # a full-sync step: identical workers, buffers included, and V = 0
+        if t < warmup:  # an allreduce step: identical workers, buffers included, and V = 0
             chex.assert_trees_all_equal(*replicas(state))
             assert metrics.variance[0] == 0.0
     final = ours[-1][1].comm

@@ -348,7 +348,7 @@ def test_resume_of_a_post_local_run_saved_before_issue_19_is_refused(tmp_path, c
 
 
 def test_resume_inside_the_post_local_warmup_equals_uninterrupted(tmp_path):
-    # A post_local run of this version, cut back to a checkpoint inside its full-sync warm-up
+    # A post_local run of this version, cut back to a checkpoint inside its allreduce warm-up
     # (11 steps here), resumes into the same run (a copy of the finished one): both phases follow from
     # the checkpointed step.
     args = ["--dataset", "digits", "--epochs", "2", "--local-warmup-epochs", "1", "--avg-period", "4",

@@ -29,17 +29,17 @@ def test_constant_syncs_floor_t_over_p(period, total):
     assert set(periods.tolist()) == {period}
 
 
-def test_full_sync_every_step():
-    synced, periods = simulate(S.full_sync(), 25)
+def test_every_step_averages_after_every_step():
+    synced, periods = simulate(S.every_step(), 25)
     assert synced.sum() == 25 and set(periods.tolist()) == {1}
 
 
-def full_sync_steps(schedule, total_steps):
-    """The steps ``schedule.full_sync_step`` marks, as a bool numpy array."""
+def allreduce_steps(schedule, total_steps):
+    """The steps ``schedule.allreduce_step`` marks, as a bool numpy array."""
     state, steps = schedule.init(), jnp.arange(total_steps)
-    if schedule.full_sync_step is None:
+    if schedule.allreduce_step is None:
         return np.zeros(total_steps, bool)
-    return np.asarray(jax.vmap(lambda s: schedule.full_sync_step(state, s))(steps))
+    return np.asarray(jax.vmap(lambda s: schedule.allreduce_step(state, s))(steps))
 
 
 @pytest.mark.parametrize("warmup,period,total", [(10, 4, 50), (0, 4, 21), (3, 1, 12), (7, 5, 7), (9, 3, 5)])
@@ -48,10 +48,10 @@ def test_post_local_is_pytorchs_warmup_then_averager(warmup, period, total):
     # steps t >= W with (t - W) % p == 0; the hook's warm-up is steps 0 .. W-1.
     synced, periods = simulate(S.post_local(warmup_steps=warmup, period=period), total)
     np.testing.assert_array_equal(np.nonzero(synced)[0], np.arange(warmup, total, period))
-    np.testing.assert_array_equal(full_sync_steps(S.post_local(warmup, period), total), np.arange(total) < warmup)
-    assert set(periods.tolist()) == {period}  # the state's period; the step reports 1 on full-sync steps
+    np.testing.assert_array_equal(allreduce_steps(S.post_local(warmup, period), total), np.arange(total) < warmup)
+    assert set(periods.tolist()) == {period}  # the state's period; the step reports 1 on allreduce steps
     if warmup == 0:
-        assert S.post_local(0, period).full_sync_step is None  # no warm-up branch in the step
+        assert S.post_local(0, period).allreduce_step is None  # no warm-up branch in the step
 
 
 def test_stagewise_multiplies_period_at_boundaries():
@@ -133,14 +133,14 @@ def test_lr_proportional_density_tracks_learning_rate():
 
 
 @pytest.mark.parametrize("make", [S.adpsgd, S.lr_proportional], ids=["adpsgd", "lr_proportional"])
-def test_warmup_is_full_sync_steps_outside_the_budget(make):
-    # docs/algorithm.md, "Warm-up: full-sync steps": the first T_w steps are
-    # full-sync steps; the budget's C averages are planned over the T - T_w
+def test_warmup_is_allreduce_steps_outside_the_budget(make):
+    # docs/algorithm.md, "Warm-up: allreduce steps": the first T_w steps are
+    # allreduce steps; the budget's C averages are planned over the T - T_w
     # steps after them, the first at W(T_w) / C.
     lr, warmup, budget = LR_SCHEDULES["step"], 200, T // 8
     schedule = make(T, 8, lr_schedule=lr, warmup_steps=warmup)
     synced, _ = simulate(schedule, T, lr=lr)
-    np.testing.assert_array_equal(full_sync_steps(schedule, T), np.arange(T) < warmup)
+    np.testing.assert_array_equal(allreduce_steps(schedule, T), np.arange(T) < warmup)
     assert not synced[:warmup].any()
     assert 0.9 * budget <= synced.sum() <= budget
     plain, _ = simulate(make(T - warmup, num_syncs=budget, lr_schedule=lambda s: lr(s + warmup)), T - warmup,
@@ -184,13 +184,14 @@ def test_adpsgd_follows_the_plan_after_a_learning_rate_decay():
 
 
 SCHEDULES = {
-    "full_sync": lambda: S.full_sync(),
+    "every_step": lambda: S.every_step(),
     "constant": lambda: S.constant(4),
     "post_local": lambda: S.post_local(8, 4),
     "stagewise": lambda: S.stagewise(2, [30], 2.0),
     "adacomm": lambda: S.adacomm(8, 20),
     "adpsgd": lambda: S.adpsgd(100, 5, lr_schedule=optax.cosine_decay_schedule(0.1, 100)),
-    "adpsgd_trend": lambda: S.adpsgd(100, 5, lr_schedule=optax.cosine_decay_schedule(0.1, 100), forecast="trend"),
+    "adpsgd_trend": lambda: S.adpsgd(100, 5, lr_schedule=optax.cosine_decay_schedule(0.1, 100),
+                                     forecast=S.trend_forecast()),
     "lr_proportional": lambda: S.lr_proportional(100, 5),
     "qsr": lambda: S.qsr(100, 5, lr_schedule=optax.cosine_decay_schedule(0.1, 100)),
     "variance_trigger": lambda: S.variance_trigger(100, 5, lr_schedule=optax.cosine_decay_schedule(0.1, 100)),
@@ -233,10 +234,10 @@ def test_vmap_over_distinct_states(name):
     for i, x in enumerate(singles):
         chex.assert_trees_all_close(jax.tree.map(lambda leaf: leaf[i], new),
                                     sched.update(x, steps[i], variances[i], losses[i]))
-    # How many of the three states differ: constant, full_sync and post_local keep only their period
+    # How many of the three states differ: constant, every_step and post_local keep only their period
     # (post_local's warm-up is decided from the step alone); every other schedule's three states differ.
     kinds = {tuple(np.asarray(leaf)[i].item() for leaf in jax.tree.leaves(states)) for i in range(3)}
-    assert len(kinds) == {"constant": 1, "full_sync": 1, "post_local": 1}.get(name, 3), kinds
+    assert len(kinds) == {"constant": 1, "every_step": 1, "post_local": 1}.get(name, 3), kinds
 
 
 @pytest.mark.parametrize(
@@ -286,17 +287,17 @@ def test_trend_forecast_moves_syncs_towards_a_falling_growth_rate():
     T, lr = 330, optax.piecewise_constant_schedule(0.1, {165: 0.1, 242: 0.1})
     falling = lambda t: 3.0 * np.exp(-0.012 * min(t, 165))  # noqa: E731
     ema = _syncs_under(S.adpsgd(T, 8, lr_schedule=lr), T, lr, falling)
-    trend = _syncs_under(S.adpsgd(T, 8, lr_schedule=lr, forecast="trend"), T, lr, falling)
+    trend = _syncs_under(S.adpsgd(T, 8, lr_schedule=lr, forecast=S.trend_forecast()), T, lr, falling)
     assert len(ema) == len(trend) == T // 8
     assert sum(s <= 100 for s in trend) > sum(s <= 100 for s in ema) + 3
     flat = lambda t: 2.0  # noqa: E731
-    assert _syncs_under(S.adpsgd(T, 8, lr_schedule=lr, forecast="trend"), T, lr, flat) == \
-        _syncs_under(S.adpsgd(T, 8, lr_schedule=lr), T, lr, flat)
+    assert _syncs_under(S.adpsgd(T, 8, lr_schedule=lr, forecast=S.trend_forecast()), T, lr, flat) == \
+        _syncs_under(S.adpsgd(T, 8, lr_schedule=lr, forecast=S.ema_forecast()), T, lr, flat)
 
 
 def test_phase_ends_cut_where_the_rate_moves():
     lr = np.array([0.1] * 5 + [0.01] * 3 + [0.009] * 2 + [0.001] * 2, np.float64)
     ends = planned._phase_ends(len(lr), lr, 1.5)
     assert ends.tolist() == [5] * 5 + [10] * 5 + [12] * 2 + [12]
-    with pytest.raises(ValueError, match="forecast must be one of ema, trend"):
-        S.adpsgd(100, 5, forecast="linear")
+    with pytest.raises(ValueError, match=r"forecast must be a schedules.Forecast \(schedules.ema_forecast\(\)"):
+        S.adpsgd(100, 5, forecast="trend")  # a name is not a forecast: the CLI maps names to forecasts

@@ -81,9 +81,9 @@ def test_sync_and_byte_counts(mesh, period, steps):
     assert comm.total_bytes(state.comm) == (steps // period) * per_sync
 
 
-def test_full_sync_schedule_and_allreduce_counts(mesh):
+def test_every_step_schedule_and_allreduce_counts(mesh):
     opt = optax.sgd(0.05)
-    state, _ = run(mesh, opt, S.full_sync(), 7)
+    state, _ = run(mesh, opt, S.every_step(), 7)
     assert int(state.comm.rounds[0]) == 7
     state, history = run(mesh, opt, None, 7, strategy="allreduce")
     params, model_state = init_params()

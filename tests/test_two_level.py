@@ -42,15 +42,15 @@ def test_group_size_one_equals_flat_averaging():
     assert comm.total_bytes(two.group_comm) == 0  # groups of one send nothing inside
 
 
-@pytest.mark.parametrize("schedule", [S.constant(3), S.full_sync()], ids=["constant", "full_sync"])
-def test_one_group_holding_every_device_equals_full_sync(schedule):
+@pytest.mark.parametrize("schedule", [S.constant(3), S.every_step()], ids=["constant", "every_step"])
+def test_one_group_holding_every_device_equals_allreduce(schedule):
     opt = optax.sgd(0.05, momentum=0.9)
     two, history = run_grouped(N, opt, schedule, 12)
     full, _ = run(flat_mesh(), opt, None, 12, strategy="allreduce", wrap=D.shard_map_step)
     chex.assert_trees_all_close(two.params, full.params, rtol=1e-6, atol=1e-7)
     chex.assert_trees_all_close(two.model_state, full.model_state, rtol=1e-6, atol=1e-7)
     assert all(m.variance[0] == 0.0 for m in history if m.synced[0])
-    # The gradient mean inside the one group is full sync's traffic; nothing crosses groups.
+    # The gradient mean inside the one group is allreduce's traffic; nothing crosses groups.
     assert comm.total_bytes(two.group_comm) == comm.total_bytes(full.comm)
     assert comm.total_bytes(two.comm) == 0
 
@@ -139,7 +139,7 @@ def test_eval_step_over_both_axes_evaluates_the_mean_model():
 def test_bad_two_level_arguments():
     with pytest.raises(ValueError, match=r"group_size must be .* divides the number of workers \(8\), got 3"):
         D.workers(group_size=3)
-    with pytest.raises(TypeError, match="group_axis_name"):  # the full-sync strategies have no groups
+    with pytest.raises(TypeError, match="group_axis_name"):  # the gradient-mean strategies have no groups
         A.allreduce(loss_fn, optax.sgd(0.1), **TWO_LEVEL)
     with pytest.raises(ValueError, match="must not share a name with axis_name"):
         A.local_sgd(loss_fn, optax.sgd(0.1), S.constant(2), axis_name="x", group_axis_name=("x", "y"))

@@ -19,9 +19,11 @@ Conventions shared by every schedule:
 * Every state has an int32 ``period`` field: the period in force, which the
   train step reports as a metric.
 * A schedule with a warm-up (``post_local``; ``adpsgd`` / ``lr_proportional``
-  with ``warmup_steps``) also has ``full_sync_step``: on those steps the
+  with ``warmup_steps``) also has ``allreduce_step``: on those steps the
   train step averages gradients before one optimizer update instead of
-  stepping locally (docs/algorithm.md, "Warm-up: full-sync steps").
+  stepping locally (docs/algorithm.md, "Warm-up: allreduce steps").
+* ``adpsgd``'s forecast of the growth rate is a ``Forecast`` of pure
+  functions: ``ema_forecast()`` (the default) or ``trend_forecast()``.
 * ``variance_trigger`` also has ``drift``: the train step gives it a bound of
   the variance after every local step, before ``should_sync``.
 
@@ -31,12 +33,14 @@ construction and validate all arguments there, before anything is compiled.
 """
 
 from adpsgd_jax.schedules.base import Drift, Schedule, resolve_budget
-from adpsgd_jax.schedules.periodic import (AdaCommState, NextSyncState, PeriodState, adacomm, constant, full_sync,
+from adpsgd_jax.schedules.periodic import (AdaCommState, NextSyncState, PeriodState, adacomm, constant, every_step,
                                            post_local, stagewise)
-from adpsgd_jax.schedules.planned import FORECASTS, PlannedState, TrendState, adpsgd, lr_proportional
+from adpsgd_jax.schedules.planned import (Forecast, PlannedConfig, PlannedState, TrendState, adpsgd, ema_forecast,
+                                          lr_proportional, trend_forecast)
 from adpsgd_jax.schedules.quadratic import QSRState, qsr, qsr_alpha
 from adpsgd_jax.schedules.trigger import MAX_SHARE, TriggerState, variance_trigger
 
-__all__ = ["Drift", "Schedule", "resolve_budget", "PeriodState", "NextSyncState", "AdaCommState", "full_sync",
-           "constant", "post_local", "stagewise", "adacomm", "FORECASTS", "PlannedState", "TrendState", "adpsgd",
-           "lr_proportional", "QSRState", "qsr", "qsr_alpha", "TriggerState", "MAX_SHARE", "variance_trigger"]
+__all__ = ["Drift", "Schedule", "resolve_budget", "PeriodState", "NextSyncState", "AdaCommState", "every_step",
+           "constant", "post_local", "stagewise", "adacomm", "Forecast", "PlannedConfig", "PlannedState", "TrendState",
+           "adpsgd", "ema_forecast", "trend_forecast", "lr_proportional", "QSRState", "qsr", "qsr_alpha",
+           "TriggerState", "MAX_SHARE", "variance_trigger"]

@@ -6,6 +6,7 @@ budget C and the learning-rate tables computed once on the host.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple, Optional
 
 import jax.numpy as jnp
@@ -28,7 +29,7 @@ class Drift(NamedTuple):
 
     Attributes:
       observe: ``(state, step: int32[], bound: float32[]) -> state``, on every
-        local step (full-sync steps included), with the same bound on every worker.
+        local step (allreduce steps included), with the same bound on every worker.
       direction: keep u, the direction of the last sync's change of x_s. Without
         it the bound is mean_i ||x_i - x_s||^2, looser by ||mean_i x_i - x_s||^2.
     """
@@ -39,16 +40,16 @@ class Drift(NamedTuple):
 
 class Schedule(NamedTuple):
     """A parameter-averaging schedule: pure ``init``, ``should_sync``, ``update``
-    and, for a warm-up, ``full_sync_step``; for a per-step statistic, ``drift``.
+    and, for a warm-up, ``allreduce_step``; for a per-step statistic, ``drift``.
 
     Attributes:
       init: ``() -> state``.
       should_sync: ``(state, step: int32[]) -> bool[]``; true when the workers
-        average after local step ``step``. False on full-sync steps.
+        average after local step ``step``. False on allreduce steps.
       update: ``(state, step: int32[], variance: float32[], loss: float32[])
-        -> state``; called after each sync (never after a full-sync step).
-      full_sync_step: ``(state, step: int32[]) -> bool[]``, or None (the
-        default: no step is). True when step ``step`` is a full-sync step:
+        -> state``; called after each sync (never after an allreduce step).
+      allreduce_step: ``(state, step: int32[]) -> bool[]``, or None (the
+        default: no step is). True when step ``step`` is an allreduce step:
         the workers' gradients and model state are averaged before one
         optimizer update, so workers that start it identical (parameters
         and optimizer state) end it identical. A schedule places these
@@ -61,20 +62,19 @@ class Schedule(NamedTuple):
     init: Callable[[], NamedTuple]
     should_sync: Callable[[NamedTuple, Array], Array]
     update: Callable[[NamedTuple, Array, Array, Array], NamedTuple]
-    full_sync_step: Optional[Callable[[NamedTuple, Array], Array]] = None
+    allreduce_step: Optional[Callable[[NamedTuple, Array], Array]] = None
     drift: Optional[Drift] = None
 
 
+def _before(warmup_steps: int, state, step) -> Array:
+    """True on steps 0 .. warmup_steps - 1: the allreduce steps of a warm-up."""
+    del state
+    return step < warmup_steps
+
+
 def _warmup(warmup_steps: int) -> Optional[Callable[[NamedTuple, Array], Array]]:
-    """``full_sync_step`` of a warm-up of ``warmup_steps`` steps: steps 0 .. warmup_steps - 1."""
-    if warmup_steps == 0:
-        return None
-
-    def full_sync_step(state, step):
-        del state
-        return step < warmup_steps
-
-    return full_sync_step
+    """``allreduce_step`` of a warm-up of ``warmup_steps`` steps: steps 0 .. warmup_steps - 1."""
+    return None if warmup_steps == 0 else functools.partial(_before, warmup_steps)
 
 
 def _i32(x) -> Array:

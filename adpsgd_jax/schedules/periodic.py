@@ -1,5 +1,5 @@
 """Open-loop schedules: the period depends only on the step (and, for
-AdaComm, on the losses at the syncs): full_sync, constant (CPSGD),
+AdaComm, on the losses at the syncs): every_step, constant (CPSGD),
 post_local, stagewise, adacomm."""
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ class PeriodState(NamedTuple):
     period: Array  # int32[]: the period in force.
 
 
-def full_sync() -> Schedule:
-    """Average after every local step (period 1)."""
+def every_step() -> Schedule:
+    """Average the parameters after every local step (period 1). With plain
+    SGD this is the ``allreduce`` strategy's step, up to float rounding."""
 
     def init():
         return PeriodState(period=_i32(1))
@@ -58,16 +59,16 @@ def constant(period: int) -> Schedule:
 
 def post_local(warmup_steps: int, period: int) -> Schedule:
     """Post-local SGD (Lin et al., 2020) as PyTorch runs it: ``warmup_steps``
-    full-sync steps, then parameter averages every ``period`` steps.
+    allreduce steps, then parameter averages every ``period`` steps.
 
-    Steps 0 .. W-1 (W = ``warmup_steps``) are full-sync steps: the gradient
+    Steps 0 .. W-1 (W = ``warmup_steps``) are allreduce steps: the gradient
     mean feeds one optimizer update, so parameters and optimizer state (the
     momentum buffers) stay identical on every worker. Parameters are averaged
     after step t iff t >= W and (t - W) mod p = 0, i.e. after steps W, W+p,
     W+2p, ...: PyTorch's ``PeriodicModelAverager(period=p, warmup_steps=W)``
     behind DDP's ``post_localSGD_hook`` with ``start_localSGD_iter=W``
-    (docs/pytorch.md). A run of T > W steps makes W full-sync rounds and
-    floor((T - W - 1) / p) + 1 averages; W >= T is full-sync SGD throughout.
+    (docs/pytorch.md). A run of T > W steps makes W allreduce rounds and
+    floor((T - W - 1) / p) + 1 averages; W >= T is full-sync SGD (``allreduce``) throughout.
     """
     warmup_steps = _check_int("warmup_steps", warmup_steps, 0)
     period = _check_int("period", period, 1)

@@ -20,11 +20,11 @@ six give the minimum to the maximum (96.9%), and fewer no verdict. Items:
    the same local step compiled with no collective and no gate. Target <= 1.02.
    1b. the same with K = 8 workers vmapped on one device. Target <= 1.02.
 2. sync cost: a step that averages (schedule ``constant(1)``) over a
-   full-sync ``allreduce`` step of the same model. Target <= 1.05.
+   ``allreduce`` step of the same model. Target <= 1.05.
 3. compilations of the train step over a whole run of every method, counted
    from jax's backend-compile events while the run's steps execute (item 6's
    runs count for their methods; the others get a digits run). Target 1.
-4. throughput, images/s/device: ADPSGD's local step, the full-sync step and
+4. throughput, images/s/device: ADPSGD's local step, the allreduce step and
    a plain single-device flax loop (``flax.training.train_state``, jitted,
    state donated). Target: ADPSGD local >= 0.98x the plain loop. The host
    input pipeline's rate is measured on its own to show whether it could be
@@ -36,7 +36,7 @@ six give the minimum to the maximum (96.9%), and fewer no verdict. Items:
    each strategy, from real training runs; predicted wall-clock for
    ``--predict-workers`` workers at 10 and 100 Gbps by the time model
    (docs/algorithm.md, "Time model") with measured compute time, and the
-   speedup over full sync. Its projection (claim C3): those steps and syncs
+   speedup over ``allreduce``. Its projection (claim C3): those steps and syncs
    with ResNet-18's 44.7 MB per round and ResNet-18's local step at batch 32,
    without communication, measured in this run on one device
    (``steps.projection_compute``), charged to every method alike, beside the

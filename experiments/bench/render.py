@@ -81,7 +81,7 @@ def _items(res: dict) -> list[str]:
         lines.append("| 3. compilations of the train step over a run | not measured (no training run) | 1 | |")
     ips = s["throughput_images_per_s_per_device"]
     lines.append(_row([f"4. throughput, images/s/device ({s['throughput_devices']} device): ADPSGD local "
-                       f"{ips['adpsgd_local']:.1f}, full sync {ips['allreduce']:.1f}, plain flax loop "
+                       f"{ips['adpsgd_local']:.1f}, allreduce {ips['allreduce']:.1f}, plain flax loop "
                        f"{ips['plain']:.1f}; ADPSGD / plain", *_measured(res, "throughput_vs_plain")]))
     pipeline, step_rate = s["input_pipeline_images_per_s"], ips["adpsgd_local"] * s["throughput_devices"]
     lines.append(f"| 4b. host input pipeline (crop+flip, uint8), images/s | {pipeline:.0f} | "
@@ -153,7 +153,7 @@ def _time_to_target(acc: dict) -> list[str]:
              f"({acc['model']}, {acc['workers']} workers, {acc['epochs']} epochs, seeds {acc['seeds']}, "
              f"budget avg_period {acc['avg_period']}); predicted for {acc['predict_workers']} workers, "
              f"latency {acc['latency_s'] * 1e6:.0f} us, with one worker's probed compute per step "
-             "(compute_step_s, no communication); full sync "
+             "(compute_step_s, no communication); allreduce "
              "without overlap (ideal overlap in brackets):", "",
              _row(["strategy", "steps", "syncs", "MB / worker"]
                   + [c for g in BANDWIDTHS_GBPS for c in (f"s @{g} Gbps", f"speedup @{g}")]),
@@ -177,8 +177,8 @@ def _projection(res: dict) -> list[str]:
              f"{c['param_bytes'] / 1e6:.1f} MB per round and its local step without communication measured here, "
              f"{c['step_s'] * 1e3:.1f} ms [{t_low * 1e3:.1f}, {t_high * 1e3:.1f}] (median of {len(c['samples'])}, "
              f"interval coverage {c['coverage'] * 100:.1f}%; batch {c['batch_size']}, {c['device']}), charged to "
-             f"every method alike (comm / compute of a full-sync step at {slowest} Gbps: "
-             f"{adp[f'comm_over_compute_full_sync_{slowest}gbps']:.2f}). Paper (ADPSGD over full sync): {paper}.",
+             f"every method alike (comm / compute of an allreduce step at {slowest} Gbps: "
+             f"{adp[f'comm_over_compute_allreduce_{slowest}gbps']:.2f}). Paper (ADPSGD over allreduce): {paper}.",
              "", _row(["strategy"] + [f"speedup @{g} Gbps [interval] (vs ideal overlap)" for g in BANDWIDTHS_GBPS]),
              "|" + "---|" * (1 + len(BANDWIDTHS_GBPS))]
     def cell(r, g):

@@ -72,7 +72,7 @@ def built(layout, strategy, params, model_state, images, step_fn=None):
 
 def gate_and_sync(model_name: str, batch_size: int, devices: list, repeats: int, steps: int, warmup: int) -> dict:
     """Items 1 and 2: the gated local step over the step with no gate, and a syncing step over
-    full sync, the four timed in alternation on ``devices`` (one block, so that the four
+    allreduce, the four timed in alternation on ``devices`` (one block, so that the four
     medians compare too)."""
     import jax
     import numpy as np
@@ -111,7 +111,7 @@ def gate_and_sync(model_name: str, batch_size: int, devices: list, repeats: int,
 
 def throughput_and_memory(model_name: str, batch_size: int, tdevs: list, repeats: int, steps: int,
                           warmup: int) -> dict:
-    """Items 4 and 5: images/s of ADPSGD's local step, the full-sync step and the plain flax loop,
+    """Items 4 and 5: images/s of ADPSGD's local step, the allreduce step and the plain flax loop,
     timed in alternation on ``tdevs``, their compiled memory, and the host input pipeline's rate."""
     import jax
     import numpy as np

@@ -5,7 +5,7 @@ Runs the multi-host path for real on one machine: P training processes
 device each), each in its own network namespace, joined by veth links and a
 bridge whose every link ``tc`` shapes to the chosen rate (``ns.py``). For
 each link setting (``unshaped`` or a rate in Mbit/s) the processes train
-full sync (``allreduce``), CPSGD and ADPSGD at one budget on the same data
+``allreduce`` (full-sync SGD), CPSGD and ADPSGD at one budget on the same data
 order (``bench.py``), ``--repeats`` times (default and minimum 3) in one
 launch, repeat r running the methods in their order rotated by r. ``model.py``
 sets the measured wall-clock against the time model (docs/algorithm.md, "Time
@@ -13,7 +13,7 @@ model"), and a gloo-aware one, for the same rate, latency, worker count and
 measured compute time. Every row gives the median over the repeats and the
 range (min-max); a prediction "agrees" when its range overlaps the measured
 one. Each shaped link also gets two checks that load cannot fail (transfers
-and full-sync steps no faster than the wire; ``model.wire_checks``), with a
+and allreduce steps no faster than the wire; ``model.wire_checks``), with a
 verdict.
 
 Measured: the training loop's wall-clock per step, taken in every process as
@@ -62,7 +62,7 @@ def parser() -> argparse.ArgumentParser:
                                                                 f"order rotated by r (default and minimum {REPEATS})")
     p.add_argument("--processes", type=int, default=2, help="training processes = workers, one CPU device each")
     p.add_argument("--methods", default="allreduce,cpsgd,adpsgd",
-                   help="experiments.cifar methods; allreduce (full sync) is the reference and must be first")
+                   help="experiments.cifar methods; allreduce (full-sync SGD) is the reference and must be first")
     p.add_argument("--epochs", type=int, help="default: the workload's (30; cnn32: 2); quick: 3")
     p.add_argument("--avg-period", type=int, default=8, help="budget of the averaging methods")
     p.add_argument("--mtu", type=int, help="link MTU (default: 1500 below 1 Gbit/s, 9000 from 1 Gbit/s and unshaped)")
@@ -102,7 +102,7 @@ def _workloads(args: argparse.Namespace) -> list[str]:
     if unknown or not workloads:
         raise ValueError(f"--workloads: unknown {unknown}; accepted values: {', '.join(WORKLOADS)}")
     if args.methods.split(",")[0].strip() != "allreduce":
-        raise ValueError("--methods must start with allreduce (full sync, the reference)")
+        raise ValueError("--methods must start with allreduce (full-sync SGD, the reference)")
     if not 2 <= args.processes <= 4:
         raise ValueError(f"--processes must be in [2, 4], got {args.processes}")
     if args.repeats < REPEATS:

@@ -86,7 +86,7 @@ def launch(lab: ns.Lab, cifar_args: list[str], out: str, deadline: float) -> Non
 
 @functools.lru_cache(maxsize=None)
 def arrays_per_round(workload: tuple[str, ...]) -> tuple[int, int]:
-    """(arrays all-reduced per full-sync step, per averaging sync) for a workload's model:
+    """(arrays all-reduced per allreduce step, per averaging sync) for a workload's model:
     the gradients and model state, or the parameters, model state and the (variance, loss) pair."""
     import jax
 

@@ -12,20 +12,20 @@ against two predictions of ``adpsgd_jax.timemodel`` (docs/algorithm.md,
   runs of the same launch, of the slowest process (the others wait for it
   at each sync).
 * ``model``: the time model as written (``timemodel.simulated_wall_clock``,
-  no overlap, as the measured runs have none; full sync with ideal overlap is
+  no overlap, as the measured runs have none; allreduce with ideal overlap is
   given beside it): t_round = t_allreduce(B, N, Link(beta, lambda)) with beta
   the link rate and lambda half the measured round trip of a 1-byte message.
 * ``model+gloo`` (``gloo``): what the measurements showed the model misses.
   gloo runs one ring all-reduce per array (XLA's CPU all-reduce thunk loops
   over the operands of its combined all-reduce), each with a fixed cost far
   above the wire's latency, and that cost differs between a sync after local
-  steps and a full-sync step in lock-step. So a round of k arrays costs
+  steps and an allreduce step in lock-step. So a round of k arrays costs
   k * 2(N - 1) * lambda_a + 2(N - 1)/N * B / beta_eff, the same function
   with ``Link(beta_eff, 0, lambda_a)``: lambda_a calibrated on an unshaped
-  link, once from the full-sync run and once from the averaging runs
+  link, once from the allreduce run and once from the averaging runs
   (``calibrate``; the shaped links are then predicted, not fitted), and
   beta_eff the TCP payload rate of the link (``ns.payload_rate``).
-* comm/compute: per full-sync step, measured (step - t_compute) / t_compute,
+* comm/compute: per allreduce step, measured (step - t_compute) / t_compute,
   and the model's t_allreduce / t_compute.
 
 Each link setting runs every method several times (repeats, ``bench.measure``);
@@ -173,7 +173,7 @@ def analyse(runs: dict[str, Run], workers: int, models: dict[str, tuple[Link, Li
     ``to_target``: also the times to the lowest final test accuracy of the runs."""
     full, t_c = runs["allreduce"], compute_step_s(runs, workers)
     target = min(r.evals[-1][1] for r in runs.values()) if to_target else None
-    out = {"compute_s_per_step": t_c, "target_accuracy": target, "full_sync_step_s": full.step_s,
+    out = {"compute_s_per_step": t_c, "target_accuracy": target, "allreduce_step_s": full.step_s,
            "steps": full.steps, "timed_steps": full.timed_steps, "methods": {}}
     if t_c is not None:
         out["comm_compute_ratio"] = (full.step_s - t_c) / t_c
@@ -210,7 +210,7 @@ def beyond_compute(run: Run, t_compute: float) -> float:
 
 def calibrate(runs: dict[str, Run], t_compute: float, workers: int, rate_Bps: float,
               arrays: tuple[int, int]) -> tuple[float, float]:
-    """(lambda_a of a full-sync step, lambda_a of an averaging sync): gloo's fixed cost per array
+    """(lambda_a of an allreduce step, lambda_a of an averaging sync): gloo's fixed cost per array
     and ring step, from runs on a link of ``rate_Bps``. Per round, what the run took beyond its
     compute = arrays * 2(N - 1) * lambda_a + 2(N - 1)/N * B / rate."""
     def per_array(run: Run, k: int) -> float:
@@ -222,7 +222,7 @@ def calibrate(runs: dict[str, Run], t_compute: float, workers: int, rate_Bps: fl
 
 
 def models_for(record: dict, per_array_s: Optional[tuple[float, float]]) -> dict[str, tuple[Link, Link]]:
-    """name -> (link of a full-sync step, link of an averaging sync) as each model sees the record's
+    """name -> (link of an allreduce step, link of an averaging sync) as each model sees the record's
     link: the time model as written (one latency per round), and model+gloo when calibrated
     (``calibrate``: a latency per array instead)."""
     rate, probe = record["rate_mbit"], record["probe"]
@@ -253,7 +253,7 @@ def agrees(predicted: dict, measured: dict) -> Optional[bool]:
 def wire_checks(record: dict, analyses: list[dict]) -> dict:
     """What a shaped link must show whatever the machine's load (load makes transfers and steps slower,
     never faster than the wire): the probe's transfer (``nbytes`` / goodput + rtt, its round trip) takes
-    at least ``nbytes`` / rate, and the fastest repeat's full-sync step at least half the wire time of
+    at least ``nbytes`` / rate, and the fastest repeat's allreduce step at least half the wire time of
     its round, B / rate (each step sends the round once; tbf's bucket lets two frames through early).
     name -> {"measured_s", "bound_s", "verdict": met / missed}; {} on an unshaped link."""
     rate = record["rate_mbit"]
@@ -263,22 +263,22 @@ def wire_checks(record: dict, analyses: list[dict]) -> dict:
     nbytes = probe.get("nbytes", 1 << 20)
     full = analyses[0]["methods"]["allreduce"]["bytes_per_round"]
     pairs = {"probe_transfer_at_least_wire_time": (nbytes / probe["goodput_Bps"] + probe["rtt_s"], nbytes / beta),
-             "full_sync_step_at_least_half_wire_time": (min(a["full_sync_step_s"] for a in analyses),
+             "allreduce_step_at_least_half_wire_time": (min(a["allreduce_step_s"] for a in analyses),
                                                         0.5 * full / beta)}
     return {name: {"measured_s": m, "bound_s": b, "verdict": "met" if m >= b else "missed"}
             for name, (m, b) in pairs.items()}
 
 
 def _speedups(analysis: dict, method: str) -> dict:
-    """The figures of one repeat's row for ``method``: speedups over full sync, and Δ = predicted / measured - 1."""
+    """The figures of one repeat's row for ``method``: speedups over allreduce, and Δ = predicted / measured - 1."""
     full, m = analysis["methods"]["allreduce"], analysis["methods"][method]
     speedup = lambda key: full[key] / m[key] if key in m else None  # noqa: E731
     row = {"comm_compute_ratio": analysis["comm_compute_ratio"],
            "comm_compute_ratio_model": analysis["comm_compute_ratio_model"],
-           "epoch_s": m["epoch_s"], "full_sync_epoch_s": full["epoch_s"],
+           "epoch_s": m["epoch_s"], "allreduce_epoch_s": full["epoch_s"],
            "measured_speedup": speedup("measured_s"), "predicted_speedup": speedup("model_s"),
            "predicted_speedup_gloo": speedup("gloo_s"),
-           "predicted_speedup_vs_overlapped_full_sync": full["model_overlap_s"] / m["model_s"],
+           "predicted_speedup_vs_overlapped_allreduce": full["model_overlap_s"] / m["model_s"],
            "measured_speedup_to_target": speedup("measured_to_target_s"),
            "predicted_speedup_to_target": speedup("model_to_target_s"),
            "predicted_speedup_to_target_gloo": speedup("gloo_to_target_s")}
@@ -290,7 +290,7 @@ def _speedups(analysis: dict, method: str) -> dict:
 
 
 def _calibrated(records: list[dict], workers: int) -> dict:
-    """workload -> (lambda_a of a full-sync step, of an averaging sync): ``calibrate`` on each repeat of
+    """workload -> (lambda_a of an allreduce step, of an averaging sync): ``calibrate`` on each repeat of
     the workload's first unshaped record, the median of each over its repeats."""
     per_array = {}
     for record in records:
@@ -306,14 +306,14 @@ def _calibrated(records: list[dict], workers: int) -> dict:
     return per_array
 
 
-LINK_FIGURES = ("compute_s_per_step", "full_sync_step_s", "comm_compute_ratio", "comm_compute_ratio_model")
+LINK_FIGURES = ("compute_s_per_step", "allreduce_step_s", "comm_compute_ratio", "comm_compute_ratio_model")
 
 
 def summarise(records: list[dict], workers: int) -> tuple[list[dict], list[dict]]:
     """(links, rows): per-setting analyses, and one row per averaging method and setting.
 
     A record is one setting: workload, rate_mbit (None: unshaped), mtu, probe
-    ({rtt_s, goodput_Bps, nbytes}), arrays (per full-sync step, per sync),
+    ({rtt_s, goodput_Bps, nbytes}), arrays (per allreduce step, per sync),
     to_target, what else to pass on (loads), and repeats: one entry per repeat,
     {order, runs (method -> Run, allreduce among them)}. The first unshaped
     record of a workload calibrates its model+gloo. Every figure of a row is
@@ -375,13 +375,13 @@ def table(links: list[dict], rows: list[dict]) -> str:
              "Δ = predicted / measured - 1 (median), 'agrees' when the two ranges overlap. Predicted by: "
              + "; ".join(f"{name} = {what}" for name, what in (("model", PREDICTED_BY[""]),
                                                                 ("model+gloo", PREDICTED_BY["_gloo"]))) + ".", "",
-             "| workload | link | comm/compute measured (model) | method | s/epoch (full sync) | measured speedup | "
+             "| workload | link | comm/compute measured (model) | method | s/epoch (allreduce) | measured speedup | "
              "predicted: model | Δ | predicted: model+gloo | Δ | to target: measured | model | model+gloo |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['workload']} | {r['bandwidth']} | {r['comm_compute_ratio']:.2f} ({r['comm_compute_ratio_model']:.2f}) "
-            f"| {r['strategy']} | {r['epoch_s']:.3f} ({r['full_sync_epoch_s']:.3f}) | {cell(r, 'measured_speedup')} "
+            f"| {r['strategy']} | {r['epoch_s']:.3f} ({r['allreduce_epoch_s']:.3f}) | {cell(r, 'measured_speedup')} "
             f"| {cell(r, 'predicted_speedup')} | {delta(r, '')} | {cell(r, 'predicted_speedup_gloo')} "
             f"| {delta(r, '_gloo')} | {cell(r, 'measured_speedup_to_target')} "
             f"| {cell(r, 'predicted_speedup_to_target')} | {cell(r, 'predicted_speedup_to_target_gloo')} |")
@@ -389,12 +389,12 @@ def table(links: list[dict], rows: list[dict]) -> str:
 
 
 def _link_note(link: dict) -> str:
-    """One line per link setting: probe, median full-sync step and compute, loads, and the wire checks."""
+    """One line per link setting: probe, median allreduce step and compute, loads, and the wire checks."""
     t_c, probe = link["compute_s_per_step"], link["probe"]
     checks = "; ".join(f"{name.replace('_', ' ')}: {c['verdict']} ({c['measured_s'] * 1e3:.2f} >= "
                        f"{c['bound_s'] * 1e3:.2f} ms)" for name, c in link["checks"].items())
     return (f"{link['workload']} @ {link['bandwidth']}: rtt {probe['rtt_s'] * 1e6:.0f} us, 1 MiB at "
-            f"{probe['goodput_Bps'] * 8 / 1e6:.0f} Mbit/s, full-sync step {link['full_sync_step_s'] * 1e3:.2f} ms"
+            f"{probe['goodput_Bps'] * 8 / 1e6:.0f} Mbit/s, allreduce step {link['allreduce_step_s'] * 1e3:.2f} ms"
             + (f", compute {t_c * 1e3:.2f} ms" if t_c else "")
             + f", load {link['load_1min'][0]:.2f}/{link['load_1min'][1]:.2f}"
             + (f"; {checks}" if checks else ""))
