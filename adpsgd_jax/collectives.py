@@ -15,7 +15,6 @@ import jax.numpy as jnp
 from jax import lax
 
 from adpsgd_jax import comm
-from adpsgd_jax.limits import MAX_QSGD_LEVELS  # noqa: F401  (signed levels fit int16)
 
 
 def _is_float(x) -> bool:

@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any
 
-from experiments import cifar, config as cfg, names, results  # none imports jax
+from experiments import config as cfg, names, results  # none imports jax
 from experiments.bench import render, runs, simulation, stats, steps
 
 BENCH_DATASETS = [d for d in names.DATASETS if d != "synthetic"]  # items 6-7: labels a model can learn
