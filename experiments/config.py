@@ -103,6 +103,7 @@ class RunOptions:
     resume: bool = False
     progress: bool = True
     plots: bool = True
+    tensorboard: bool = True  # TensorBoard event files in each run's tensorboard/ (experiments/curves.py)
     # Multi-process runs (jax.distributed); "auto" = jax's cluster detection (SLURM, ...).
     coordinator: Optional[str] = None
     num_processes: Optional[int] = None

@@ -176,5 +176,8 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
                    help="continue every run in --out from its latest checkpoint (finished runs are kept; a run "
                         "with no complete checkpoint starts from step 0; a changed configuration is refused)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--no-tensorboard", action="store_true",
+                   help="write no TensorBoard event files (by default each run writes its curves to "
+                        "<run>/tensorboard/: tensorboard --logdir OUT)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 

@@ -11,6 +11,8 @@ those options are on):
   the every-step mean inside the groups).
 * ``eval.jsonl``: one object per evaluation of the averaged model: epoch,
   step, test_loss, test_accuracy.
+* ``tensorboard/``: the rows of both logs as TensorBoard event files
+  (``experiments/curves.py``; none with ``--no-tensorboard``).
 * ``config.json``: the run's config, written when it starts (``--resume``
   compares it with the flags).
 * ``summary.json``: written last and atomically; a folder without it holds

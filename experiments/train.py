@@ -24,7 +24,7 @@ import optax
 
 import adpsgd_jax as A
 from adpsgd_jax import collectives, comm, distributed
-from experiments import checkpoint, compute, data, methods, models, results
+from experiments import checkpoint, compute, curves, data, methods, models, results
 from experiments.config import Config, RunOptions
 from experiments.setup import Setup
 
@@ -122,7 +122,8 @@ class Run:
         self.final_correct = None  # the final test evaluation per example (results.pack_correct)
         name = results.run_name(config.label, config.seed)
         if setup.resume_from is None:  # a fresh run clears its folder first
-            self.writer = results.RunWriter(options.out, name, config.to_dict(), enabled=self.primary)
+            self.writer = curves.CurveWriter(options.out, name, config.to_dict(), enabled=self.primary,
+                                             tensorboard=options.tensorboard)
             _barrier("run folder ready")
             self.checkpoints = checkpoint.RunCheckpoints(setup.run_dir, options.keep_checkpoints)
         else:  # restore before touching the logs, so a bad checkpoint changes nothing
@@ -134,8 +135,8 @@ class Run:
             self.eval_rounds = meta.get("eval_rounds", self.start // setup.loader.steps_per_epoch)
             self.final_test = tuple(meta["final_test"]) if meta.get("final_test") else None
             self.final_correct = meta.get("final_correct")  # None in checkpoints from before it was kept
-            self.writer = results.RunWriter(options.out, name, config.to_dict(), resume_step=self.start,
-                                            enabled=self.primary)
+            self.writer = curves.CurveWriter(options.out, name, config.to_dict(), resume_step=self.start,
+                                             enabled=self.primary, tensorboard=options.tensorboard)
         ds = setup.dataset
         eval_batch = max(1, min(256, len(ds.test_labels) // layout.num_workers))
         self.test_set = _eval_set(ds.test_images, ds.test_labels, layout, eval_batch)

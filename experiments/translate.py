@@ -83,7 +83,7 @@ def from_args(args: argparse.Namespace) -> tuple[list[Config], RunOptions]:
     options = RunOptions(out=args.out, checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
                          resume=args.resume, progress=not args.quiet, plots=not args.no_plots,
                          coordinator=args.coordinator, num_processes=args.num_processes, process_id=args.process_id,
-                         distributed_timeout=args.distributed_timeout)
+                         distributed_timeout=args.distributed_timeout, tensorboard=not args.no_tensorboard)
     flat = dict(group_size=1, outer_optimizer="none", outer_lr=None, outer_momentum=None)
     # Groups and outer optimizers belong to parameter averaging; allreduce and qsgd run without them.
     runs = [base.replace(method=m, seed=s) for s in seeds for m in methods]
