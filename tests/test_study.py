@@ -107,7 +107,7 @@ def test_tiny_study_writes_the_table_and_skips_finished_runs(tiny_study, capsys)
     lines, again = capsys.readouterr().out.split("Against **", 1)
     assert "Against **" + again == table  # the same table, after one line per run
     assert lines.splitlines() == [f"iid-cosine-n4 {m} seed {k}: final loss {summaries[f'{m}-seed{k}']['final_train_loss']:.4f}, finished before"
-                                  for m in ("cpsgd", "adpsgd") for k in (0, 1)]
+                                  for k in (0, 1) for m in ("cpsgd", "adpsgd")]
     assert study.main(["--grid", str(grid), "--out", out, "--report-only", "--baseline", "cpsgd,adpsgd"]) == 0
     assert json.load(open(os.path.join(out, study_report.STUDY_JSON)))["rows"] == rows  # the grid's table kept
     md, js = study_report.outputs("adpsgd", "cpsgd")  # the page against another baseline than the grid's
