@@ -46,7 +46,6 @@ import glob
 import math
 import os
 import shutil
-import struct
 import time
 from typing import Optional
 
@@ -60,7 +59,6 @@ TRAIN_TAGS = {"loss": "train/loss", "accuracy": "train/accuracy", "lr": "train/l
               "group_bytes": "train/group_bytes", "monitor_bytes": "train/monitor_bytes"}
 EVAL_TAGS = {"test_loss": "test/loss", "test_accuracy": "test/accuracy"}
 LOGS = {results.METRICS: TRAIN_TAGS, results.EVAL: EVAL_TAGS}  # each log's tags, in the order a step writes them
-_HEADER = struct.Struct("<QI")  # a TFRecord's length and its masked CRC; the data and its CRC follow
 
 
 class EventFile:
@@ -95,25 +93,13 @@ def tagged(row: dict, tags: dict) -> dict:
 
 def wall_times(folder: str) -> dict:
     """(step, first tag) -> wall time of the events in ``folder``'s event files (``train/loss`` for a
-    metrics row, ``test/loss`` for an evaluation), read up to a file's first incomplete or unreadable
-    record (a killed run's last one)."""
-    from google.protobuf.message import DecodeError
-    from tensorboardX.proto import event_pb2
+    metrics row, ``test/loss`` for an evaluation), read with tensorboard's own loader, which stops at a
+    file's incomplete last record (a killed run's)."""
+    from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
 
     times = {}
     for path in sorted(glob.glob(os.path.join(folder, "events.out.tfevents.*"))):
-        with open(path, "rb") as f:
-            data = f.read()
-        at = 0
-        while at + _HEADER.size <= len(data):
-            length, _ = _HEADER.unpack_from(data, at)
-            start, at = at + _HEADER.size, at + _HEADER.size + length + 4
-            if at > len(data):
-                break
-            try:
-                event = event_pb2.Event.FromString(data[start:start + length])
-            except DecodeError:
-                break
+        for event in LegacyEventFileLoader(path).Load():
             if event.summary.value:
                 times.setdefault((event.step, event.summary.value[0].tag), event.wall_time)
     return times

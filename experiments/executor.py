@@ -66,9 +66,7 @@ class Resources(NamedTuple):
 class RunJob(NamedTuple):
     """One run of the grid: where it writes and the command that trains it."""
 
-    name: str  # "<setting>/<method>-seed<seed>", its folder under the study's --out
-    method: str
-    seed: int
+    name: str  # its folder, OUT/<setting>/<method>-seed<seed>
     argv: tuple  # experiments.cifar flags, --resume included
     processes: int = 1
 
@@ -173,8 +171,8 @@ def execute(jobs: list, executor, resources: Resources, retries: int = 2, max_jo
                 waiting.insert(0, job)  # again, from its checkpoint
             else:
                 failures.append(Failure(job, attempts[name], reason, str(handle.paths.stderr)))
-        counts = {"queued": len(waiting) + sum(state(h) == "queued" for _, h in running.values()),
-                  "running": sum(state(h) == "running" for _, h in running.values()),
+        states = [state(handle) for _, handle in running.values()]
+        counts = {"queued": len(waiting) + states.count("queued"), "running": states.count("running"),
                   "done": done, "failed": len(failures)}
         if on_counts and counts != last:
             on_counts(counts)

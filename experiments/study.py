@@ -41,7 +41,6 @@ import argparse
 import dataclasses
 import os
 import sys
-import time
 import tomllib
 from typing import NamedTuple
 
@@ -254,12 +253,11 @@ def run(planned: list, progress: bool = True) -> None:
         for setting, configs, options in planned:
             os.makedirs(options.out, exist_ok=True)
             for config in configs:
-                started = time.perf_counter()
                 setup = prepare(config, dataset, options)
                 done = setup.finished
                 train.train_and_evaluate(setup, options)
                 run_dir = os.path.join(options.out, results.run_name(config.label, config.seed))
-                bar.write(finished_line(run_dir, None if done else time.perf_counter() - started), file=sys.stdout)
+                bar.write(finished_line(run_dir, before=done), file=sys.stdout)
                 bar.update(1)
 
 
@@ -337,8 +335,7 @@ def main(argv=None) -> int:
             if args.seeds < 1:
                 raise StudyError(f"--seeds must be >= 1, got {args.seeds}")
             grid["seeds"] = args.seeds
-        check_job_flags(args, grid)
-        parsed = parse_grid(grid)
+        parsed = check_job_flags(args, parse_grid(grid))
         baselines = baseline_list(args.baseline, parsed)
         planned = plan(parsed, args.out)
         failures = submit(parsed, planned, args) if args.executor == "submitit" and not args.report_only else []

@@ -10,15 +10,15 @@ import sys
 from experiments.study import Grid, StudyError, positive_int, setting_argv
 
 
-def finished_line(run_dir: str, seconds=None) -> str:
+def finished_line(run_dir: str, before: bool = False) -> str:
     """One line for a finished run: its setting, method and seed, final training loss and time
-    (``seconds``; None: finished before this study started)."""
+    (``before``: finished before this study started)."""
     from experiments import results
     from experiments.resume import from_saved
 
     summary = results.read_json(os.path.join(run_dir, results.SUMMARY))
     config = from_saved(summary["config"])
-    took = "finished before" if seconds is None else f"{seconds:.1f} s"
+    took = "finished before" if before else f"{summary['wall_clock_s']:.1f} s"
     return (f"{os.path.basename(os.path.dirname(run_dir))} {config.label} seed {config.seed}: final loss "
             f"{summary['final_train_loss']:.4f}, {took}")
 
@@ -43,7 +43,7 @@ def pending_jobs(grid: Grid, planned: list, out: str) -> tuple:
                 continue
             os.makedirs(options.out, exist_ok=True)  # --resume continues, or starts, a run in a folder that exists
             argv = setting_argv(grid, setting, out, [config.method], [config.seed]) + ["--resume"]
-            jobs.append(executor.RunJob(folder, config.method, config.seed, tuple(argv), grid.processes))
+            jobs.append(executor.RunJob(folder, tuple(argv), grid.processes))
     return jobs, finished
 
 
@@ -61,20 +61,14 @@ def submit(grid: Grid, planned: list, args: argparse.Namespace) -> list:
     with tqdm(total=len(jobs) + len(finished), initial=len(finished), disable=args.quiet, unit="run",
               desc=f"study ({engine.cluster})") as bar:
         for folder in finished:
-            bar.write(finished_line(folder), file=sys.stdout)
+            bar.write(finished_line(folder, before=True), file=sys.stdout)
 
         def done(job):
-            bar.write(finished_line(job.name, seconds_of(job.name)), file=sys.stdout)
+            bar.write(finished_line(job.name), file=sys.stdout)
             bar.update(1)
 
         return executor.execute(jobs, engine, resources, retries=args.retries, max_jobs=args.max_jobs,
                                 on_done=done, on_counts=lambda counts: bar.set_postfix(counts))
-
-
-def seconds_of(run_dir: str) -> float:
-    from experiments import results
-
-    return results.read_json(os.path.join(run_dir, results.SUMMARY))["wall_clock_s"]
 
 
 def resource_flags(args: argparse.Namespace) -> dict:
@@ -82,8 +76,9 @@ def resource_flags(args: argparse.Namespace) -> dict:
             "tasks_per_node": args.tasks_per_node}
 
 
-def check_job_flags(args: argparse.Namespace, grid: dict) -> None:
-    """Refuse bad --executor flags in one line naming the flag, before anything runs."""
+def check_job_flags(args: argparse.Namespace, grid: Grid) -> Grid:
+    """``grid`` with ``--processes``, the --executor flags refused in one line naming the flag when bad,
+    before anything runs."""
     for flag, value in (("--retries", args.retries), ("--max-jobs", args.max_jobs)):
         if value < 0:
             raise StudyError(f"{flag} must be >= 0, got {value}")
@@ -91,7 +86,8 @@ def check_job_flags(args: argparse.Namespace, grid: dict) -> None:
         if value is not None and key != "partition" and (value < 0 if key == "gpus" else value < 1):
             raise StudyError(f"--{key.replace('_', '-')} must be >= {0 if key == 'gpus' else 1}, got {value}")
     if args.processes is not None:
-        grid["processes"] = positive_int(args.processes, "--processes")
-    if args.executor == "local" and positive_int(grid.get("processes", 1), "grid key 'processes'") > 1:
-        raise StudyError(f"a run of {grid['processes']} processes needs --executor submitit (one job of that "
+        grid = grid._replace(processes=positive_int(args.processes, "--processes"))
+    if args.executor == "local" and grid.processes > 1:
+        raise StudyError(f"a run of {grid.processes} processes needs --executor submitit (one job of that "
                          "many tasks); --executor local runs one process")
+    return grid
