@@ -91,15 +91,15 @@ class Layout(NamedTuple):
       axis_name: the axes a sync averages over (all workers, or across groups).
       group_axis_name: the axes inside a group (two-level averaging), else ().
       loop: how a device's workers run their forward and backward passes
-        (``loops``: "vmap", "map" or a chunk size); "vmap" with one worker
-        per device.
+        (a ``loops.Loop``: ``VMAP``, ``MAP``, ``UNROLL`` or ``chunks(B)``);
+        ``VMAP`` with one worker per device.
     """
 
     mesh: Mesh
     vmap_axes: tuple = ()
     axis_name: tuple = ("batch",)
     group_axis_name: tuple = ()
-    loop: Union[str, int] = "vmap"
+    loop: loops.Loop = loops.VMAP
 
     @property
     def workers_per_device(self) -> int:
@@ -116,11 +116,12 @@ class Layout(NamedTuple):
 
 
 def workers(num_workers: Optional[int] = None, devices: Optional[Sequence[jax.Device]] = None, *,
-            group_size: int = 1, axis_name: str = "batch", loop: Union[str, int] = "vmap") -> Layout:
+            group_size: int = 1, axis_name: str = "batch", loop: loops.Loop = loops.VMAP) -> Layout:
     """Lay ``num_workers`` workers (default: one per device) over ``devices``
     (default: every device of every process), K = N / D on each device, whose
-    forward and backward passes run as ``loop`` says (``loops``: "vmap",
-    "map" or a chunk size in [1, K]; with one worker per device, "vmap").
+    forward and backward passes run as ``loop`` says (``loops.VMAP``,
+    ``MAP``, ``UNROLL`` or ``chunks(B)``, B in [1, K]; with one worker per
+    device, ``VMAP``).
 
     Flat (``group_size`` 1): mesh (axis_name,), the K workers of a device on
     the vmapped axis ``WORKER_AXIS``; syncs average over both.
@@ -141,7 +142,7 @@ def workers(num_workers: Optional[int] = None, devices: Optional[Sequence[jax.De
     if isinstance(n, bool) or int(n) != n or n < 1 or n % d:
         raise ValueError(f"num_workers must be a positive multiple of the number of devices ({d}), got {n!r}")
     k = n // d
-    loop = loops.check(loop, k) if k > 1 else "vmap"
+    loop = loops.check(loop, k) if k > 1 else loops.VMAP
     if isinstance(group_size, bool) or int(group_size) != group_size or group_size < 1 or n % group_size:
         raise ValueError(f"group_size must be an integer >= 1 that divides the number of workers ({n}), "
                          f"got {group_size!r}")

@@ -5,63 +5,102 @@ axes (``distributed.shard_map_step``), so that every collective of the step
 spans all workers. The expensive part of a step, one worker's forward and
 backward pass, need not be batched the same way. A loop says how it runs:
 
-* ``"vmap"``: batched, as the rest of the step. A dense layer over K
+* ``VMAP``: batched, as the rest of the step. A dense layer over K
   per-worker weight matrices becomes one batched matmul; a convolution over
   K per-worker kernels becomes one convolution with ``feature_group_count =
   K`` (its kernel gradient one with ``batch_group_count = K``), which XLA
   runs far slower than K plain convolutions on CPU and on CUDA.
-* ``"map"``: ``lax.map`` over the K workers, one worker's program at a time
+* ``MAP``: ``lax.map`` over the K workers, one worker's program at a time
   in a ``while`` loop, each with its own plain convolutions; the program
   holds one worker's computation whatever K is.
-* ``"unroll"``: the K workers' programs one after another, unrolled: plain
+* ``UNROLL``: the K workers' programs one after another, unrolled: plain
   convolutions again, with no loop around them (XLA schedules them freely);
   the program, and its compilation time, grow with K.
-* an integer B (1 <= B <= K): ``lax.map`` over chunks of B workers, each
-  chunk batched (``lax.map(..., batch_size=B)``); B = 1 is ``"map"`` and B =
-  K is ``"vmap"``. With nested worker axes (two-level averaging with several
-  groups on a device) ``"map"`` loops over every axis and B chunks the
+* ``chunks(B)`` (1 <= B <= K): ``lax.map`` over chunks of B workers, each
+  chunk batched (``lax.map(..., batch_size=B)``); B = 1 is ``MAP`` and B =
+  K is ``VMAP``. With nested worker axes (two-level averaging with several
+  groups on a device) ``MAP`` loops over every axis and B chunks the
   innermost one.
 
-The loop is applied with ``jax.custom_batching.custom_vmap`` to the function
+Each is a ``Loop``: its name (as the CLI's ``--worker-loop`` spells it) and
+the function that runs the K calls. The loop is applied with ``jax.custom_batching.custom_vmap`` to the function
 it wraps (``looped``): unbatched, the function is unchanged; under the
 workers' ``vmap`` its batching rule runs it as the loop says. A wrapped
 function must contain no collective (the step's collectives stay outside, on
 the vmapped axes). Every loop computes the same values up to the order of
 floating-point reductions.
 
-``choose`` is the rule that ``"auto"`` stands for, from the benchmark's
-item 8 (docs/scale.md has the figures): ``"vmap"`` for a function without
-convolutions; with convolutions, ``"unroll"`` on CPU (where XLA runs the
-convolutions inside a ``while`` loop slowly) and ``"map"`` on other
-platforms.
+``choose`` is the rule that the CLI's ``--worker-loop auto`` stands for,
+from the benchmark's item 8 (docs/scale.md has the figures): ``VMAP`` for
+a function without convolutions; with convolutions, ``UNROLL`` on CPU
+(where XLA runs the convolutions inside a ``while`` loop slowly) and
+``MAP`` on other platforms.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Union
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.extend.core as jax_core
 import jax.numpy as jnp
 from jax import lax
 
-Loop = Union[str, int]
-LOOPS = ("vmap", "map", "unroll")  # and an integer chunk size
+
+class Loop(NamedTuple):
+    """How the K workers of a device run a ``looped`` function under their ``vmap``.
+
+    ``run(loop, nested, plain, xs, k)`` returns the K outputs stacked on a
+    leading axis, from ``xs`` (the batched arguments, leading axis K),
+    ``nested`` (one worker's call that loops an outer vmap too) and
+    ``plain`` (one worker's call that is batched again under vmap); None
+    leaves the function batched.
+    """
+
+    name: str  # as the CLI's --worker-loop spells it: "vmap", "map", "unroll", or the chunk size
+    run: Optional[Callable] = None
+    size: int = 0  # the chunk size B (``chunks`` only)
 
 
-def check(loop: Any, workers_per_device: int) -> Loop:
-    """``loop`` validated against K workers per device: "vmap", "map",
-    "unroll" or an integer B with 1 <= B <= K, returned in its plainest form
-    (B = 1 is "map", B = K "vmap").
+def _mapped(loop: Loop, nested, plain, xs, k):
+    """One worker at a time, in a ``while`` loop."""
+    return lax.map(nested, xs)
+
+
+def _unrolled(loop: Loop, nested, plain, xs, k):
+    """The K workers' calls one after another, unrolled."""
+    outs = [nested([x[i] for x in xs]) for i in range(k)]
+    return jax.tree.map(lambda *ys: jnp.stack(ys), *outs)
+
+
+def _chunked(loop: Loop, nested, plain, xs, k):
+    """Chunks of B workers, each chunk batched (``plain``: ``nested`` there would loop without end)."""
+    return lax.map(plain, xs, batch_size=min(loop.size, k))
+
+
+VMAP = Loop("vmap")
+MAP = Loop("map", _mapped)
+UNROLL = Loop("unroll", _unrolled)
+
+
+def chunks(size: int) -> Loop:
+    """Chunks of ``size`` workers, each chunk batched (``lax.map(..., batch_size=size)``)."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"chunks takes a chunk size >= 1, got {size!r}")
+    return Loop(str(size), _chunked, size)
+
+
+def check(loop: Loop, workers_per_device: int) -> Loop:
+    """``loop`` validated against K workers per device, in its plainest form
+    (``chunks(1)`` is ``MAP``, ``chunks(K)`` is ``VMAP``).
 
     Raises ValueError naming the accepted values.
     """
-    if isinstance(loop, str) and loop in LOOPS:
-        return loop
-    if isinstance(loop, bool) or not isinstance(loop, int) or not 1 <= loop <= workers_per_device:
-        raise ValueError(f"loop must be 'vmap', 'map', 'unroll' or an integer chunk size in [1, {workers_per_device}] "
-                         f"(the workers per device), got {loop!r}")
-    return "map" if loop == 1 else "vmap" if loop == workers_per_device else int(loop)
+    if loop in (VMAP, MAP, UNROLL) or (isinstance(loop, Loop) and loop.run is _chunked
+                                       and 1 <= loop.size <= workers_per_device):
+        return MAP if loop.size == 1 else VMAP if loop.size == workers_per_device else loop
+    raise ValueError(f"loop must be loops.VMAP, loops.MAP, loops.UNROLL or loops.chunks(B) with B in "
+                     f"[1, {workers_per_device}] (the workers per device), got {loop!r}")
 
 
 def looped(fn: Callable, loop: Loop) -> Callable:
@@ -72,7 +111,7 @@ def looped(fn: Callable, loop: Loop) -> Callable:
     batched (leading axis K). Unbatched arguments are passed to every call
     as they are.
     """
-    if loop == "vmap":
+    if loop.run is None:
         return fn
 
     @jax.custom_batching.custom_vmap
@@ -91,15 +130,8 @@ def looped(fn: Callable, loop: Loop) -> Callable:
             return one
 
         mapped = [x for x, b in zip(leaves, flags) if b]
-        # ``wrapped`` inside "map" and "unroll": an outer vmap (nested worker axes) is looped as well.
-        if loop == "map":
-            out = lax.map(call(wrapped), mapped)
-        elif loop == "unroll":
-            one = call(wrapped)
-            outs = [one([x[i] for x in mapped]) for i in range(axis_size)]
-            out = jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
-        else:  # chunks, each one vmap of ``fn`` (``wrapped`` there would apply this rule without end)
-            out = lax.map(call(fn), mapped, batch_size=min(loop, axis_size))
+        # ``wrapped`` as the nested call: an outer vmap (nested worker axes) is looped as well.
+        out = loop.run(loop, call(wrapped), call(fn), mapped, axis_size)
         return out, jax.tree.map(lambda _: True, out)
 
     return wrapped
@@ -122,9 +154,9 @@ def has_convolution(fn: Callable, *args) -> bool:
     return walk(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
-def choose(fn: Callable, *args, platform: str = "cpu") -> str:
-    """The loop ``"auto"`` picks for ``fn`` at these arguments (one worker's) on ``platform``
-    ("cpu", "gpu", ...): ``"vmap"`` without convolutions; with them ``"unroll"`` on CPU, else ``"map"``."""
+def choose(fn: Callable, *args, platform: str = "cpu") -> Loop:
+    """The loop for ``fn`` at these arguments (one worker's) on ``platform``
+    ("cpu", "gpu", ...): ``VMAP`` without convolutions; with them ``UNROLL`` on CPU, else ``MAP``."""
     if not has_convolution(fn, *args):
-        return "vmap"
-    return "unroll" if platform == "cpu" else "map"
+        return VMAP
+    return UNROLL if platform == "cpu" else MAP

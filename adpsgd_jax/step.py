@@ -46,7 +46,7 @@ class WorkerAxes(NamedTuple):
 
     across: tuple
     inside: tuple = ()
-    loop: Union[str, int] = "vmap"
+    loop: loops.Loop = loops.VMAP
 
     @property
     def all(self) -> tuple:
@@ -97,7 +97,7 @@ def _check_axes(axis_name=None, group_axis_name=None, workers=None) -> WorkerAxe
                              f"got {type(workers).__name__}")
         axis_name, group_axis_name, loop = workers.axis_name, workers.group_axis_name or None, workers.loop
     else:
-        axis_name, loop = ("batch" if axis_name is None else axis_name), "vmap"
+        axis_name, loop = ("batch" if axis_name is None else axis_name), loops.VMAP
     axes, group = _names(axis_name), _names(group_axis_name)
     if not axes or not all(isinstance(a, str) for a in axes + group):
         raise ValueError(f"axis_name must be a name or a tuple of names, got {axis_name!r}")

@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     if jax.process_index() == 0:
         layout = setups[0].layout
         print(f"workers: {layout.num_workers} on {layout.mesh.devices.size} {jax.devices()[0].platform.upper()} "
-              f"device{'s' if layout.mesh.devices.size > 1 else ''}, {layout.workers_per_device} per device, worker loop {layout.loop}"
+              f"device{'s' if layout.mesh.devices.size > 1 else ''}, {layout.workers_per_device} per device, worker loop {layout.loop.name}"
               + (" (--worker-loop auto)" if first.worker_loop == "auto" else ""), flush=True)
         print(f"data: {dataset.source} ({dataset.num_train} train, {dataset.num_test} test examples)", flush=True)
     os.makedirs(options.out, exist_ok=True)

@@ -69,13 +69,24 @@ def _layout(config: Config, available: list) -> distributed.Layout:
     return layout
 
 
+def loop_named(name) -> loops.Loop:
+    """The ``loops.Loop`` a --worker-loop name stands for: "vmap", "map", "unroll" or a chunk size."""
+    named = {loop.name: loop for loop in (loops.VMAP, loops.MAP, loops.UNROLL)}
+    text = str(name)
+    if text in named:
+        return named[text]
+    if text.isdigit() and int(text) >= 1:
+        return loops.chunks(int(text))
+    raise ValueError(f"loop {name!r} is unknown; accepted values: {', '.join(named)}, or a chunk size >= 1")
+
+
 def worker_loop(config: Config, dataset: data.Dataset, layout: distributed.Layout) -> distributed.Layout:
     """``layout`` with the run's worker loop: --worker-loop, or for ``auto`` ``loops.choose`` of
     the run's loss on one worker's batch (traced on shapes only, nothing compiled)."""
-    k, loop = layout.workers_per_device, config.worker_loop
-    if loop == "auto":
-        if k == 1:
-            return layout
+    k = layout.workers_per_device
+    if k == 1:
+        return layout
+    if config.worker_loop == "auto":
         model, loss_fn, _ = methods.model_fns(config, dataset)
         shape = dataset.train_images.shape[1:]
         params, model_state = jax.eval_shape(lambda key: models.init(model, key, shape), jax.random.PRNGKey(0))
@@ -83,10 +94,12 @@ def worker_loop(config: Config, dataset: data.Dataset, layout: distributed.Layou
                  "label": jax.ShapeDtypeStruct((config.batch_size,), dataset.train_labels.dtype)}
         loop = loops.choose(loss_fn, params, model_state, batch, jax.random.PRNGKey(0),
                             platform=layout.mesh.devices.flat[0].platform)
-    try:
-        return layout._replace(loop=loops.check(int(loop) if str(loop).isdigit() else loop, k) if k > 1 else "vmap")
-    except ValueError as err:
-        raise ConfigError(f"--worker-loop: {err}") from None
+    else:
+        loop = loop_named(config.worker_loop)
+    if loop.size > k:
+        raise ConfigError(f"--worker-loop {config.worker_loop}: a chunk size must be in [1, {k}] (the workers per "
+                          f"device) or one of vmap, map, unroll")
+    return layout._replace(loop=loops.check(loop, k))
 
 
 def _resume_point(config: Config, run_dir: str) -> tuple[Optional[int], bool]:

@@ -229,25 +229,46 @@ def plan(grid: Grid, out: str) -> list:
     return planned
 
 
-def run(planned: list, progress: bool = True) -> None:
-    """Train every run of every setting that is not finished yet (one process, data loaded once).
-
-    Raises what ``train.train_and_evaluate`` raises (``train.Interrupted`` after a checkpoint on SIGTERM /
-    SIGINT, ``train.NonFiniteError``) and ConfigError when a saved run's config differs from the grid's."""
-    import jax
-    from tqdm import tqdm
-
-    from experiments import cifar, data, results, train
-    from experiments.setup import prepare
-    from experiments.study_jobs import finished_line
+def _start(planned: list):
+    """jax on the devices the grid needs; the data set."""
+    from experiments import cifar, data
 
     first = planned[0][1][0]
     cifar.request_cpu_devices(first, planned[0][2])
+    return data.load(first.dataset, first.data_dir, synthetic_size=first.synthetic_size, augment=first.augment)
+
+
+def check_runs(planned: list, dataset) -> None:
+    """Set up (compile nothing, write nothing) one run of every method in every setting, so that a
+    setting or a schedule of one's own that ``prepare`` refuses stops the study before any run trains.
+    ConfigError as ``prepare`` raises it."""
+    from experiments.setup import prepare
+
+    for _, configs, options in planned:
+        for config in {c.method: c for c in reversed(configs)}.values():  # each method's first seed
+            prepare(config, dataset, dataclasses.replace(options, resume=False))
+
+
+def run(planned: list, progress: bool = True) -> None:
+    """Train every run of every setting that is not finished yet (one process, data loaded once), each
+    method of each setting checked first (``check_runs``).
+
+    Raises what ``train.train_and_evaluate`` raises (``train.Interrupted`` after a checkpoint on SIGTERM /
+    SIGINT, ``train.NonFiniteError``) and ConfigError when a saved run's config differs from the grid's."""
+    from tqdm import tqdm
+
+    from experiments import results, train
+    from experiments.setup import prepare
+    from experiments.study_jobs import finished_line
+
+    import jax
+
+    dataset = _start(planned)
+    check_runs(planned, dataset)
     # The seeds of a setting compile the same programs (keys and data are inputs): XLA's persistent cache
     # compiles each once. It changes no result, only the time to the first step.
     jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.dirname(planned[0][2].out), CACHE))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    dataset = data.load(first.dataset, first.data_dir, synthetic_size=first.synthetic_size, augment=first.augment)
     total = sum(len(configs) for _, configs, _ in planned)
     with tqdm(total=total, disable=not progress, unit="run", desc="study") as bar:
         for setting, configs, options in planned:
@@ -338,8 +359,19 @@ def main(argv=None) -> int:
         parsed = check_job_flags(args, parse_grid(grid))
         baselines = baseline_list(args.baseline, parsed)
         planned = plan(parsed, args.out)
-        failures = submit(parsed, planned, args) if args.executor == "submitit" and not args.report_only else []
     except StudyError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from experiments.config import ConfigError
+    from experiments.sources import DataUnavailableError
+
+    failures = []
+    try:
+        if args.executor == "submitit" and not args.report_only:
+            if any(is_plugin(m) for m in parsed.methods):  # a schedule of one's own is checked here, once
+                check_runs(planned, _start(planned))
+            failures = submit(parsed, planned, args)
+    except (StudyError, ConfigError, DataUnavailableError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     for failure in failures:
@@ -347,8 +379,6 @@ def main(argv=None) -> int:
               f"({failure.reason}); log: {failure.log}", file=sys.stderr)
     if not args.report_only and args.executor == "local":
         from experiments import train
-        from experiments.config import ConfigError
-        from experiments.sources import DataUnavailableError
 
         try:
             run(planned, progress=not args.quiet)

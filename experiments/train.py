@@ -335,7 +335,7 @@ def summarise(run: Run) -> dict:
         "num_workers": layout.num_workers,
         "num_devices": layout.mesh.devices.size,
         "workers_per_device": layout.workers_per_device,
-        "worker_loop": layout.loop,
+        "worker_loop": layout.loop.name,
     }
     run.writer.summary(summary)
     return summary

@@ -132,3 +132,16 @@ def test_a_bad_plug_in_is_refused_in_one_line_naming_the_flag(user_dir, tmp_path
     named = flag if spec.split(":")[0] != "broken_schedules" or spec.endswith("NOT_CALLABLE") else "--schedule / --compare"
     assert err.startswith(f"error: {named} ") and words in err and "\n" not in err, err
     assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize("executor", ["local", "submitit"])
+def test_a_bad_plug_in_in_a_study_grid_stops_it_before_any_run(user_dir, tmp_path, capsys, executor):
+    grid = tmp_path / "grid.toml"
+    grid.write_text('dataset = "digits"\nmethods = ["cpsgd", "broken_schedules:raises"]\nworkers = [4]\n'
+                    'seeds = 1\nargs = ["--epochs", "1"]\n')
+    out = tmp_path / "study"
+    assert study.main(["--grid", str(grid), "--out", str(out), "--quiet", "--executor", executor,
+                       *(["--cluster", "local"] if executor == "submitit" else [])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --schedule / --compare broken_schedules:raises: the factory raised ValueError: avg_period must be even", err
+    assert not out.exists()  # no run trained, nothing written

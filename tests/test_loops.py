@@ -42,12 +42,12 @@ def run(task, layout, steps_=3):
 def test_every_loop_gives_one_worker_per_device_on_a_cnn_and_only_vmap_groups_convolutions(cnn_task):
     reference, counts = run(cnn_task, D.workers(K, jax.devices()[:K]))
     assert counts["grouped_convolutions"] == 0
-    for loop in ("vmap", "map", "unroll", 3):
+    for loop in (loops.VMAP, loops.MAP, loops.UNROLL, loops.chunks(3)):
         state, counts = run(cnn_task, D.workers(K, jax.devices()[:1], loop=loop))
         chex.assert_trees_all_close(state.params, reference.params, rtol=1e-5, atol=1e-6)
         chex.assert_trees_all_close(state.model_state, reference.model_state, rtol=1e-5, atol=1e-6)
         # vmap (and each vmapped chunk of 3) groups the workers' convolutions; map and unroll do not.
-        assert (counts["grouped_convolutions"] > 0) == (loop in ("vmap", 3)), (loop, hlo.dumps(counts))
+        assert (counts["grouped_convolutions"] > 0) == (loop.name in ("vmap", "3")), (loop, hlo.dumps(counts))
 
 
 def compiled_counts(task, layout, step_fn=None):
@@ -58,7 +58,8 @@ def compiled_counts(task, layout, step_fn=None):
     return hlo.program_counts(step.compiled.lower(state, b).compile())
 
 
-@pytest.mark.parametrize("k,loop", [(1, "vmap"), (K, "vmap"), (K, "map"), (K, "unroll")])
+@pytest.mark.parametrize("k,loop", [(1, loops.VMAP), (K, loops.VMAP), (K, loops.MAP), (K, loops.UNROLL)],
+                         ids=["1-vmap", "K-vmap", "K-map", "K-unroll"])
 def test_the_gated_local_step_moves_what_the_step_without_gate_moves(k, loop):
     # The MLP: before ``averaging._over`` its local branch copied every parameter each step.
     task = references.image_task("mlp", 8, 8)
@@ -90,13 +91,13 @@ def test_no_parameter_copy_with_an_outer_optimizer_averaged_optimizer_state_or_a
 def test_auto_picks_by_convolution_and_platform(cnn_task):
     _, params, model_state, loss_fn, _, batch, _ = cnn_task
     one = ({k: v[0] for k, v in batch.items()},)
-    assert loops.choose(loss_fn, params, model_state, *one, jax.random.PRNGKey(0)) == "unroll"
-    assert loops.choose(loss_fn, params, model_state, *one, jax.random.PRNGKey(0), platform="gpu") == "map"
+    assert loops.choose(loss_fn, params, model_state, *one, jax.random.PRNGKey(0)) == loops.UNROLL
+    assert loops.choose(loss_fn, params, model_state, *one, jax.random.PRNGKey(0), platform="gpu") == loops.MAP
     mlp = references.image_task("mlp", 2, 1)
-    assert loops.choose(mlp[3], mlp[1], mlp[2], {k: v[0] for k, v in mlp[5].items()}, jax.random.PRNGKey(0)) == "vmap"
+    assert loops.choose(mlp[3], mlp[1], mlp[2], {k: v[0] for k, v in mlp[5].items()}, jax.random.PRNGKey(0)) == loops.VMAP
 
 
-@pytest.mark.parametrize("loop", ["map", "unroll", 2])
+@pytest.mark.parametrize("loop", [loops.MAP, loops.UNROLL, loops.chunks(2)], ids=["map", "unroll", "chunks2"])
 def test_looped_passes_unbatched_arguments_and_nests(loop):
     def f(x, w):
         return {"y": jnp.tanh(x @ w), "s": jnp.sum(x)}

@@ -13,14 +13,14 @@ import optax
 import pytest
 
 import adpsgd_jax as A
-from adpsgd_jax import comm, distributed as D, schedules as S
+from adpsgd_jax import comm, distributed as D, loops, schedules as S
 from helpers import BATCH, N, SCHEDULES, Data, assert_all_reduces_inside_conditionals, init_params, loss_fn, replicas
 
 T = 24
 LR = optax.piecewise_constant_schedule(0.05, {T // 2: 0.1})
 
 
-def layout_run(num_devices, build, steps=T, group_size=1, loop="vmap"):
+def layout_run(num_devices, build, steps=T, group_size=1, loop=loops.VMAP):
     """``steps`` steps of ``build(layout)`` with N workers on ``num_devices`` devices, run by ``loop``."""
     layout = D.workers(N, jax.devices()[:num_devices], group_size=group_size, loop=loop)
     strategy = build(layout)
@@ -59,9 +59,9 @@ def test_every_strategy_is_the_same_on_8_4_2_and_1_devices(name):
     for devices in (4, 2, 1):  # (QSGD draws from the same per-worker keys wherever a worker runs)
         assert_same_run(layout_run(devices, flat(name)), reference)
     # The other worker loops: one worker at a time on 2 devices, unrolled on 4, in chunks of 3 on 1.
-    assert_same_run(layout_run(2, flat(name), loop="map"), reference)
-    assert_same_run(layout_run(4, flat(name), loop="unroll"), reference)
-    assert_same_run(layout_run(1, flat(name), loop=3), reference)
+    assert_same_run(layout_run(2, flat(name), loop=loops.MAP), reference)
+    assert_same_run(layout_run(4, flat(name), loop=loops.UNROLL), reference)
+    assert_same_run(layout_run(1, flat(name), loop=loops.chunks(3)), reference)
 
 
 def grouped(outer=None):
@@ -76,7 +76,7 @@ def test_two_level_groups_are_the_same_on_8_4_2_and_1_devices(group_size):
     reference = layout_run(8, grouped(), group_size=group_size)
     for devices in (4, 2, 1):
         assert_same_run(layout_run(devices, grouped(), group_size=group_size), reference)
-    for loop in ("map", "unroll", 3):  # on one device: 8 // group_size groups of group_size workers, nested axes
+    for loop in (loops.MAP, loops.UNROLL, loops.chunks(3)):  # on one device: 8 // group_size groups of group_size workers, nested axes
         assert_same_run(layout_run(1, grouped(), group_size=group_size, loop=loop), reference)
     state = reference[0]
     for g in range(N // group_size):  # replicas identical inside every group
@@ -116,11 +116,16 @@ def test_layout_errors_name_the_argument():
         D.workers(8, jax.devices()[:2], group_size=3)
     with pytest.raises(ValueError, match=r"group_size 6 and the 4 workers per device.*accepted group sizes: 1, 2, 4, 12"):
         D.workers(12, jax.devices()[:3], group_size=6)
-    for bad in ("scan", 0, 5, True, 2.0):
-        with pytest.raises(ValueError, match=r"loop must be 'vmap', 'map', 'unroll' or an integer chunk size in \[1, 4\]"):
+    for bad in ("map", 3, loops.chunks(5), ("vmap",)):
+        with pytest.raises(ValueError, match=r"loop must be loops.VMAP, loops.MAP, loops.UNROLL or loops.chunks\(B\) "
+                                             r"with B in \[1, 4\]"):
             D.workers(8, jax.devices()[:2], loop=bad)
-    assert D.workers(8, jax.devices()[:2], loop=1).loop == "map" and D.workers(8, jax.devices()[:2], loop=4).loop == "vmap"
-    assert D.workers(8, jax.devices(), loop="map").loop == "vmap"  # one worker per device: nothing to loop over
+    for bad in (0, True, 2.0):
+        with pytest.raises(ValueError, match=r"chunks takes a chunk size >= 1"):
+            loops.chunks(bad)
+    assert D.workers(8, jax.devices()[:2], loop=loops.chunks(1)).loop == loops.MAP
+    assert D.workers(8, jax.devices()[:2], loop=loops.chunks(4)).loop == loops.VMAP
+    assert D.workers(8, jax.devices(), loop=loops.MAP).loop == loops.VMAP  # one worker per device: nothing to loop over
 
 
 def test_batch_rows_are_workers_in_order():

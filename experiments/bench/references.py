@@ -57,7 +57,7 @@ def stand_in_variables(model, rng, input_shape):
     return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
-def local_only_step(loss_fn, optimizer, loop="vmap"):
+def local_only_step(loss_fn, optimizer, loop=None):
     """The local step with no gate and no collective: the reference of item 1.
 
     Same gradient (run over a device's workers by ``loop``, as the layout's
@@ -69,7 +69,7 @@ def local_only_step(loss_fn, optimizer, loop="vmap"):
 
     from adpsgd_jax import loops
 
-    grad_fn = loops.looped(jax.value_and_grad(loss_fn, has_aux=True), loop)
+    grad_fn = loops.looped(jax.value_and_grad(loss_fn, has_aux=True), loop or loops.VMAP)
 
     def step(state, batch):
         rng = jax.random.fold_in(state.rng, state.step)

@@ -73,14 +73,15 @@ def simulation_benchmarks(models: list[str], batch_size: dict, worker_counts: di
 
 
 def auto_loop(task, device) -> str:
-    """The loop ``auto`` picks for the task's model on ``device`` (``loops.choose`` on one worker's batch)."""
+    """The name of the loop ``auto`` picks for the task's model on ``device`` (``loops.choose`` on one worker's
+    batch)."""
     import jax
 
     from adpsgd_jax import loops
 
     _, params, model_state, loss_fn, _, batch, _ = task
     one = {key: x[0] for key, x in batch.items()}
-    return loops.choose(loss_fn, params, model_state, one, jax.random.PRNGKey(0), platform=device.platform)
+    return loops.choose(loss_fn, params, model_state, one, jax.random.PRNGKey(0), platform=device.platform).name
 
 
 def _gated(task, layout):
@@ -96,11 +97,12 @@ def gate_with_workers(task, k: int, device, loop_names: list, repeats: int, step
     """Item 1b: K workers' gated local step over their step with no gate and no collective: timed with the
     model's auto loop, counted for each loop of ``loop_names``."""
     from adpsgd_jax import comm, distributed
+    from experiments.setup import loop_named
 
     _, params, model_state, loss_fn, optimizer, batch, _ = task
     timed_loop, counts, programs = auto_loop(task, device), {}, {}
     for loop in dict.fromkeys([timed_loop, *loop_names]):
-        layout = distributed.workers(k, [device], loop=loop)
+        layout = distributed.workers(k, [device], loop=loop_named(loop))
         strategy = _gated(task, layout)
         pair = {}
         for name, step_fn in (("local_gated", None),
@@ -127,6 +129,7 @@ def simulation_throughput(task, worker_counts: list[int], device, loop_names: li
     import jax
 
     from adpsgd_jax import distributed
+    from experiments.setup import loop_named
 
     _, params, model_state, _, _, batch, _ = task
     auto = auto_loop(task, device)
@@ -143,8 +146,8 @@ def simulation_throughput(task, worker_counts: list[int], device, loop_names: li
                     "one_worker": (small[0], fresh, small[2])}  # a fresh state: the timed steps donate it
         names = {}
         for loop in loop_names:
-            layout = distributed.workers(k, [device], loop=loop)
-            names[loop] = f"workers_{layout.loop}"
+            layout = distributed.workers(k, [device], loop=loop_named(loop))
+            names[loop] = f"workers_{layout.loop.name}"
             programs.setdefault(names[loop], built(layout, _gated(task, layout), params, model_state, rows))
         executables = {name: harness.compile_step(*p) for name, p in programs.items() if name != "one_worker"}
         counts = {name: hlo.program_counts(e) for name, e in executables.items()}
