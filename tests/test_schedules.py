@@ -15,7 +15,7 @@ import optax
 import pytest
 
 from adpsgd_jax import schedules as S
-from adpsgd_jax.schedules import planned
+from adpsgd_jax.schedules import forecasts
 from helpers import simulate
 
 T = 800
@@ -297,7 +297,7 @@ def test_trend_forecast_moves_syncs_towards_a_falling_growth_rate():
 
 def test_phase_ends_cut_where_the_rate_moves():
     lr = np.array([0.1] * 5 + [0.01] * 3 + [0.009] * 2 + [0.001] * 2, np.float64)
-    ends = planned._phase_ends(len(lr), lr, 1.5)
+    ends = forecasts._phase_ends(len(lr), lr, 1.5)
     assert ends.tolist() == [5] * 5 + [10] * 5 + [12] * 2 + [12]
     with pytest.raises(ValueError, match=r"forecast must be a schedules.Forecast \(schedules.ema_forecast\(\)"):
         S.adpsgd(100, 5, forecast="trend")  # a name is not a forecast: the CLI maps names to forecasts

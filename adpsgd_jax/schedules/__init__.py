@@ -35,8 +35,8 @@ construction and validate all arguments there, before anything is compiled.
 from adpsgd_jax.schedules.base import Drift, Schedule, resolve_budget
 from adpsgd_jax.schedules.periodic import (AdaCommState, NextSyncState, PeriodState, adacomm, constant, every_step,
                                            post_local, stagewise)
-from adpsgd_jax.schedules.planned import (Forecast, PlannedConfig, PlannedState, TrendState, adpsgd, ema_forecast,
-                                          lr_proportional, trend_forecast)
+from adpsgd_jax.schedules.forecasts import Forecast, TrendState, ema_forecast, trend_forecast
+from adpsgd_jax.schedules.planned import PlannedConfig, PlannedState, adpsgd, lr_proportional
 from adpsgd_jax.schedules.quadratic import QSRState, qsr, qsr_alpha
 from adpsgd_jax.schedules.trigger import MAX_SHARE, TriggerState, variance_trigger
 
