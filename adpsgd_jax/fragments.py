@@ -26,7 +26,7 @@ def contiguous(leaf_bytes: Sequence[int], count: int) -> tuple:
 
     With b_j the bytes of leaf j (n leaves), B = sum_j b_j and S_j = b_0 + ... +
     b_{j-1} the bytes before leaf j (S_0 = 0, S_n = B), cut k = 1, ..., P - 1 is
-    the boundary c_k minimising |S_c - k B / P| (the smallest c on a tie) over
+    the boundary c_k minimising abs(S_c - k B / P) (the smallest c on a tie) over
     c_{k-1} < c <= n - (P - k) (c_0 = 0), so every group keeps at least one
     leaf; fragment p holds leaves c_p, ..., c_{p+1} - 1 (c_P = n).
     Returns a tuple of n ints. ValueError when P > n.
