@@ -1,7 +1,8 @@
 """adpsgd_jax: adaptive periodic parameter averaging and its baselines in JAX.
 
 Modules: ``schedules`` (when to average), ``averaging`` (``local_sgd``,
-periodic parameter averaging), ``gradient_mean`` (``allreduce`` and ``qsgd``,
+periodic parameter averaging; ``streaming`` and ``fragments``, its
+one-fragment-per-sync option), ``gradient_mean`` (``allreduce`` and ``qsgd``,
 a gradient mean every step), ``evaluation`` (the eval step), ``state`` (the
 train state, the step's metrics and the ``Strategy`` pair), ``step`` (what
 every train step is made of), ``collectives`` (tree means, variance, QSGD),
@@ -17,8 +18,8 @@ set the CPU device count first.
 
 import importlib
 
-_SUBMODULES = ("averaging", "collectives", "comm", "distributed", "evaluation", "gradient_mean", "limits", "loops",
-               "schedules", "state", "step", "timemodel")
+_SUBMODULES = ("averaging", "collectives", "comm", "distributed", "evaluation", "fragments", "gradient_mean", "limits",
+               "loops", "schedules", "state", "step", "streaming", "timemodel")
 # The strategies and the train state, re-exported from the modules that define them.
 _EXPORTS = {"StepMetrics": "state", "Strategy": "state", "TrainState": "state", "local_sgd": "averaging",
            "allreduce": "gradient_mean", "qsgd": "gradient_mean", "make_eval_step": "evaluation"}

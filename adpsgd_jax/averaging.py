@@ -13,9 +13,10 @@ optimizer state) with the pre-sync variance measured on the way
 (docs/algorithm.md, "Strategies"). Between syncs nothing is communicated,
 except a float32 pair every step for a schedule that watches the drift
 (``variance_trigger``). A schedule's warm-up steps (``allreduce_step``) are
-allreduce steps, a branch of the same program. Two options: two-level
-averaging (``group_axis_name``) and an outer optimizer on the averaged
-change (DiLoCo).
+allreduce steps, a branch of the same program. Three options: two-level
+averaging (``group_axis_name``), an outer optimizer on the averaged
+change (DiLoCo) and streaming averaging, one fragment of the parameters
+per sync (``fragments``; the rounds live in ``streaming``).
 
 The step is ``_local_sgd_step`` over the constructor's fixed parts
 (``_Averaging``); each of its stages is a module-level function over
@@ -32,7 +33,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from adpsgd_jax import collectives, comm
+from adpsgd_jax import collectives, comm, streaming
 from adpsgd_jax.collectives import tree_pmean
 from adpsgd_jax.schedules import Schedule
 from adpsgd_jax.state import Monitor, StepMetrics, Strategy, TrainState, initial_state
@@ -49,6 +50,7 @@ class _Averaging(NamedTuple):
     axes: WorkerAxes
     average_opt_state: bool
     outer_optimizer: Optional[optax.GradientTransformation]
+    streaming: Optional[streaming.Streaming] = None  # fragments (``streaming``), or None: every sync averages all
 
 
 class _Gradients(NamedTuple):
@@ -188,6 +190,11 @@ def _counted(spec: _Averaging, state: TrainState, replica: _Replica, sync, warm,
     (synced, period 1)."""
     averaged = (replica.params, replica.model_state, *((replica.opt_state,) if spec.average_opt_state else ()))
     counter = state.comm.add(sync.astype(jnp.int32), _payload(_float_bytes(*averaged) + 8, spec.axes.across))
+    return _warm_counted(counter, replica, sync, warm, allreduce_bytes)
+
+
+def _warm_counted(counter: comm.CommCounter, replica: _Replica, sync, warm, allreduce_bytes: int) -> tuple:
+    """(comm counter, synced, period) once an allreduce step's round is added to the syncs' ``counter``."""
     synced, period = jnp.asarray(sync, bool), jnp.asarray(replica.sched_state.period, jnp.int32)
     if warm is not None:
         counter = counter.add(warm.astype(jnp.int32), allreduce_bytes)
@@ -205,17 +212,28 @@ def _local_sgd_step(spec: _Averaging, state: TrainState, batch) -> tuple[TrainSt
     if schedule.allreduce_step is not None:
         warm = jnp.asarray(schedule.allreduce_step(state.sched_state, state.step), bool)
     updated = _optimizer_step(spec, state, _Gradients(grads, model_state, state.anchor, state.group_comm), warm)
+    fragment_state = state.fragments
+    if spec.streaming is not None:  # the fragment whose average is due lands first
+        params, fragment_state = streaming.apply_due(spec.streaming, updated.params, fragment_state, state.step)
+        updated = updated._replace(params=params)
     sched_state, monitor, bound = _observe_drift(spec, state, updated)
     sync = schedule.should_sync(sched_state, state.step)
     if warm is not None:
         sync = sync & ~warm  # an allreduce step does not average parameters as well
     replica = _Replica(updated.params, updated.model_state, updated.opt_state, sched_state, updated.anchor,
                        state.outer_opt_state, monitor)
-    replica, variance = lax.cond(sync, functools.partial(_average, spec, loss, state.step), _keep, replica)
-    counter, synced, period = _counted(spec, state, replica, sync, warm, allreduce_bytes)
+    if spec.streaming is None:
+        replica, variance = lax.cond(sync, functools.partial(_average, spec, loss, state.step), _keep, replica)
+        counter, synced, period = _counted(spec, state, replica, sync, warm, allreduce_bytes)
+    else:  # one fragment per sync (docs/algorithm.md, "Streaming averaging")
+        rounds = streaming.RoundSpec(spec.streaming, schedule, spec.axes, spec.outer_optimizer, _outer_step)
+        (replica, fragment_state, counter), variance = streaming.sync_round(
+            rounds, loss, state.step, sync, streaming.Round(replica, fragment_state, state.comm))
+        counter, synced, period = _warm_counted(counter, replica, sync, warm, allreduce_bytes)
     new_state = state._replace(step=state.step + 1, params=replica.params, model_state=replica.model_state, opt_state=replica.opt_state,
                                sched_state=replica.sched_state, comm=counter, group_comm=updated.group_comm,
-                               anchor=replica.anchor, outer_opt_state=replica.outer_opt_state, monitor=replica.monitor)
+                               anchor=replica.anchor, outer_opt_state=replica.outer_opt_state, monitor=replica.monitor,
+                               fragments=fragment_state)
     return new_state, StepMetrics(loss.astype(jnp.float32), _aux(aux), synced, variance, period, counter,
                                   updated.group_comm, bound, None if replica.monitor is None else replica.monitor.comm)
 
@@ -230,6 +248,7 @@ def local_sgd(
     average_opt_state: bool = False,
     group_axis_name: Optional[AxisName] = None,
     outer_optimizer: Optional[optax.GradientTransformation] = None,
+    fragments=None, fragment_delay: int = 0, fragment_alpha: float = 0.0,
 ) -> Strategy:
     """Periodic parameter averaging gated by ``schedule`` (CPSGD, ADPSGD, ...).
 
@@ -282,6 +301,8 @@ def local_sgd(
         become x_s + u. ``optax.sgd(1.0)`` is plain averaging (up to float
         rounding); DiLoCo uses ``optax.sgd(0.7, momentum=0.9, nesterov=True)``.
         Computed identically on every worker: it adds no communication.
+      fragments, fragment_delay, fragment_alpha: P fragments (or a pytree of indices), tau, alpha:
+        streaming averaging, one fragment per sync (``adpsgd_jax.streaming``).
 
     All arguments are validated here, before anything is traced.
     """
@@ -293,6 +314,7 @@ def local_sgd(
     if outer_optimizer is not None:
         _check_optimizer("outer_optimizer", outer_optimizer)
     axes = _check_axes(axis_name, group_axis_name, workers)
-    spec = _Averaging(_grad_fn(loss_fn, axes.loop), optimizer, schedule, axes, average_opt_state, outer_optimizer)
-    return Strategy(functools.partial(initial_state, optimizer, schedule, outer_optimizer),
-                    _named(_local_sgd_step, "local_sgd_step", spec))
+    stream = streaming.check(fragments, fragment_delay, fragment_alpha, schedule, average_opt_state)
+    spec = _Averaging(_grad_fn(loss_fn, axes.loop), optimizer, schedule, axes, average_opt_state, outer_optimizer, stream)
+    init = functools.partial(initial_state, optimizer, schedule, outer_optimizer)
+    return Strategy(streaming.with_fragments(stream, outer_optimizer, init), _named(_local_sgd_step, "local_sgd_step", spec))

@@ -49,6 +49,8 @@ class TrainState(NamedTuple):
     anchor: Any = None  # x_s, the parameters after the last sync (outer optimizer or a drift schedule, else None).
     outer_opt_state: Any = None  # The outer optimizer's state, identical on every worker (or None).
     monitor: Optional[Monitor] = None  # A schedule's drift monitor (``Schedule.drift``), else None.
+    fragments: Any = None  # Streaming averaging's ``streaming.FragmentState`` (same on every worker but its
+    # pending values), else None.
 
     def worker_axes(self) -> "TrainState":
         """A prefix pytree for ``jax.vmap``'s in_axes: 0 where workers differ,
@@ -57,7 +59,10 @@ class TrainState(NamedTuple):
                           group_comm=None, anchor=None if self.anchor is None else 0,
                           outer_opt_state=None if self.outer_opt_state is None else 0,
                           monitor=None if self.monitor is None else Monitor(
-                              direction=None if self.monitor.direction is None else 0, direction_norm=0, comm=None))
+                              direction=None if self.monitor.direction is None else 0, direction_norm=0, comm=None),
+                          fragments=None if self.fragments is None else type(self.fragments)(
+                              round=None, pending=None if self.fragments.pending is None else 0,
+                              due=None))
 
 
 class StepMetrics(NamedTuple):

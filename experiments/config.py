@@ -68,6 +68,9 @@ class Config:
     outer_optimizer: str = "none"  # none | sgd | nesterov, applied to the averaged change at each sync
     outer_lr: Optional[float] = None  # None when outer_optimizer is none
     outer_momentum: Optional[float] = None
+    fragments: int = 1  # streaming averaging: P fragments, one averaged per round (schedule at period avg_period / P)
+    fragment_delay: int = 0  # tau: local steps between taking a fragment's average and applying it
+    fragment_alpha: float = 0.0  # alpha: the local parameters' weight when a fragment's average is applied
     seed: int = 0
     dtype: str = "float32"
     synthetic_size: int = 10_000
@@ -88,6 +91,9 @@ class Config:
     def label(self) -> str:
         """The method with its options, e.g. ``adpsgd+nesterov-group2``: names the run's folder and table row."""
         name = self.method if self.outer_optimizer == "none" else f"{self.method}+{self.outer_optimizer}"
+        name += f"-frag{self.fragments}" if self.fragments != 1 else ""
+        name += (f"-delay{self.fragment_delay}" if self.fragment_delay else "") + \
+            (f"-alpha{self.fragment_alpha:g}" if self.fragment_alpha else "")
         if self.group_size == "host":
             return f"{name}-hostgroups"
         return name if self.group_size == 1 else f"{name}-group{self.group_size}"
@@ -183,6 +189,7 @@ def validate(c: Config) -> None:
          f"{', '.join(str(d) for d in range(1, c.workers + 1) if c.workers % d == 0)} or host), got {c.group_size!r}")
     need(c.outer_optimizer in OUTER_OPTIMIZERS,
          f"--outer-optimizer {c.outer_optimizer!r} is unknown; accepted values: {', '.join(OUTER_OPTIMIZERS)}")
+    _validate_fragments(c, need)
     if c.outer_optimizer != "none":
         need(c.outer_lr is not None and math.isfinite(c.outer_lr) and c.outer_lr > 0,
              f"--outer-lr must be > 0, got {c.outer_lr}")
@@ -190,6 +197,24 @@ def validate(c: Config) -> None:
              f"--outer-momentum must be in [0, 1), got {c.outer_momentum}")
         need(c.outer_optimizer != "nesterov" or c.outer_momentum > 0,
              "--outer-optimizer nesterov needs --outer-momentum > 0 (use sgd for none)")
+
+
+def _validate_fragments(c: Config, need) -> None:
+    """--fragments P >= 1 dividing --avg-period H (the schedule runs at H / P), --fragment-delay in [0, H),
+    --fragment-alpha in [0, 1]."""
+    need(type(c.fragments) is int and c.fragments >= 1, f"--fragments must be an integer >= 1, got {c.fragments!r}")
+    need(type(c.fragment_delay) is int and c.fragment_delay >= 0,
+         f"--fragment-delay must be an integer >= 0 (local steps), got {c.fragment_delay!r}")
+    need(math.isfinite(c.fragment_alpha) and 0 <= c.fragment_alpha <= 1,
+         f"--fragment-alpha must be a number in [0, 1], got {c.fragment_alpha}")
+    if method_parts(c.method)[1] in (None, "every_step"):
+        return  # no budget to translate (``methods.make_schedule`` checks the delay against the schedule)
+    need(c.avg_period % c.fragments == 0,
+         f"--fragments {c.fragments} must divide --avg-period {c.avg_period} (the schedule runs at period "
+         f"{c.avg_period} / P; accepted: {', '.join(str(d) for d in range(1, c.avg_period + 1) if c.avg_period % d == 0)})")
+    need(c.fragment_delay < c.avg_period,
+         f"--fragment-delay must be in [0, --avg-period {c.avg_period}) (each fragment is averaged every "
+         f"{c.avg_period} steps), got {c.fragment_delay}")
 
 
 def check_writable(out: str) -> None:

@@ -154,6 +154,18 @@ def _method_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--outer-lr", type=float,
                    help="outer learning rate (default 0.7 for nesterov, 1.0 for sgd; sgd at 1.0 = plain averaging)")
     p.add_argument("--outer-momentum", type=float, help="outer momentum (default 0.9 for nesterov, 0 for sgd)")
+    p.add_argument("--fragments", type=int,
+                   help="streaming averaging: cut the parameters into P fragments (contiguous groups of leaves "
+                        "balanced by bytes) and average one per round, in turn. --avg-period H (and its budget "
+                        "C = steps / H) counts full-model syncs: with --fragments P the schedule runs at period "
+                        "H / P, C * P rounds of 1/P of the bytes each, the same total bytes; P must divide H "
+                        "(default 1). Averaging methods only")
+    p.add_argument("--fragment-delay", type=int,
+                   help="streaming averaging: a fragment's average is applied this many local steps after it is "
+                        "taken, in [0, --avg-period) (default 0). Averaging methods only")
+    p.add_argument("--fragment-alpha", type=float,
+                   help="streaming averaging: an applied fragment becomes alpha * local + (1 - alpha) * average, "
+                        "alpha in [0, 1] (default 0: replaced). Averaging methods only")
     p.add_argument("--seed", type=int, help="the seed, in [0, 2**32) (default 0); not with --seeds")
     p.add_argument("--dtype", default="float32", help="computation dtype: float32 or bfloat16")
     p.add_argument("--synthetic-size", type=int, help="examples in the synthetic dataset (default 10000); "

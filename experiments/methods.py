@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import optax
 
 import adpsgd_jax as A
-from adpsgd_jax import distributed, schedules
+from adpsgd_jax import distributed, schedules, streaming
 from experiments import data, models, plugins
-from experiments.config import Config
+from experiments.config import Config, ConfigError
 from experiments.names import is_plugin, method_parts
 
 
@@ -54,9 +54,22 @@ def stagewise_base_period(total_steps: int, boundaries: list[int], budget: int, 
 
 
 def make_schedule(config: Config, total_steps: int, steps_per_epoch: int, lr_fn) -> Optional[schedules.Schedule]:
-    """The schedule of ``config.method`` at budget ``avg_period`` (None for allreduce / qsgd)."""
+    """The schedule of ``config.method`` (None for allreduce / qsgd); with ``fragments`` its streaming options
+    checked against it (a fragment's delay against the schedule's first period times P)."""
+    schedule = _schedule(config, total_steps, steps_per_epoch, lr_fn)
+    if schedule is not None:
+        try:
+            streaming.check(config.fragments, config.fragment_delay, config.fragment_alpha, schedule, False)
+        except ValueError as err:
+            raise ConfigError(f"--fragments {config.fragments} / --fragment-delay {config.fragment_delay}: "
+                              f"{err}") from None
+    return schedule
+
+
+def _schedule(config: Config, total_steps: int, steps_per_epoch: int, lr_fn) -> Optional[schedules.Schedule]:
+    """The schedule of ``config.method`` at budget ``avg_period`` / ``fragments`` (its rounds: P per full-model sync)."""
     _, name = method_parts(config.method)
-    p = config.avg_period
+    p = config.avg_period // config.fragments
     if name is None:
         return None
     if is_plugin(name):
@@ -81,21 +94,21 @@ def make_schedule(config: Config, total_steps: int, steps_per_epoch: int, lr_fn)
     if name == "lr_proportional":
         return schedules.lr_proportional(total_steps, p, lr_schedule=lr_fn)
     if name == "qsr":
-        return qsr_schedule(config, total_steps, lr_fn)
+        return qsr_schedule(config, total_steps, lr_fn, p)
     if name == "trigger":
         return schedules.variance_trigger(total_steps, p, lr_schedule=lr_fn)
     raise AssertionError(name)
 
 
-def qsr_schedule(config: Config, total_steps: int, lr_fn) -> schedules.Schedule:
+def qsr_schedule(config: Config, total_steps: int, lr_fn, period: int) -> schedules.Schedule:
     """QSR: the published rule at ``--qsr-alpha`` (no budget), else the rule whose alpha is searched so
-    that its own sync count is nearest ``--avg-period``'s budget."""
+    that its own sync count is nearest the budget of average period ``period`` (``--avg-period`` / P)."""
     kw = dict(init_h=config.qsr_init_period, min_h=config.qsr_min_period, power=config.qsr_power,
               lr_schedule=lr_fn)
     if config.qsr_alpha is not None:
         return schedules.qsr(total_steps, alpha=config.qsr_alpha, **kw)
     try:
-        return schedules.qsr(total_steps, config.avg_period, **kw)
+        return schedules.qsr(total_steps, period, **kw)
     except ValueError as err:
         raise ValueError(f"--qsr-min-period {config.qsr_min_period} with --avg-period {config.avg_period}: "
                          f"{err}") from None
@@ -158,4 +171,6 @@ def make_strategy(config: Config, loss_fn, lr_fn, schedule: Optional[schedules.S
     if strategy == "qsgd":
         return A.qsgd(loss_fn, optimizer, levels=config.qsgd_levels, bucket_size=config.qsgd_bucket_size,
                       workers=layout)
-    return A.local_sgd(loss_fn, optimizer, schedule, workers=layout, outer_optimizer=make_outer_optimizer(config))
+    return A.local_sgd(loss_fn, optimizer, schedule, workers=layout, outer_optimizer=make_outer_optimizer(config),
+                       fragments=config.fragments, fragment_delay=config.fragment_delay,
+                       fragment_alpha=config.fragment_alpha)

@@ -29,10 +29,15 @@ the example)::
     seeds = 5                   # seeds 0 .. 4, or a list of seeds
     total_batch = 128           # examples per step over all workers (batch per worker = total_batch / workers)
     args = ["--avg-period", "8"]   # any other experiments.cifar flags, the same for every setting
+    fragments = [1, 2, 4]       # streaming averaging, per setting: --fragments P (default [1])
+    fragment_delays = [0, 1]    # --fragment-delay per setting (default [0])
+    fragment_alphas = [0.0]     # --fragment-alpha per setting (default [0.0])
 
 ``total_batch`` keeps the examples per step, hence the steps and the
 learning-rate schedule, the same at every worker count; the budget
-(``--avg-period``) is then the same number of syncs in every setting.
+(``--avg-period``) is then the same number of syncs in every setting. The
+fragment keys multiply the settings too (``-frag2-delay1`` in their names):
+every P and tau of the grid at the same total bytes (docs/fragments.md).
 """
 
 from __future__ import annotations
@@ -63,11 +68,11 @@ PRESETS = {
 }
 CACHE = ".jax_cache"  # under --out
 GRID_KEYS = ("dataset", "methods", "baseline", "partitions", "lr_schedules", "workers", "seeds", "total_batch",
-             "batch_size", "args", "processes", "resources")
+             "batch_size", "args", "processes", "resources", "fragments", "fragment_delays", "fragment_alphas")
 # Flags the grid sets itself, per setting: refused in ``args``.
 GRID_FLAGS = ("--dataset", "--compare", "--strategy", "--schedule", "--partition", "--lr-schedule", "--workers",
               "--batch-size", "--seeds", "--seed", "--out", "--resume", "--quiet", "--no-plots", "--coordinator",
-              "--num-processes", "--process-id")
+              "--num-processes", "--process-id", "--fragments", "--fragment-delay", "--fragment-alpha")
 # A grid's [resources] table: what each job of --executor submitit asks for (experiments/executor.py).
 RESOURCE_KEYS = ("gpus", "cpus", "time_min", "partition", "tasks_per_node")
 
@@ -83,11 +88,24 @@ class Setting(NamedTuple):
     lr_schedule: str
     workers: int
     batch_size: int  # per worker
+    fragments: int = 1  # streaming averaging's P, tau and alpha (--fragments, --fragment-delay, --fragment-alpha)
+    fragment_delay: int = 0
+    fragment_alpha: float = 0.0
 
     @property
     def name(self) -> str:
-        """Folder name, e.g. ``dirichlet0.5-cosine-n32``."""
-        return f"{self.partition.replace(':', '')}-{self.lr_schedule}-n{self.workers}"
+        """Folder name, e.g. ``dirichlet0.5-cosine-n32`` (``-frag4-delay1-alpha0.5`` where they are not 1, 0, 0)."""
+        name = f"{self.partition.replace(':', '')}-{self.lr_schedule}-n{self.workers}"
+        name += f"-frag{self.fragments}" if self.fragments != 1 else ""
+        name += f"-delay{self.fragment_delay}" if self.fragment_delay else ""
+        return name + (f"-alpha{self.fragment_alpha:g}" if self.fragment_alpha else "")
+
+    @property
+    def fragment_flags(self) -> list:
+        """The experiments.cifar flags of the setting's streaming options (none at 1, 0, 0)."""
+        flags = ["--fragments", str(self.fragments)] if self.fragments != 1 else []
+        flags += ["--fragment-delay", str(self.fragment_delay)] if self.fragment_delay else []
+        return flags + (["--fragment-alpha", repr(self.fragment_alpha)] if self.fragment_alpha else [])
 
 
 class Grid(NamedTuple):
@@ -105,7 +123,7 @@ def _list(grid: dict, key: str, kind: type, default=None) -> list:
     value = grid.get(key, default)
     if not isinstance(value, list) or not value or not all(isinstance(v, kind) and not isinstance(v, bool)
                                                            for v in value):
-        raise StudyError(f"grid key {key!r} must be a non-empty list of {kind.__name__}s, got {value!r}")
+        raise StudyError(f"grid key {key!r} must be a non-empty list of {getattr(kind, '__name__', 'number')}s, got {value!r}")
     if len(set(value)) != len(value):
         raise StudyError(f"grid key {key!r} names a value twice: {value!r}")
     return value
@@ -166,8 +184,19 @@ def parse_grid(grid: dict) -> Grid:
     dataset = grid.get("dataset", "digits")
     if not isinstance(dataset, str):
         raise StudyError(f"grid key 'dataset' must be a string, got {dataset!r}")
-    settings = tuple(Setting(p, s, n, batches[n]) for p in partitions for s in lr_schedules for n in workers)
+    streams = _fragment_keys(grid)
+    settings = tuple(Setting(p, s, n, batches[n], *f) for p in partitions for s in lr_schedules for n in workers
+                     for f in streams)
     return Grid(dataset, tuple(methods), baseline, settings, tuple(seeds), tuple(args), *_job_keys(grid))
+
+
+def _fragment_keys(grid: dict) -> list:
+    """(P, tau, alpha) of every setting from the grid's ``fragments``, ``fragment_delays``, ``fragment_alphas``
+    (their values are checked with the other flags, by ``plan``)."""
+    counts = _list(grid, "fragments", int, [1])
+    delays = _list(grid, "fragment_delays", int, [0])
+    alphas = _list(grid, "fragment_alphas", (int, float), [0.0])
+    return [(p, d, float(a)) for p in counts for d in delays for a in alphas]
 
 
 def positive_int(value, what: str) -> int:
@@ -203,7 +232,7 @@ def setting_argv(grid: Grid, setting: Setting, out: str, methods=None, seeds=Non
     return ["--dataset", grid.dataset, "--compare", ",".join(methods or grid.methods), "--partition",
             setting.partition, "--lr-schedule", setting.lr_schedule, "--workers", str(setting.workers),
             "--batch-size", str(setting.batch_size), "--seeds", ",".join(map(str, seeds or grid.seeds)), "--out",
-            os.path.join(out, setting.name), "--quiet", "--no-plots", *grid.args]
+            os.path.join(out, setting.name), "--quiet", "--no-plots", *setting.fragment_flags, *grid.args]
 
 
 def plan(grid: Grid, out: str) -> list:

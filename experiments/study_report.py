@@ -135,12 +135,13 @@ def per_example(pairs: list) -> dict:
 
 
 def _runs(folder: str) -> dict:
-    """{label: {seed: results.Run}} of the finished runs in one setting's folder."""
-    by_label: dict = {}
+    """{method: {seed: results.Run}} of the finished runs in one setting's folder (a setting's runs share
+    their options, e.g. its fragments, which their labels carry)."""
+    by_method: dict = {}
     if os.path.isdir(folder):
         for r in results.finished_runs(folder):
-            by_label.setdefault(r.label, {})[r.seed] = r
-    return by_label
+            by_method.setdefault(r.summary["config"]["method"], {})[r.seed] = r
+    return by_method
 
 
 def _accuracy(mine: dict, base: dict, seeds: list) -> dict:

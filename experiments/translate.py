@@ -67,6 +67,9 @@ def from_args(args: argparse.Namespace) -> tuple[list[Config], RunOptions]:
         qsr_power=given(args.qsr_power, Config.qsr_power),
         group_size=group_size,
         **outer,
+        fragments=given(args.fragments, Config.fragments),
+        fragment_delay=given(args.fragment_delay, Config.fragment_delay),
+        fragment_alpha=given(args.fragment_alpha, Config.fragment_alpha),
         dtype=args.dtype, worker_loop=args.worker_loop,
         synthetic_size=given(args.synthetic_size, Config.synthetic_size),
         augment=augmentation(dataset, args.augment),
@@ -84,8 +87,9 @@ def from_args(args: argparse.Namespace) -> tuple[list[Config], RunOptions]:
                          resume=args.resume, progress=not args.quiet, plots=not args.no_plots,
                          coordinator=args.coordinator, num_processes=args.num_processes, process_id=args.process_id,
                          distributed_timeout=args.distributed_timeout, tensorboard=not args.no_tensorboard)
-    flat = dict(group_size=1, outer_optimizer="none", outer_lr=None, outer_momentum=None)
-    # Groups and outer optimizers belong to parameter averaging; allreduce and qsgd run without them.
+    flat = dict(group_size=1, outer_optimizer="none", outer_lr=None, outer_momentum=None, fragments=1,
+                fragment_delay=0, fragment_alpha=0.0)
+    # Groups, outer optimizers and fragments belong to parameter averaging; allreduce and qsgd run without them.
     runs = [base.replace(method=m, seed=s) for s in seeds for m in methods]
     return [c if c.averaging else c.replace(**flat) for c in runs], options
 
@@ -208,6 +212,9 @@ def unread_flags(args: argparse.Namespace, methods: list[str], dataset: str) -> 
                        "--dataset cifar10, cifar100 and tfds:NAME", f"this run has --dataset {dataset}"),
         "--group-size": (args.group_size, *with_groups),
         "--outer-optimizer": (args.outer_optimizer, *with_groups),
+        "--fragments": (args.fragments, *with_groups),
+        "--fragment-delay": (args.fragment_delay, *with_groups),
+        "--fragment-alpha": (args.fragment_alpha, *with_groups),
     }
     for flag, (value, read, readers, instead) in rules.items():
         if value is not None and not read:

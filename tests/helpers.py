@@ -135,12 +135,12 @@ def two_level_mesh(group_size: int) -> Mesh:
     return Mesh(np.asarray(jax.devices()).reshape(N // group_size, group_size), ("group", "local"))
 
 
-def assert_all_reduces_inside_conditionals(schedule):
+def assert_all_reduces_inside_conditionals(schedule, **kw):
     """With 4 workers on each of 2 devices, every all-reduce of ``local_sgd``'s compiled
-    step is inside a conditional's branch (a batched predicate would have turned the
-    cond into a select that all-reduces every step)."""
+    step (``kw`` go to it) is inside a conditional's branch (a batched predicate would
+    have turned the cond into a select that all-reduces every step)."""
     layout = D.workers(N, jax.devices()[:2])
-    built = A.local_sgd(loss_fn, optax.sgd(0.05), schedule, workers=layout)
+    built = A.local_sgd(loss_fn, optax.sgd(0.05), schedule, workers=layout, **kw)
     state = D.replicate(built.init(*init_params(), jax.random.PRNGKey(0)), layout)
     batch = D.shard_batch(Data().batch(), layout)
     hlo = D.shard_map_step(built.step, layout).compiled.lower(state, batch).compile().as_text()

@@ -81,6 +81,11 @@ CASES = [
     (["--outer-optimizer", "sgd", "--outer-momentum", "1.5"], "--outer-momentum"),
     (["--outer-optimizer", "nesterov", "--outer-momentum", "0"], "--outer-momentum"),
     (["--outer-lr", "0.5"], "--outer-lr"),
+    (["--fragments", "0"], "--fragments"),
+    (["--fragments", "3"], "--fragments"),
+    (["--fragments", "2", "--fragment-delay", "8"], "--fragment-delay"),
+    (["--fragments", "2", "--fragment-delay", "-1"], "--fragment-delay"),
+    (["--fragments", "2", "--fragment-alpha", "1.5"], "--fragment-alpha"),
     # Seeds
     (["--seeds", ","], "--seeds"),
     (["--seeds", " "], "--seeds"),
@@ -104,6 +109,8 @@ CASES = [
     (["--dataset", "synthetic", "--data-dir", "{tmp}"], "--data-dir"),
     (["--strategy", "allreduce", "--group-size", "2"], "--group-size"),
     (["--strategy", "qsgd", "--outer-optimizer", "sgd"], "--outer-optimizer"),
+    (["--strategy", "allreduce", "--fragments", "2"], "--fragments"),
+    (["--strategy", "qsgd", "--fragment-delay", "1"], "--fragment-delay"),
     # Devices (checked against the 8 CPU devices this test session runs on)
     (["--devices", "0"], "--devices"),
     (["--devices", "3"], "--devices"),

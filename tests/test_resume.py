@@ -387,3 +387,18 @@ def test_resume_restores_the_trigger_s_anchor_direction_and_bound(tmp_path):
     assert np.abs(state["monitor"]["direction"]["fc1"]["kernel"]).max() > 0  # a direction after two syncs
     assert cifar.main(args + ["--out", str(tmp_path / "cut"), "--resume"]) == 0
     assert_same_run(tmp_path / "reference" / name, run_dir)
+
+
+def test_a_config_saved_without_the_fragment_fields_resumes_as_one_fragment():
+    # Runs saved before streaming averaging have no fragments / fragment_delay / fragment_alpha: they read as
+    # P = 1, tau = 0, alpha = 0 and resume; a --fragments 2 resume of them is refused, naming the field.
+    from experiments import flags, resume, translate
+
+    argv = ["--dataset", "digits", "--epochs", "2", "--quiet", "--out", "/tmp/never", "--schedule", "constant"]
+    (new,), _ = translate.from_args(flags.parser().parse_args(argv))
+    old = {k: v for k, v in new.to_dict().items() if not k.startswith("fragment")}
+    assert resume.config_differences(old, new) == []
+    saved = resume.from_saved(old)
+    assert (saved.fragments, saved.fragment_delay, saved.fragment_alpha) == (1, 0, 0.0)
+    (streamed,), _ = translate.from_args(flags.parser().parse_args(argv + ["--fragments", "2"]))
+    assert resume.config_differences(old, streamed) == ["fragments: 1 -> 2"]

@@ -36,6 +36,20 @@ def test_preset_expands_to_every_setting():
     assert len({s.name for s in grid.settings}) == len(grid.settings)
 
 
+def test_fragment_keys_make_settings_with_their_flags(tmp_path):
+    grid = study.parse_grid({**TINY, "fragments": [1, 2], "fragment_delays": [0, 1], "fragment_alphas": [0, 0.5]})
+    assert [s.name for s in grid.settings][:4] == ["iid-cosine-n4", "iid-cosine-n4-alpha0.5", "iid-cosine-n4-delay1",
+                                                    "iid-cosine-n4-delay1-alpha0.5"]
+    planned = study.plan(grid, str(tmp_path))
+    by_name = {setting.name: configs for setting, configs, _ in planned}
+    config = by_name["iid-cosine-n4-frag2-delay1-alpha0.5"][0]
+    assert (config.fragments, config.fragment_delay, config.fragment_alpha) == (2, 1, 0.5)
+    assert config.label == "cpsgd-frag2-delay1-alpha0.5"
+    assert {(c.fragments, c.fragment_delay) for c in by_name["iid-cosine-n4"]} == {(1, 0)}
+    with pytest.raises(study.StudyError, match="setting iid-cosine-n4-frag3: --fragments 3 must divide"):
+        study.plan(study.parse_grid({**TINY, "fragments": [3]}), str(tmp_path))
+
+
 @pytest.mark.parametrize("change, words", [
     (dict(colour="red"), "unknown grid key(s) colour"),
     (dict(methods=["cpsgd", "sgd"]), "unknown method 'sgd'"),
@@ -48,6 +62,8 @@ def test_preset_expands_to_every_setting():
     (dict(batch_size=8), "not both"),
     (dict(args=["--workers", "4"]), "must not set --workers"),
     (dict(args=["--out=elsewhere"]), "must not set --out"),
+    (dict(args=["--fragments", "2"]), "must not set --fragments"),
+    (dict(fragment_alphas=["a"]), "'fragment_alphas' must be a non-empty list of numbers"),
 ])
 def test_bad_grid_is_refused_naming_the_key(change, words):
     with pytest.raises(study.StudyError, match=None) as err:
