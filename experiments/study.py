@@ -374,7 +374,7 @@ def baseline_list(flag, grid: Grid) -> list:
 
 
 def main(argv=None) -> int:
-    from experiments import study_report
+    from experiments import study_report, study_streaming
     from experiments.study_jobs import check_job_flags, submit
 
     p = parser()
@@ -422,6 +422,9 @@ def main(argv=None) -> int:
             return 128 + err.signum
     for index, baseline in enumerate(baselines):
         print(study_report.write(parsed, args.out, plots=index == 0, baseline=baseline))
+    streamed = study_streaming.write(parsed, args.out)
+    if streamed:
+        print(streamed)
     return 1 if failures else 0
 
 

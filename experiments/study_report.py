@@ -134,7 +134,7 @@ def per_example(pairs: list) -> dict:
     return {"b": B, "c": C, "n": n, "diff": diff, "ci": [diff - half, diff + half], "p": p}
 
 
-def _runs(folder: str) -> dict:
+def setting_runs(folder: str) -> dict:
     """{method: {seed: results.Run}} of the finished runs in one setting's folder (a setting's runs share
     their options, e.g. its fragments, which their labels carry)."""
     by_method: dict = {}
@@ -204,7 +204,7 @@ def rows(grid, out: str, baseline: Optional[str] = None) -> list[dict]:
     baseline = baseline or grid.baseline
     table = []
     for setting in grid.settings:
-        runs = _runs(os.path.join(out, setting.name))
+        runs = setting_runs(os.path.join(out, setting.name))
         order = [baseline] + [m for m in grid.methods if m != baseline]
         for method in order:
             row = compare(runs, method, baseline)
@@ -226,7 +226,7 @@ def _p(p) -> str:
     return "n/a" if p is None or math.isnan(p) else f"{p:.2g}" if p >= 1e-4 else f"{p:.1e}"
 
 
-def _cells(r: dict) -> list[str]:
+def compared_cells(r: dict) -> list[str]:
     """The compared columns of one method's row."""
     if r.get("acc_b") is None:
         acc = ["n/a"] * 5
@@ -252,7 +252,7 @@ def markdown(table: list[dict], baseline: str) -> str:
             "Δ test acc [95% Wald CI]", "b / c", "p acc", "p acc (Holm)", "acc verdict (Holm)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table:
-        cells = _cells(r) if r["method"] != baseline else ["—"] * 11
+        cells = compared_cells(r) if r["method"] != baseline else ["—"] * 11
         lines.append("| " + " | ".join([r["setting"], r["method"], f"{r['syncs']:.0f}", f"{r['bytes'] / 1e6:.2f}",
                                         f"{r['final_train_loss']:.4f}", *cells]) + " |")
     counts: dict = {}
@@ -294,7 +294,7 @@ def pivot(table: list[dict], baseline: str) -> str:
 def _config(grid, out: str) -> Optional[dict]:
     """The saved config of one finished run of the grid (the flags every setting shares), or None."""
     for setting in grid.settings:
-        for by_seed in _runs(os.path.join(out, setting.name)).values():
+        for by_seed in setting_runs(os.path.join(out, setting.name)).values():
             for r in by_seed.values():
                 return r.summary["config"]
     return None
@@ -334,7 +334,7 @@ def plot(grid, out: str, path: str) -> None:
     fig = Figure(figsize=(3.2 * cols, 2.6 * nrows))
     axes = fig.subplots(nrows, cols, squeeze=False)
     for ax, setting in zip(axes.flat, grid.settings):
-        runs = _runs(os.path.join(out, setting.name))
+        runs = setting_runs(os.path.join(out, setting.name))
         for index, method in enumerate(grid.methods):
             rs = list(runs.get(method, {}).values())
             if not rs:
@@ -358,6 +358,12 @@ def plot(grid, out: str, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def clean_rows(table: list[dict]) -> list[dict]:
+    """The rows for JSON: NaN (the bounds of one seed) as null."""
+    return [{k: [results.clean(x) for x in v] if isinstance(v, list) else results.clean(v) for k, v in r.items()}
+            for r in table]
+
+
 def write(grid, out: str, plots: bool = True, baseline: Optional[str] = None) -> str:
     """Write the table against ``baseline`` (default the grid's) under ``out``, as study.md / study.json
     for the grid's baseline and study_vs_<baseline>.md / .json for another, and the plot; returns the
@@ -369,10 +375,8 @@ def write(grid, out: str, plots: bool = True, baseline: Optional[str] = None) ->
     md, js = outputs(baseline, grid.baseline)
     with open(os.path.join(out, md), "w") as f:
         f.write(text)
-    clean = [{k: [results.clean(x) for x in v] if isinstance(v, list) else results.clean(v) for k, v in r.items()}
-             for r in table]  # NaN bounds (one seed) as null
     results.write_json_atomic(os.path.join(out, js), {"baseline": baseline, "family_size": sum(
-        r["method"] != baseline for r in table), "correction": "holm", "alpha": ALPHA, "rows": clean})
+        r["method"] != baseline for r in table), "correction": "holm", "alpha": ALPHA, "rows": clean_rows(table)})
     if plots and table:
         plot(grid, out, os.path.join(out, STUDY_PLOT))
     return text

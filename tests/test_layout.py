@@ -89,7 +89,8 @@ def test_experiments_import_each_name_from_its_definition_and_no_private_one():
     assert not problems, problems
 
 
-GENERATED = ("report.md", "bench.md", "study.md")  # tables that the report, the benchmark and the study write
+GENERATED = ("report.md", "bench.md", "study.md", "study_fragments.md")  # tables that the report, the benchmark
+# and the study write
 
 
 def markdown_references():

@@ -72,8 +72,9 @@ def test_the_gated_local_step_moves_what_the_step_without_gate_moves(k, loop):
 
 
 @pytest.mark.parametrize("options", [dict(outer_optimizer=optax.sgd(0.7, momentum=0.9, nesterov=True)),
-                                     dict(average_opt_state=True), dict(schedule="adpsgd")])
-def test_no_parameter_copy_with_an_outer_optimizer_averaged_optimizer_state_or_adpsgd(options):
+                                     dict(average_opt_state=True), dict(schedule="adpsgd"),
+                                     dict(fragments=4, fragment_delay=2, fragment_alpha=0.5)])
+def test_no_parameter_copy_with_an_outer_optimizer_averaged_optimizer_state_adpsgd_or_fragments(options):
     task = references.image_task("mlp", 8, 8)
     _, params, model_state, loss_fn, optimizer, batch, _ = task
     layout = D.workers(8, jax.devices()[:2])

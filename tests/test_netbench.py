@@ -29,15 +29,15 @@ def env():
 
 @needs_namespaces
 def test_every_method_runs_three_times_in_rotated_order(tmp_path):
-    """allreduce and CPSGD of the MLP (38 KB a round) for 1 epoch of 44 steps, 2 processes, at 100 Mbit/s,
-    3 repeats. Only what load cannot change is asserted: repeats, the order they ran in, files, keys and
+    """allreduce and CPSGD (two fragments: rounds of about half the MLP's 38 KB) for 1 epoch of 44 steps,
+    2 processes, at 100 Mbit/s, 3 repeats. Only what load cannot change is asserted: repeats, the order they ran in, files, keys and
     byte counts. How fast the link runs, and whether its transfers and steps are no faster than the wire,
     is the benchmark's output (its checks and their verdicts), not a test's."""
     assert ns.leftovers() == [], "namespaces of another run are present"
     out, runs = tmp_path / "netbench.json", tmp_path / "runs" / "mlp-100mbit"
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.net", "--quick", "--methods", "allreduce,cpsgd", "--epochs", "1",
-         "--bandwidths", "100", "--timeout", "300", "--out", str(out), "--keep", str(tmp_path / "runs")],
+         "--fragments", "2", "--bandwidths", "100", "--timeout", "300", "--out", str(out), "--keep", str(tmp_path / "runs")],
         cwd=ROOT, env=env(), capture_output=True, text=True, timeout=350)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert ns.leftovers() == []
@@ -48,7 +48,7 @@ def test_every_method_runs_three_times_in_rotated_order(tmp_path):
     orders = [["allreduce", "cpsgd"], ["cpsgd", "allreduce"], ["allreduce", "cpsgd"]]
     assert [r["order"] for r in link["repeats"]] == orders
     for r, order in enumerate(orders):  # each repeat's runs, in the order they finished, with their step clocks
-        folders = [runs / f"r{r}" / f"{method}-seed0" for method in order]
+        folders = [runs / f"r{r}" / f"{method}{'-frag2' if method == 'cpsgd' else ''}-seed0" for method in order]
         assert all({"summary.json", "step_times-0.jsonl", "step_times-1.jsonl"} <= set(os.listdir(f))
                    for f in folders)
         finished = [os.stat(f / "summary.json").st_mtime_ns for f in folders]
@@ -56,6 +56,8 @@ def test_every_method_runs_three_times_in_rotated_order(tmp_path):
     assert [x["methods"]["allreduce"]["steps"] for x in link["repeats"]] == [44, 44, 44]
     nbytes = link["methods"]["allreduce"]["bytes_per_round"]
     assert nbytes == 4 * 9_610  # the MLP's float32 gradients
+    assert [x["methods"]["cpsgd"]["syncs"] for x in link["repeats"]] == [11, 11, 11]  # 44 steps at period 8 / 2
+    assert link["methods"]["cpsgd"]["bytes_per_round"] < 0.75 * nbytes  # one of two fragments a round
     # The link's checks are computed; their verdicts are measurements, not asserted here.
     assert set(link["checks"]) == {"probe_transfer_at_least_wire_time", "allreduce_step_at_least_half_wire_time"}
     assert link["checks"]["allreduce_step_at_least_half_wire_time"]["bound_s"] == pytest.approx(
@@ -72,6 +74,9 @@ def test_fewer_than_three_repeats_are_refused(capsys):
     assert main(["--repeats", "2"]) == 2
     err = capsys.readouterr().err
     assert err == "error: --repeats must be >= 3 (a median and a spread), got 2\n"
+    assert main(["--fragments", "3"]) == 2
+    assert capsys.readouterr().err == ("error: --fragments must be an integer >= 1 that divides --avg-period 8, "
+                                       "got 3\n")
 
 
 @needs_namespaces

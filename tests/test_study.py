@@ -50,6 +50,28 @@ def test_fragment_keys_make_settings_with_their_flags(tmp_path):
         study.plan(study.parse_grid({**TINY, "fragments": [3]}), str(tmp_path))
 
 
+def test_a_study_of_fragments_compares_each_streamed_setting_with_its_plain_one(tmp_path):
+    grid = tmp_path / "grid.toml"
+    grid.write_text('dataset = "digits"\nmethods = ["cpsgd", "adpsgd"]\nworkers = [4]\ntotal_batch = 32\n'
+                    'seeds = 2\nlr_schedules = ["cosine"]\nfragments = [1, 2]\n'
+                    'args = ["--epochs", "1", "--avg-period", "4"]\n')
+    out = tmp_path / "study"
+    assert study.main(["--grid", str(grid), "--out", str(out), "--quiet"]) == 0
+    table = json.load(open(out / "study_fragments.json"))
+    assert table["family_size"] == 2 and table["correction"] == "holm"
+    for row in table["rows"]:
+        assert (row["setting"], row["reference"], row["fragments"]) == ("iid-cosine-n4-frag2", "iid-cosine-n4", 2)
+        mine = {r.seed: r.summary for r in results.finished_runs(str(out / row["setting"]))
+                if r.summary["config"]["method"] == row["method"]}
+        plain = {r.seed: r.summary for r in results.finished_runs(str(out / row["reference"]))
+                 if r.summary["config"]["method"] == row["method"]}
+        assert row["seeds"] == [0, 1] and mine[0]["syncs"] == 2 * plain[0]["syncs"]
+        diffs = [mine[k]["final_train_loss"] - plain[k]["final_train_loss"] for k in (0, 1)]
+        assert row["loss_diff"] == pytest.approx(np.mean(diffs)) and row["loss_p_holm"] >= row["loss_p"]
+    assert [r["method"] for r in table["rows"]] == ["cpsgd", "adpsgd"]
+    assert "| iid-cosine-n4-frag2 | cpsgd | 2 | 0 | 0 |" in (out / "study_fragments.md").read_text()
+
+
 @pytest.mark.parametrize("change, words", [
     (dict(colour="red"), "unknown grid key(s) colour"),
     (dict(methods=["cpsgd", "sgd"]), "unknown method 'sgd'"),

@@ -65,6 +65,9 @@ def parser() -> argparse.ArgumentParser:
                    help="experiments.cifar methods; allreduce (full-sync SGD) is the reference and must be first")
     p.add_argument("--epochs", type=int, help="default: the workload's (30; cnn32: 2); quick: 3")
     p.add_argument("--avg-period", type=int, default=8, help="budget of the averaging methods")
+    p.add_argument("--fragments", type=int, default=1,
+                   help="streaming averaging: each round of the averaging methods sends 1 / P of the parameters, "
+                        "P times as many rounds (experiments.cifar --fragments; default 1)")
     p.add_argument("--mtu", type=int, help="link MTU (default: 1500 below 1 Gbit/s, 9000 from 1 Gbit/s and unshaped)")
     p.add_argument("--timeout", type=float, help="seconds for the whole benchmark (default 3600; quick: 600)")
     p.add_argument("--max-busy", type=float, help="before each launch wait (up to a third of the time left) until "
@@ -105,6 +108,9 @@ def _workloads(args: argparse.Namespace) -> list[str]:
         raise ValueError("--methods must start with allreduce (full-sync SGD, the reference)")
     if not 2 <= args.processes <= 4:
         raise ValueError(f"--processes must be in [2, 4], got {args.processes}")
+    if args.fragments < 1 or args.avg_period % args.fragments:
+        raise ValueError(f"--fragments must be an integer >= 1 that divides --avg-period {args.avg_period}, "
+                         f"got {args.fragments}")
     if args.repeats < REPEATS:
         raise ValueError(f"--repeats must be >= {REPEATS} (a median and a spread), got {args.repeats}")
     return workloads

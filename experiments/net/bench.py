@@ -110,6 +110,11 @@ def _wait_until_quiet(max_busy: Optional[float], until: float) -> Optional[float
     return busy
 
 
+def _label(method: str, args) -> str:
+    """The run folder's method label: an averaging method's carries ``-fragP`` with --fragments P > 1."""
+    return f"{method}-frag{args.fragments}" if args.fragments > 1 and method not in ("allreduce", "qsgd") else method
+
+
 def measure(lab: ns.Lab, workload: str, settings: list[Optional[float]], args, folder: str,
             deadline: float) -> list[dict]:
     """Train every method ``args.repeats`` times on every link setting (one launch per setting); returns
@@ -119,7 +124,7 @@ def measure(lab: ns.Lab, workload: str, settings: list[Optional[float]], args, f
                   "--workers", str(lab.workers), "--repeats", str(args.repeats),
                   "--compile-cache", os.path.join(folder, "compile-cache"),
                   "--avg-period", str(args.avg_period), "--compare", ",".join(methods), "--quiet", "--no-plots",
-                  "--checkpoint-every", "0"]
+                  "--checkpoint-every", "0", *(["--fragments", str(args.fragments)] if args.fragments > 1 else [])]
     records = []
     for rate in settings:
         if time.monotonic() > deadline:
@@ -131,7 +136,8 @@ def measure(lab: ns.Lab, workload: str, settings: list[Optional[float]], args, f
         load_before = load_average()
         launch(lab, cifar_args, out, deadline)
         repeats = [{"order": worker.rotated(methods, r),
-                    "runs": {m: model.Run(os.path.join(worker.repeat_folder(out, r), f"{m}-seed0"), lab.workers)
+                    "runs": {m: model.Run(os.path.join(worker.repeat_folder(out, r), f"{_label(m, args)}-seed0"),
+                                          lab.workers)
                              for m in methods}} for r in range(args.repeats)]
         records.append({"workload": workload, "rate_mbit": rate, "mtu": lab.mtu, "probe": probe,
                         "arrays": arrays_per_round(tuple(WORKLOADS[workload])),
