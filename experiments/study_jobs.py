@@ -7,7 +7,7 @@ import argparse
 import os
 import sys
 
-from experiments.study import Grid, StudyError, positive_int, setting_argv
+from experiments.study_grid import Grid, StudyError, positive_int, setting_argv
 
 
 def finished_line(run_dir: str, before: bool = False) -> str:

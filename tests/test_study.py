@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from experiments import results, study, study_report
+from experiments import results, study, study_grid, study_report
 
 TINY = dict(dataset="digits", methods=["cpsgd", "adpsgd"], partitions=["iid"], lr_schedules=["cosine"], workers=[4],
             seeds=2, total_batch=32, args=["--epochs", "1", "--avg-period", "4"])
@@ -29,7 +29,7 @@ def test_paired_interval_is_the_t_interval():
 
 
 def test_preset_expands_to_every_setting():
-    grid = study.parse_grid(study.PRESETS["offline"])
+    grid = study_grid.parse_grid(study_grid.PRESETS["offline"])
     assert len(grid.settings) == 3 * 2 * 2 and grid.seeds == (0, 1, 2, 3, 4)
     assert {s.batch_size * s.workers for s in grid.settings} == {128}  # the same examples per step everywhere
     assert grid.baseline == "cpsgd" and "cpsgd" in grid.methods
@@ -37,7 +37,7 @@ def test_preset_expands_to_every_setting():
 
 
 def test_fragment_keys_make_settings_with_their_flags(tmp_path):
-    grid = study.parse_grid({**TINY, "fragments": [1, 2], "fragment_delays": [0, 1], "fragment_alphas": [0, 0.5]})
+    grid = study_grid.parse_grid({**TINY, "fragments": [1, 2], "fragment_delays": [0, 1], "fragment_alphas": [0, 0.5]})
     assert [s.name for s in grid.settings][:4] == ["iid-cosine-n4", "iid-cosine-n4-alpha0.5", "iid-cosine-n4-delay1",
                                                     "iid-cosine-n4-delay1-alpha0.5"]
     planned = study.plan(grid, str(tmp_path))
@@ -46,8 +46,8 @@ def test_fragment_keys_make_settings_with_their_flags(tmp_path):
     assert (config.fragments, config.fragment_delay, config.fragment_alpha) == (2, 1, 0.5)
     assert config.label == "cpsgd-frag2-delay1-alpha0.5"
     assert {(c.fragments, c.fragment_delay) for c in by_name["iid-cosine-n4"]} == {(1, 0)}
-    with pytest.raises(study.StudyError, match="setting iid-cosine-n4-frag3: --fragments 3 must divide"):
-        study.plan(study.parse_grid({**TINY, "fragments": [3]}), str(tmp_path))
+    with pytest.raises(study_grid.StudyError, match="setting iid-cosine-n4-frag3: --fragments 3 must divide"):
+        study.plan(study_grid.parse_grid({**TINY, "fragments": [3]}), str(tmp_path))
 
 
 def test_a_study_of_fragments_compares_each_streamed_setting_with_its_plain_one(tmp_path):
@@ -88,8 +88,8 @@ def test_a_study_of_fragments_compares_each_streamed_setting_with_its_plain_one(
     (dict(fragment_alphas=["a"]), "'fragment_alphas' must be a non-empty list of numbers"),
 ])
 def test_bad_grid_is_refused_naming_the_key(change, words):
-    with pytest.raises(study.StudyError, match=None) as err:
-        study.parse_grid({**TINY, **change})
+    with pytest.raises(study_grid.StudyError, match=None) as err:
+        study_grid.parse_grid({**TINY, **change})
     assert words in str(err.value)
 
 
@@ -189,7 +189,7 @@ def test_summary_without_per_example_correctness_reports_na(tiny_study, tmp_path
     summary = results.read_json(name)
     del summary["test_correct"]  # a run written before the summary kept it
     results.write_json_atomic(name, summary)
-    grid = study.parse_grid(TINY)
+    grid = study_grid.parse_grid(TINY)
     text = study_report.write(grid, copy, plots=False)
     row = json.load(open(os.path.join(copy, study_report.STUDY_JSON)))["rows"][1]
     assert row["acc_diff"] is None and row["acc_p"] is None and row["acc_verdict"] is None
