@@ -7,7 +7,7 @@
 3. Whether its difference from the runner-up is outside the seeds' noise:
    the paired differences d_k = loss(best, seed k) - loss(runner-up, seed k)
    over the seeds both ran, their mean and 95% t-interval
-   (``study_report.paired``); "outside the seeds' noise" when the whole
+   (``paired_tests.paired``); "outside the seeds' noise" when the whole
    interval is below 0, "inside the seeds' noise (inconclusive)" otherwise.
    The best is picked after the fact, so the interval is optimistic; the
    study (``experiments.study``) tests whole families with a correction.
@@ -20,7 +20,7 @@ from typing import Optional
 import numpy as np
 
 from experiments import results
-from experiments.study_report import paired
+from experiments.paired_tests import paired
 
 ALLREDUCE = "allreduce"
 

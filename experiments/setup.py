@@ -19,6 +19,7 @@ from adpsgd_jax import distributed, loops, schedules
 from experiments import checkpoint, data, methods, models, results
 from experiments.config import Config, ConfigError, RunOptions, default_cpu_devices
 from experiments.datasets import parse_partition
+from experiments.loader import TrainLoader
 from experiments.resume import CHANGED_MEANING, config_differences, former_defaults
 
 
@@ -28,7 +29,7 @@ class Setup:
 
     config: Config
     dataset: data.Dataset
-    loader: data.TrainLoader
+    loader: TrainLoader
     layout: distributed.Layout  # the devices and the workers on each
     total_steps: int
     lr_fn: Any
@@ -176,7 +177,7 @@ def prepare(config: Config, dataset: Optional[data.Dataset] = None, options: Run
     layout = worker_loop(config, dataset, layout)
     try:
         shards = data.partition(dataset.train_labels, config.workers, scheme, config.seed, min_size=config.batch_size)
-        loader = data.TrainLoader(dataset, shards, config.batch_size, config.seed,
+        loader = TrainLoader(dataset, shards, config.batch_size, config.seed,
                                   workers=distributed.local_workers(layout))
     except ValueError as err:
         raise ConfigError(str(err)) from None

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from experiments import results, study_report
+from experiments import paired_tests, results, study_report
 
 STREAMING_MD, STREAMING_JSON = "study_fragments.md", "study_fragments.json"
 _REFERENCE = "P=1"  # the name the reference run takes in a row's comparison
@@ -69,12 +69,12 @@ def write(grid, out: str) -> Optional[str]:
     scope = (f"Streaming averaging against the same method without it (P = 1, τ = 0, α = 0) in the same "
              f"partition, learning-rate schedule and worker count, paired by seed. Family: the {len(table)} rows "
              f"of this table, one for the final training loss and one for the test accuracy, each Holm-adjusted "
-             f"(family-wise error rate {study_report.ALPHA}). Bytes are per worker; a round sends one fragment.\n\n")
+             f"(family-wise error rate {paired_tests.ALPHA}). Bytes are per worker; a round sends one fragment.\n\n")
     text = scope + markdown(table)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, STREAMING_MD), "w") as f:
         f.write(text)
     results.write_json_atomic(os.path.join(out, STREAMING_JSON), {"family_size": len(table), "correction": "holm",
-                                                                   "alpha": study_report.ALPHA,
+                                                                   "alpha": paired_tests.ALPHA,
                                                                    "rows": study_report.clean_rows(table)})
     return text

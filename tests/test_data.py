@@ -12,6 +12,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from experiments import cifar, data, datasets, resume, results, translate
+from experiments import loader as xp_loader
 from experiments.config import ConfigError
 from experiments.flags import parser
 
@@ -85,7 +86,7 @@ def test_partition_dirichlet_disjoint_covering_and_skewed():
 def test_loader_iid_epoch_sees_each_example_once_from_own_shard():
     ds = make_dataset(n=243)
     shards = data.partition(ds.train_labels, 4, "iid", seed=1)
-    loader = data.TrainLoader(ds, shards, batch_size=6, seed=7)
+    loader = xp_loader.TrainLoader(ds, shards, batch_size=6, seed=7)
     assert loader.steps_per_epoch == 243 // 24
     seen = []
     for i in range(loader.steps_per_epoch):
@@ -105,7 +106,7 @@ def test_loader_iid_epoch_sees_each_example_once_from_own_shard():
 def test_loader_dirichlet_small_shard_cycles_fresh_permutations():
     ds = make_dataset(n=200)
     shards = [np.arange(0, 10), np.arange(10, 200)]
-    loader = data.TrainLoader(ds, shards, batch_size=5, seed=0)
+    loader = xp_loader.TrainLoader(ds, shards, batch_size=5, seed=0)
     assert loader.steps_per_epoch == 20  # Same as for IID shards of 100.
     drawn = np.stack([loader.indices(0, i) for i in range(20)], axis=1).reshape(2, -1)
     small, large = drawn
@@ -120,8 +121,8 @@ def test_loader_dirichlet_small_shard_cycles_fresh_permutations():
 def test_loader_batch_is_pure_and_matches_resumed_iterate():
     ds = make_dataset(n=240, augment=True)
     shards = data.partition(ds.train_labels, 4, "iid", seed=0)
-    loader = data.TrainLoader(ds, shards, batch_size=5, seed=11)
-    fresh = data.TrainLoader(ds, shards, batch_size=5, seed=11)
+    loader = xp_loader.TrainLoader(ds, shards, batch_size=5, seed=11)
+    fresh = xp_loader.TrainLoader(ds, shards, batch_size=5, seed=11)
     spe = loader.steps_per_epoch
     for epoch, index in [(0, 0), (0, spe - 1), (2, 3)]:
         it = fresh.iterate(start_step=epoch * spe + index)
@@ -132,15 +133,15 @@ def test_loader_batch_is_pure_and_matches_resumed_iterate():
         np.testing.assert_array_equal(labels, ref_labels)
         e2, i2, _ = next(it)
         assert (e2, i2) == ((epoch, index + 1) if index + 1 < spe else (epoch + 1, 0))
-    other_seed = data.TrainLoader(ds, shards, batch_size=5, seed=12)
+    other_seed = xp_loader.TrainLoader(ds, shards, batch_size=5, seed=12)
     assert not np.array_equal(other_seed.batch(0, 0)[1], loader.batch(0, 0)[1])
 
 
 def test_augmentation_deterministic_and_real_crops():
     ds = make_dataset(n=240, hw=16, augment=True)
-    pad = data.crop_pad(ds.image_shape)
+    pad = xp_loader.crop_pad(ds.image_shape)
     assert pad == 2
-    loader = data.TrainLoader(ds, data.partition(ds.train_labels, 4, "iid", 0), batch_size=8, seed=5)
+    loader = xp_loader.TrainLoader(ds, data.partition(ds.train_labels, 4, "iid", 0), batch_size=8, seed=5)
     images, labels = loader.batch(0, 1)
     again, _ = loader.batch(0, 1)
     np.testing.assert_array_equal(images, again)
@@ -168,10 +169,10 @@ def test_augmentation_differs_across_index_and_epoch_for_identical_images():
     base = make_dataset(n=240, augment=True)
     same = data.Dataset("same", np.repeat(base.train_images[:1], 240, axis=0), base.train_labels,
                         base.test_images, base.test_labels, 240, base.mean, base.std, True)
-    loader = data.TrainLoader(same, data.partition(same.train_labels, 4, "iid", 0), batch_size=8, seed=5)
+    loader = xp_loader.TrainLoader(same, data.partition(same.train_labels, 4, "iid", 0), batch_size=8, seed=5)
     reference = loader.batch(0, 1)[0]
-    np.testing.assert_array_equal(reference, data.TrainLoader(same, loader.shards, 8, seed=5).batch(0, 1)[0])
-    for other in [loader.batch(0, 2)[0], loader.batch(1, 1)[0], data.TrainLoader(same, loader.shards, 8, 6).batch(0, 1)[0]]:
+    np.testing.assert_array_equal(reference, xp_loader.TrainLoader(same, loader.shards, 8, seed=5).batch(0, 1)[0])
+    for other in [loader.batch(0, 2)[0], loader.batch(1, 1)[0], xp_loader.TrainLoader(same, loader.shards, 8, 6).batch(0, 1)[0]]:
         assert np.mean(np.any(other != reference, axis=(2, 3, 4))) > 0.8  # Most images cropped differently.
 
 
@@ -180,27 +181,27 @@ def test_crop_flip_known_offsets():
     # Offset (0, 0): the image moves down-right by pad=2 with zeros filling the top-left.
     shifted = np.zeros_like(image[0])
     shifted[2:, 2:] = image[0, :4, :3]
-    np.testing.assert_array_equal(data.crop_flip(image, np.array([[0, 0]]), np.array([False]), pad=2)[0], shifted)
+    np.testing.assert_array_equal(xp_loader.crop_flip(image, np.array([[0, 0]]), np.array([False]), pad=2)[0], shifted)
     # Offset (pad, pad) is the identity; with flip it is the mirror image.
-    np.testing.assert_array_equal(data.crop_flip(image, np.array([[2, 2]]), np.array([False]), pad=2), image)
-    np.testing.assert_array_equal(data.crop_flip(image, np.array([[2, 2]]), np.array([True]), pad=2), image[:, :, ::-1])
+    np.testing.assert_array_equal(xp_loader.crop_flip(image, np.array([[2, 2]]), np.array([False]), pad=2), image)
+    np.testing.assert_array_equal(xp_loader.crop_flip(image, np.array([[2, 2]]), np.array([True]), pad=2), image[:, :, ::-1])
     # Offset (4, 1), flipped: rows 2..5 then 2 zero rows; columns shifted right by 1 then mirrored.
     expected = np.zeros_like(image[0])
     expected[:4, 1:] = image[0, 2:, :4]
     np.testing.assert_array_equal(
-        data.crop_flip(image, np.array([[4, 1]]), np.array([True]), pad=2)[0], expected[:, ::-1]
+        xp_loader.crop_flip(image, np.array([[4, 1]]), np.array([True]), pad=2)[0], expected[:, ::-1]
     )
     with pytest.raises(ValueError):
-        data.crop_flip(image, np.array([[5, 0]]), np.array([False]), pad=2)
+        xp_loader.crop_flip(image, np.array([[5, 0]]), np.array([False]), pad=2)
 
 
 def test_drawn_crops_and_flips_with_fixed_rng():
     images = np.random.default_rng(0).integers(0, 256, (64, 6, 6, 1), dtype=np.uint8)
-    offsets, flips = data.draw_crop_flip(np.random.default_rng(42), len(images), pad=2)
-    again = data.draw_crop_flip(np.random.default_rng(42), len(images), pad=2)
+    offsets, flips = xp_loader.draw_crop_flip(np.random.default_rng(42), len(images), pad=2)
+    again = xp_loader.draw_crop_flip(np.random.default_rng(42), len(images), pad=2)
     np.testing.assert_array_equal(offsets, again[0])
     np.testing.assert_array_equal(flips, again[1])
-    out = data.crop_flip(images, offsets, flips, pad=2)
+    out = xp_loader.crop_flip(images, offsets, flips, pad=2)
     assert out.shape == images.shape and out.dtype == np.uint8
     mirrored = 0
     for src, got in zip(images, out):
@@ -214,10 +215,10 @@ def test_drawn_crops_and_flips_with_fixed_rng():
 def test_loader_rejects_batch_too_large():
     ds = make_dataset(n=100)
     with pytest.raises(ValueError, match="--batch-size"):
-        data.TrainLoader(ds, [np.arange(0, 3), np.arange(3, 100)], batch_size=4, seed=0)
+        xp_loader.TrainLoader(ds, [np.arange(0, 3), np.arange(3, 100)], batch_size=4, seed=0)
     with pytest.raises(ValueError, match="--batch-size"):
-        data.TrainLoader(ds, data.partition(ds.train_labels, 4, "iid", 0), batch_size=26, seed=0)
-    loader = data.TrainLoader(ds, data.partition(ds.train_labels, 4, "iid", 0), batch_size=25, seed=0)
+        xp_loader.TrainLoader(ds, data.partition(ds.train_labels, 4, "iid", 0), batch_size=26, seed=0)
+    loader = xp_loader.TrainLoader(ds, data.partition(ds.train_labels, 4, "iid", 0), batch_size=25, seed=0)
     with pytest.raises(ValueError):
         loader.batch(0, loader.steps_per_epoch)
 
@@ -229,7 +230,7 @@ def test_eval_batches_cover_each_example_once():
     n, workers, global_batch = 23, 4, 8
     images = (np.arange(n, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 1), np.uint8))
     labels = np.arange(n, dtype=np.int32) + 100
-    batches = list(data.eval_batches(images, labels, global_batch, workers))
+    batches = list(xp_loader.eval_batches(images, labels, global_batch, workers))
     assert len(batches) == 3
     found = []
     for b in batches:
@@ -240,7 +241,7 @@ def test_eval_batches_cover_each_example_once():
     assert sorted(found) == list(range(100, 100 + n))
     assert batches[-1]["mask"].sum() == n - 16 and batches[0]["mask"].all()
     with pytest.raises(ValueError, match="global_batch 10 must be a positive multiple of num_workers"):
-        next(data.eval_batches(images, labels, 10, 4))
+        next(xp_loader.eval_batches(images, labels, 10, 4))
 
 
 def test_normalize_matches_numpy():
@@ -260,13 +261,13 @@ def wait_for_prefetch_threads(timeout=60.0):  # a guard against a hang: returns 
 
 
 def test_prefetch_order_and_put_to_device():
-    assert list(data.prefetch(iter(range(10)), size=3, put=lambda x: x * 10)) == [x * 10 for x in range(10)]
+    assert list(xp_loader.prefetch(iter(range(10)), size=3, put=lambda x: x * 10)) == [x * 10 for x in range(10)]
     mesh = Mesh(np.array(jax.devices()[:8]), ("batch",))
     sharding = NamedSharding(mesh, PartitionSpec("batch"))
     ds = make_dataset(n=240)
-    loader = data.TrainLoader(ds, data.partition(ds.train_labels, 8, "iid", 0), batch_size=3, seed=0)
+    loader = xp_loader.TrainLoader(ds, data.partition(ds.train_labels, 8, "iid", 0), batch_size=3, seed=0)
     batches = (b for _, _, b in loader.iterate())
-    for step, (images, labels) in enumerate(data.prefetch(batches, put=lambda b: jax.device_put(b, sharding))):
+    for step, (images, labels) in enumerate(xp_loader.prefetch(batches, put=lambda b: jax.device_put(b, sharding))):
         assert images.sharding == sharding and images.shape == (8, 3, 8, 8, 3)
         np.testing.assert_array_equal(np.asarray(labels), loader.batch(0, step)[1])
         if step == 3:
@@ -280,12 +281,12 @@ def test_prefetch_propagates_producer_exception():
         yield 2
         raise RuntimeError("producer broke")
 
-    it = data.prefetch(source())
+    it = xp_loader.prefetch(source())
     assert next(it) == 1 and next(it) == 2
     with pytest.raises(RuntimeError, match="producer broke"):
         next(it)
     with pytest.raises(ZeroDivisionError):
-        list(data.prefetch(iter([1, 0]), put=lambda x: 1 // x))
+        list(xp_loader.prefetch(iter([1, 0]), put=lambda x: 1 // x))
 
 
 def test_prefetch_stops_when_consumer_breaks_early():
@@ -302,7 +303,7 @@ def test_prefetch_stops_when_consumer_breaks_early():
         finally:
             closed.set()
 
-    for item in data.prefetch(endless(), size=2):
+    for item in xp_loader.prefetch(endless(), size=2):
         if item == 2:
             break
     assert closed.wait(5), "producer thread did not stop after the consumer broke out"
@@ -310,7 +311,7 @@ def test_prefetch_stops_when_consumer_breaks_early():
     assert len(produced) <= 3 + 2 + 1  # Bounded queue: it never ran far ahead.
     # A prefetcher that is never iterated also stops once dropped.
     closed.clear()
-    data.prefetch(endless(), size=1)
+    xp_loader.prefetch(endless(), size=1)
     assert closed.wait(5)
     assert wait_for_prefetch_threads() == []
 
@@ -322,8 +323,8 @@ def test_loader_worker_subset_gets_exactly_its_rows_of_the_augmented_batch():
 
     ds = dataclasses.replace(data.load("synthetic", synthetic_size=512), augment=True)
     shards = data.partition(ds.train_labels, 4, "iid", seed=3)
-    full = data.TrainLoader(ds, shards, 8, seed=3)
-    part = data.TrainLoader(ds, shards, 8, seed=3, workers=[1, 3])
+    full = xp_loader.TrainLoader(ds, shards, 8, seed=3)
+    part = xp_loader.TrainLoader(ds, shards, 8, seed=3, workers=[1, 3])
     for epoch, index in [(0, 0), (2, 5)]:
         images, labels = full.batch(epoch, index)
         sub_images, sub_labels = part.batch(epoch, index)
@@ -331,28 +332,28 @@ def test_loader_worker_subset_gets_exactly_its_rows_of_the_augmented_batch():
         np.testing.assert_array_equal(sub_labels, labels[[1, 3]])
     assert not np.array_equal(images[1], ds.train_images[full.indices(2, 5)[1]])  # augmented for real
     with pytest.raises(ValueError, match="workers"):
-        data.TrainLoader(ds, shards, 8, seed=3, workers=[4])
+        xp_loader.TrainLoader(ds, shards, 8, seed=3, workers=[4])
 
 
 # ----------------------------------------------------------------------------- augmentation modes
 
 
 def test_crop_pad_is_an_eighth_of_the_shorter_side():
-    assert data.crop_pad((32, 32, 3)) == data.CIFAR_PAD == 4
-    assert [data.crop_pad(s) for s in [(28, 28, 1), (8, 8, 1), (2, 2, 1), (64, 48, 3), (96, 96, 3)]] == [3, 1, 1, 6, 12]
+    assert xp_loader.crop_pad((32, 32, 3)) == xp_loader.CIFAR_PAD == 4
+    assert [xp_loader.crop_pad(s) for s in [(28, 28, 1), (8, 8, 1), (2, 2, 1), (64, 48, 3), (96, 96, 3)]] == [3, 1, 1, 6, 12]
 
 
 def test_crop_and_flip_modes_use_the_draws_of_crop_flip():
     base = make_dataset(n=240, hw=16)
     shards = data.partition(base.train_labels, 4, "iid", 0)
-    batches = {mode: data.TrainLoader(dataclasses.replace(base, augment=mode), shards, 8, seed=5).batch(1, 2)
+    batches = {mode: xp_loader.TrainLoader(dataclasses.replace(base, augment=mode), shards, 8, seed=5).batch(1, 2)
                for mode in ("crop-flip", "crop", "flip", "none")}
     raw = base.train_images[batches["none"][1]].reshape(-1, 16, 16, 3)
     np.testing.assert_array_equal(batches["none"][0].reshape(raw.shape), raw)
-    offsets, flips = data.draw_crop_flip(np.random.default_rng([5, data._AUG_STREAM, 1, 2]), 32, pad=2)
-    expected = {"crop-flip": data.crop_flip(raw, offsets, flips, 2),
-                "crop": data.crop_flip(raw, offsets, np.zeros(32, bool), 2),
-                "flip": data.crop_flip(raw, np.full((32, 2), 2), flips, 2)}
+    offsets, flips = xp_loader.draw_crop_flip(np.random.default_rng([5, xp_loader._AUG_STREAM, 1, 2]), 32, pad=2)
+    expected = {"crop-flip": xp_loader.crop_flip(raw, offsets, flips, 2),
+                "crop": xp_loader.crop_flip(raw, offsets, np.zeros(32, bool), 2),
+                "flip": xp_loader.crop_flip(raw, np.full((32, 2), 2), flips, 2)}
     for mode, images in expected.items():
         np.testing.assert_array_equal(batches[mode][0].reshape(raw.shape), images, err_msg=mode)
         np.testing.assert_array_equal(batches[mode][1], batches["none"][1])  # same examples, whatever the mode
@@ -384,10 +385,10 @@ def test_default_batches_are_byte_identical_to_before_augment_became_a_flag():
     """Digests of batches written by the loader before --augment existed (augment was a bool,
     CIFAR-shaped data padded by CIFAR_PAD): CIFAR's crop-flip and digits' raw batches must not move."""
     cifar_like = data.load("synthetic", synthetic_size=512, augment="crop-flip")
-    loader = data.TrainLoader(cifar_like, data.partition(cifar_like.train_labels, 4, "iid", 3), 8, seed=3)
+    loader = xp_loader.TrainLoader(cifar_like, data.partition(cifar_like.train_labels, 4, "iid", 3), 8, seed=3)
     assert batches_digest(loader, [(0, 0), (2, 5)]) == "c8afcba40960e7cf", "CIFAR's crop-flip batches changed"
     digits = data.load("digits")
-    loader = data.TrainLoader(digits, data.partition(digits.train_labels, 8, "iid", 0), 16, seed=0)
+    loader = xp_loader.TrainLoader(digits, data.partition(digits.train_labels, 8, "iid", 0), 16, seed=0)
     assert batches_digest(loader, [(0, 0), (1, 3)]) == "6cc8b5826b6b1b35", "digits' batches changed"
 
 

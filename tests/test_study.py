@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from experiments import results, study, study_grid, study_report
+from experiments import paired_tests, results, study, study_grid, study_report
 
 TINY = dict(dataset="digits", methods=["cpsgd", "adpsgd"], partitions=["iid"], lr_schedules=["cosine"], workers=[4],
             seeds=2, total_batch=32, args=["--epochs", "1", "--avg-period", "4"])
@@ -17,15 +17,15 @@ TINY = dict(dataset="digits", methods=["cpsgd", "adpsgd"], partitions=["iid"], l
 
 def test_paired_interval_is_the_t_interval():
     d = [-0.3, -0.1, -0.2, -0.4]
-    mean, low, high = study_report.paired(d)
+    mean, low, high = paired_tests.paired(d)
     half = 3.182446305284263 * np.std(d, ddof=1) / 2  # t_{0.975, 3} * sd / sqrt(4)
     assert mean == pytest.approx(-0.25)
     assert (low, high) == pytest.approx((-0.25 - half, -0.25 + half))
-    assert study_report.verdict(low, high) == "lower"
-    assert study_report.verdict(*study_report.paired([0.2, 0.3, 0.25])[1:]) == "higher"
-    assert study_report.verdict(*study_report.paired([-0.2, 0.3, 0.05])[1:]) == "inconclusive"
-    one = study_report.paired([-1.0])
-    assert one[0] == -1.0 and math.isnan(one[1]) and study_report.verdict(*one[1:]) == "inconclusive"
+    assert paired_tests.verdict(low, high) == "lower"
+    assert paired_tests.verdict(*paired_tests.paired([0.2, 0.3, 0.25])[1:]) == "higher"
+    assert paired_tests.verdict(*paired_tests.paired([-0.2, 0.3, 0.05])[1:]) == "inconclusive"
+    one = paired_tests.paired([-1.0])
+    assert one[0] == -1.0 and math.isnan(one[1]) and paired_tests.verdict(*one[1:]) == "inconclusive"
 
 
 def test_preset_expands_to_every_setting():
@@ -131,7 +131,7 @@ def test_tiny_study_writes_the_table_and_skips_finished_runs(tiny_study, capsys)
     rows = json.load(open(os.path.join(out, study_report.STUDY_JSON)))["rows"]
     assert [(r["setting"], r["method"]) for r in rows] == [("iid-cosine-n4", "cpsgd"), ("iid-cosine-n4", "adpsgd")]
     adpsgd = rows[1]
-    assert adpsgd["seeds"] == [0, 1] and adpsgd["verdict"] in study_report.VERDICTS
+    assert adpsgd["seeds"] == [0, 1] and adpsgd["verdict"] in paired_tests.VERDICTS
     folder = os.path.join(out, "iid-cosine-n4")
     summaries = {name: json.load(open(os.path.join(folder, name, "summary.json"))) for name in os.listdir(folder)}
     loss = [summaries[f"adpsgd-seed{k}"]["final_train_loss"] - summaries[f"cpsgd-seed{k}"]["final_train_loss"]
@@ -168,7 +168,7 @@ def test_tiny_study_has_adjusted_verdicts_and_per_example_accuracy(tiny_study):
     # One row in the family: Holm changes nothing; the verdicts follow the p-values.
     assert adpsgd["loss_p_holm"] == pytest.approx(adpsgd["loss_p"]) and adpsgd["acc_p_holm"] == pytest.approx(
         adpsgd["acc_p"])
-    assert adpsgd["verdict"] == study_report.decide(adpsgd["loss_diff"], adpsgd["loss_p_holm"]) == adpsgd["raw_verdict"]
+    assert adpsgd["verdict"] == paired_tests.decide(adpsgd["loss_diff"], adpsgd["loss_p_holm"]) == adpsgd["raw_verdict"]
     pairs = []
     for k in (0, 1):
         mine, base = (results.unpack_correct(summaries[f"{m}-seed{k}"]["test_correct"]) for m in ("adpsgd", "cpsgd"))
@@ -193,5 +193,5 @@ def test_summary_without_per_example_correctness_reports_na(tiny_study, tmp_path
     text = study_report.write(grid, copy, plots=False)
     row = json.load(open(os.path.join(copy, study_report.STUDY_JSON)))["rows"][1]
     assert row["acc_diff"] is None and row["acc_p"] is None and row["acc_verdict"] is None
-    assert row["acc_note"] == study_report.NO_CORRECT and row["verdict"] in study_report.VERDICTS
+    assert row["acc_note"] == study_report.NO_CORRECT and row["verdict"] in paired_tests.VERDICTS
     assert "| n/a | n/a | n/a | n/a | n/a |" in text and "Accuracy n/a in 1 rows" in text

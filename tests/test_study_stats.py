@@ -14,14 +14,14 @@ from scipy import stats
 
 import adpsgd_jax as A
 from adpsgd_jax import distributed
-from experiments import data, results, study_report, train
+from experiments import data, paired_tests, results, train
 
 
 def test_holm_on_a_hand_computed_family():
     # Sorted: 0.005 x 4 = 0.02, 0.01 x 3 = 0.03, 0.03 x 2 = 0.06, 0.04 x 1 = 0.04 -> 0.06 (monotone).
-    assert study_report.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
-    assert study_report.holm([0.5, 0.9]) == [1.0, 1.0]  # capped at 1
-    adjusted = study_report.holm([0.02, math.nan, 0.01])  # NaN (one seed) is outside the family: m = 2
+    assert paired_tests.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert paired_tests.holm([0.5, 0.9]) == [1.0, 1.0]  # capped at 1
+    adjusted = paired_tests.holm([0.02, math.nan, 0.01])  # NaN (one seed) is outside the family: m = 2
     assert adjusted[0] == pytest.approx(0.02) and math.isnan(adjusted[1]) and adjusted[2] == pytest.approx(0.02)
 
 
@@ -44,17 +44,17 @@ def test_holm_agrees_with_the_closed_bonferroni_test():
     rng = np.random.default_rng(0)
     for _ in range(20):
         p = list(rng.uniform(0, 0.2, size=int(rng.integers(1, 8))) ** 2)
-        assert study_report.holm(p) == pytest.approx(holm_by_closed_testing(p), abs=1e-12)
+        assert paired_tests.holm(p) == pytest.approx(holm_by_closed_testing(p), abs=1e-12)
 
 
 def test_paired_p_is_scipys_paired_t_test():
     rng = np.random.default_rng(1)
     a, b = rng.normal(size=5), rng.normal(size=5) + 0.5
-    assert study_report.paired_p(a - b) == pytest.approx(stats.ttest_rel(a, b).pvalue, rel=1e-10)
-    assert math.isnan(study_report.paired_p([0.1]))
-    assert study_report.paired_p([0.2, 0.2]) == 0.0 and study_report.paired_p([0.0, 0.0]) == 1.0
-    assert study_report.decide(-0.1, 0.01) == "lower" and study_report.decide(0.1, 0.049) == "higher"
-    assert study_report.decide(-0.1, 0.05) == "inconclusive" and study_report.decide(-0.1, math.nan) == "inconclusive"
+    assert paired_tests.paired_p(a - b) == pytest.approx(stats.ttest_rel(a, b).pvalue, rel=1e-10)
+    assert math.isnan(paired_tests.paired_p([0.1]))
+    assert paired_tests.paired_p([0.2, 0.2]) == 0.0 and paired_tests.paired_p([0.0, 0.0]) == 1.0
+    assert paired_tests.decide(-0.1, 0.01) == "lower" and paired_tests.decide(0.1, 0.049) == "higher"
+    assert paired_tests.decide(-0.1, 0.05) == "inconclusive" and paired_tests.decide(-0.1, math.nan) == "inconclusive"
 
 
 def seed_pair(n, b, c, both, rng):
@@ -69,7 +69,7 @@ def test_per_example_test_on_known_counts():
     rng, n = np.random.default_rng(2), 360
     counts = [(9, 3), (7, 2), (8, 4)]  # (b_k, c_k) per seed
     pairs = [seed_pair(n, b, c, 300, rng) for b, c in counts]
-    t = study_report.per_example(pairs)
+    t = paired_tests.per_example(pairs)
     assert (t["b"], t["c"], t["n"]) == (24, 9, n)
     assert t["p"] == pytest.approx(stats.binomtest(24, 33, 0.5).pvalue, rel=1e-12)
     d = np.array([(b - c) / n for b, c in counts])
@@ -77,7 +77,7 @@ def test_per_example_test_on_known_counts():
     var = sum(((b + c) / n - dk**2) / n for (b, c), dk in zip(counts, d))
     half = stats.norm.ppf(0.975) * math.sqrt(var) / 3
     assert t["ci"] == pytest.approx([d.mean() - half, d.mean() + half])
-    same = study_report.per_example([seed_pair(n, 0, 0, 200, rng)])  # no discordant pair
+    same = paired_tests.per_example([seed_pair(n, 0, 0, 200, rng)])  # no discordant pair
     assert (same["b"], same["c"], same["p"], same["diff"]) == (0, 0, 1.0, 0.0)
 
 

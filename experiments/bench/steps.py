@@ -159,10 +159,11 @@ def input_pipeline_rate(batch_size: int, workers: int, repeats: int) -> float:
     import dataclasses
 
     from experiments import data
+    from experiments.loader import TrainLoader
 
     ds = dataclasses.replace(data.load("synthetic", synthetic_size=max(4 * batch_size * workers, 512)), augment=True)
     shards = data.partition(ds.train_labels, workers, "iid", 0, min_size=batch_size)
-    loader = data.TrainLoader(ds, shards, batch_size, 0)
+    loader = TrainLoader(ds, shards, batch_size, 0)
     n = max(4, repeats)
     start = time.perf_counter()
     for i in range(n):
