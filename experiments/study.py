@@ -6,7 +6,7 @@ worker counts x seeds at one communication budget, then writes one table
 baseline (CPSGD by default) per setting, and ``loss_vs_bytes.png``.
 ``--baseline a,b,...`` writes one table per baseline instead:
 ``study.md`` for the grid's, ``study_vs_<baseline>.md`` / ``.json`` for the
-others (experiments/study_report.py: the tests and the correction), e.g.
+others (experiments/study_report.py; the tests and the correction in experiments/paired_tests.py), e.g.
 ``--report-only --baseline cpsgd,lr_proportional,adpsgd``.
 
 A setting is one (partition, lr schedule, workers) triple; its runs are

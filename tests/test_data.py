@@ -1,5 +1,5 @@
-"""Tests for experiments/data.py: datasets and their augmentation, worker shards, loaders,
-prefetch. Reading the data is tested in test_sources.py and test_cifar_release.py."""
+"""Tests for experiments/data.py and experiments/loader.py: datasets and their augmentation, worker shards,
+loaders, prefetch. Reading the data is tested in test_sources.py and test_cifar_release.py."""
 
 import dataclasses
 import hashlib
