@@ -21,11 +21,10 @@ and the demo's closing sentences use them:
   Summaries without the per-example array (``test_correct``, older runs)
   give n/a.
 
-Multiple comparisons: the family of a table is every one of its rows,
-all methods x all settings against its baseline, one family for the
-training loss and one for the accuracy. The p-values are Holm-adjusted
-within their family (step-down: the i-th smallest of m is multiplied by
-m - i + 1, capped at 1, made monotone). Holm controls the family-wise error
+Multiple comparisons: the p-values of a family (a study table's rows,
+``experiments/study_report.py``) are Holm-adjusted together (step-down:
+the i-th smallest of m is multiplied by m - i + 1, capped at 1, made
+monotone). Holm controls the family-wise error
 rate: the chance that any verdict of the table is wrong is at most 5%,
 which a claim over the whole table ("lower in every setting", "higher
 nowhere") needs; Benjamini-Hochberg would bound only the expected share of

@@ -178,7 +178,7 @@ def prepare(config: Config, dataset: Optional[data.Dataset] = None, options: Run
     try:
         shards = data.partition(dataset.train_labels, config.workers, scheme, config.seed, min_size=config.batch_size)
         loader = TrainLoader(dataset, shards, config.batch_size, config.seed,
-                                  workers=distributed.local_workers(layout))
+                             workers=distributed.local_workers(layout))
     except ValueError as err:
         raise ConfigError(str(err)) from None
     total = config.epochs * loader.steps_per_epoch

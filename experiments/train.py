@@ -24,15 +24,16 @@ import optax
 
 import adpsgd_jax as A
 from adpsgd_jax import collectives, comm, distributed
-from experiments import checkpoint, compute, curves, loader, methods, models, results
+from experiments import checkpoint, compute, curves, methods, models, results
 from experiments.config import Config, RunOptions
+from experiments.loader import eval_batches, prefetch
 from experiments.setup import Setup
 
 
 def _eval_set(images, labels, layout: distributed.Layout, per_worker_batch: int):
     """The whole set as one sharded batch [N, K, B, ...] with a padding mask."""
     n = layout.num_workers
-    chunks = list(loader.eval_batches(images, labels, n * per_worker_batch, n))
+    chunks = list(eval_batches(images, labels, n * per_worker_batch, n))
     stacked = {k: np.stack([c[k] for c in chunks], axis=1) for k in chunks[0]}
     return distributed.shard_batch(stacked, layout)
 
@@ -207,7 +208,7 @@ def train(run: Run, on_step: Optional[Callable[[int, dict], None]] = None) -> No
     ``on_step(step, row)`` runs after each metrics row is written.
     """
     setup, T, spe = run.setup, run.setup.total_steps, run.setup.loader.steps_per_epoch
-    batches = loader.prefetch(  # each process builds and sends only its own workers' rows
+    batches = prefetch(  # each process builds and sends only its own workers' rows
         ({"image": b[0], "label": b[1]} for _, _, b in setup.loader.iterate(run.start)),
         size=2, put=lambda b: distributed.shard_local_batch(b, setup.layout),
     )
